@@ -1,0 +1,1 @@
+"""Checkpoint conversion room: HF <-> megatron state-dict adapters, import and export."""

@@ -1,0 +1,95 @@
+"""Tensor sources that read HF-named tensors by slices: an HF safetensors folder, or one of our
+sharded checkpoints seen through the adapter (so any TP layout can be re-sliced to any other)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: names the file and tensor."""
+
+
+class SafetensorsSource:
+    """An HF folder: `model.safetensors` or shards listed in `model.safetensors.index.json`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                weight_map = {k: single.name for k in f.keys()}
+        else:
+            raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json "
+                                  "(only safetensors weights are read)")
+        self.weight_map = weight_map
+        self._handles: dict[str, object] = {}
+
+    def _file(self, name: str):
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing")
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            path = self.folder / fname
+            if not path.is_file():
+                raise CheckpointError(f"{path}: no such file (listed for tensor {name!r})")
+            try:
+                self._handles[fname] = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for truncated headers
+                raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        return self._handles[fname]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        sl = self._file(name).get_slice(name)
+        index = [slice(None)] * len(sl.get_shape())
+        if start is not None or stop is not None:
+            index[dim] = slice(start, stop)
+        try:
+            return sl[tuple(index)]
+        except Exception as e:
+            raise CheckpointError(f"{self.folder / self.weight_map[name]}: tensor {name!r} unreadable ({e})") from None
+
+
+class UnshardedSource:
+    """HF view of a TP-sharded checkpoint: each HF tensor is rebuilt from its shards on demand
+    (one at a time, cached until the next name), then sliced."""
+
+    def __init__(self, adapter, shard):
+        self._stream = None
+        self._adapter, self._shard = adapter, shard
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _full(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache.clear()
+            # The adapter yields HF tensors in a fixed order; restart the stream when asked out of order.
+            for _ in range(2):
+                if self._stream is None:
+                    self._stream = self._adapter.unshard(self._shard)
+                for hf_name, tensor in self._stream:
+                    if hf_name == name:
+                        self._cache[name] = tensor
+                        return tensor
+                self._stream = None
+            raise CheckpointError(f"tensor {name!r} is not produced by the checkpoint's adapter")
+        return self._cache[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._full(name).shape)
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        t = self._full(name)
+        return t.narrow(dim, start or 0, (t.shape[dim] if stop is None else stop) - (start or 0)) \
+            if start is not None or stop is not None else t

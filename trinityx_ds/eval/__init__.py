@@ -1,0 +1,1 @@
+"""Evaluation room: parity checks against transformers, HHH suites, reports."""

@@ -1,0 +1,1 @@
+"""Launching processes: local torchrun and Slurm."""

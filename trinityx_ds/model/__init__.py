@@ -1,0 +1,1 @@
+"""Model room: architecture numbers, the megatron-core backbone and the MoCaE block."""

@@ -1,0 +1,142 @@
+"""The backbone: a megatron-core GPTModel (local layer spec, no Transformer Engine) built from
+Llama-family architecture numbers, with the padded vocabulary masked out of logits and losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from trinityx_ds.model.arch import ModelArch, padded_vocab_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
+                       sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                       init_weights: bool = True) -> TransformerConfig:
+    """A TransformerConfig that computes exactly what transformers' Llama/Mistral/Qwen2 compute."""
+    torch_dtype = DTYPES[dtype]
+    recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1} \
+        if activation_checkpointing else {}
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.padded_heads(tp),
+        num_query_groups=arch.padded_kv_heads(tp),
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.intermediate_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=torch_dtype,
+        pipeline_dtype=torch_dtype,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=init_weights,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        **recompute,
+    )
+
+
+def causal_mask(seq_len: int, device) -> torch.Tensor:
+    """megatron's boolean mask (True = masked), [1, 1, S, S]. Passed explicitly: megatron's default
+    builder allocates on CUDA. Right-padded batches need nothing more (labels mask the padding)."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+class Backbone(GPTModel):
+    """GPTModel plus what a Llama user expects: true-vocab logits and response-token losses.
+
+    The vocabulary is padded to a multiple of TP; padded columns are set to -inf before any
+    softmax so logits, losses and gradients equal the unpadded HF model's.
+    """
+
+    def __init__(self, arch: ModelArch, config: TransformerConfig, *, pre_process: bool = True,
+                 post_process: bool = True):
+        rope = arch.rope_scaling or {}
+        kind = rope.get("rope_type", rope.get("type"))
+        super().__init__(
+            config=config,
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+            seq_len_interpolation_factor=float(rope["factor"]) if kind == "linear" else None,
+            parallel_output=True,
+        )
+        self.arch = arch
+        if kind == "llama3":
+            rot = self.rotary_pos_emb
+            rot.inv_freq = rot._apply_scaling(
+                rot.inv_freq, factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                high_freq_factor=rope["high_freq_factor"],
+                original_max_position_embeddings=rope["original_max_position_embeddings"])
+
+    def _mask_padded_vocab(self, logits_SBV: torch.Tensor) -> torch.Tensor:
+        local_v = logits_SBV.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local_v
+        n_real = self.arch.vocab_size - start
+        if n_real >= local_v:
+            return logits_SBV
+        return logits_SBV.float().index_fill(-1, torch.arange(max(n_real, 0), local_v, device=logits_SBV.device),
+                                             float("-inf"))
+
+    def local_logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """This TP rank's vocab slice of the logits, [S, B, V/tp], padded columns at -inf."""
+        # GPTModel returns [B, S, V/tp] when labels is None; keep megatron's [S, B, V] for losses.
+        logits_BSV = super().forward(input_ids_BS, position_ids=None,
+                                     attention_mask=causal_mask(input_ids_BS.shape[1], input_ids_BS.device))
+        return self._mask_padded_vocab(logits_BSV.transpose(0, 1))
+
+    def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [B, S, vocab], gathered across TP (for evaluation and tests)."""
+        local_SBV = self.local_logits(input_ids_BS)
+        full_SBV = tensor_parallel.gather_from_tensor_model_parallel_region(local_SBV)
+        return full_SBV[..., : self.arch.vocab_size].transpose(0, 1)
+
+    def token_losses(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [B, S] (labels already shifted; -100 = ignored, loss 0)."""
+        local_SBV = self.local_logits(input_ids_BS).float().contiguous()
+        labels_SB = labels_BS.transpose(0, 1).contiguous()
+        ignore_SB = labels_SB < 0
+        loss_SB = tensor_parallel.vocab_parallel_cross_entropy(local_SBV, labels_SB.clamp(min=0))
+        return loss_SB.masked_fill(ignore_SB, 0.0).transpose(0, 1)
+
+
+def build_backbone(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
+                   sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                   init_weights: bool = True) -> Backbone:
+    """Builds this rank's part of the backbone; megatron's parallel state must be initialised."""
+    config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
+                                activation_checkpointing=activation_checkpointing, init_weights=init_weights)
+    return Backbone(arch, config,
+                    pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                    post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+
+
+def masked_mean_loss(token_loss_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens (labels >= 0), the SFT loss the experts are trained with."""
+    n_tokens = (labels_BS >= 0).sum().clamp(min=1)
+    return token_loss_BS.sum() / n_tokens

@@ -1,0 +1,204 @@
+"""Router regularisers of one MoCaE layer, each returned on its own so training can log it.
+
+All terms are fp32 scalars over the valid tokens (mask_T true; None = all valid) and are 0, not
+NaN, when no token is valid. Logs use probabilities clamped at the smallest normal fp32, so a
+probability that underflowed to 0 contributes 0 with a finite gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from trinityx_ds.model.router import RouterOutput
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    return p.clamp_min(_TINY).log()
+
+
+def _valid(mask_T: torch.Tensor | None, like_TE: torch.Tensor) -> torch.Tensor:
+    """Float weights [T]: 1 for valid tokens, 0 for padding."""
+    if mask_T is None:
+        return like_TE.new_ones(like_TE.shape[0], dtype=torch.float32)
+    return mask_T.reshape(-1).to(torch.float32)
+
+
+def _masked_mean(value_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    return (value_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+
+
+def mean_probs(probs_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    """pbar_E: the batch-mean routing distribution over valid tokens (zeros if none)."""
+    valid_T = _valid(mask_T, probs_TE)
+    return (probs_TE.float() * valid_T[:, None]).sum(0) / valid_T.sum().clamp_min(1)
+
+
+def entropy_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    """Mean per-token entropy H(p_t): minimising it makes each token's routing decisive."""
+    probs_TE = probs_TE.float()
+    return _masked_mean(-(probs_TE * _log(probs_TE)).sum(-1), _valid(mask_T, probs_TE))
+
+
+def _kl(p_E: torch.Tensor, q_E: torch.Tensor) -> torch.Tensor:
+    return (p_E * (_log(p_E) - _log(q_E))).sum()
+
+
+def kl_uniform_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    """KL(pbar || uniform) of the batch-mean routing: balanced expert usage on average.
+
+    Applied to the batch mean, not per token: per token, KL(p_t || u) = log E - H(p_t), so it
+    would only push the entropy term the other way. On the mean it leaves each token free to be
+    decisive (low H(p_t)) while the batch as a whole uses all experts.
+    """
+    pbar_E = mean_probs(probs_TE, mask_T)
+    return _kl(pbar_E, torch.full_like(pbar_E, 1 / pbar_E.numel()))
+
+
+def kl_prev_loss(pbar_E: torch.Tensor, prev_E: torch.Tensor) -> torch.Tensor:
+    """KL(pbar || prev): keeps routing from drifting fast away from earlier steps (prev is an
+    EMA of their batch means, treated as a constant). 0 for an all-masked batch (pbar = 0)."""
+    return _kl(pbar_E.float(), prev_E.detach().float())
+
+
+def task_ce_loss(
+    probs_TE: torch.Tensor,
+    mask_T: torch.Tensor | None,
+    example_id_T: torch.Tensor,
+    task_label_N: torch.Tensor,
+) -> torch.Tensor:
+    """H3Fusion-style supervision: -log pbar_n[label_n], pbar_n = example n's mean routing.
+
+    example_id_T in [0, N) says which example each token belongs to (anything for padding);
+    label_n is the expert of the example's task (0 helpful, 1 harmless, 2 honest) or < 0 for
+    none. Averaged over examples with a label and at least one valid token.
+    """
+    probs_TE = probs_TE.float()
+    valid_T = _valid(mask_T, probs_TE)
+    num_examples = task_label_N.numel()
+    example_T = torch.where(valid_T > 0, example_id_T.reshape(-1), 0).long()
+    sum_NE = probs_TE.new_zeros(num_examples, probs_TE.shape[1]).index_add(0, example_T, probs_TE * valid_T[:, None])
+    count_N = valid_T.new_zeros(num_examples).index_add(0, example_T, valid_T)
+    label_N = task_label_N.reshape(-1).long()
+    pbar_N = (sum_NE / count_N.clamp_min(1)[:, None]).gather(1, label_N.clamp_min(0)[:, None])[:, 0]
+    return _masked_mean(-_log(pbar_N), ((label_N >= 0) & (count_N > 0)).float())
+
+
+def load_balance_loss(
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, mask_T: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch-Transformer balance E * sum_i f_i P_i: f_i = share of routed (token, slot)
+    assignments on expert i (no gradient), P_i = mean probability; 1 when perfectly balanced."""
+    probs_TE = probs_TE.float()
+    num_experts, k = probs_TE.shape[1], topk_idx_TK.shape[1]
+    valid_T = _valid(mask_T, probs_TE)
+    routed_E = valid_T.new_zeros(num_experts).index_add(
+        0, topk_idx_TK.reshape(-1), valid_T.repeat_interleave(k)
+    )
+    f_E = routed_E / routed_E.sum().clamp_min(1)
+    return num_experts * (f_E * mean_probs(probs_TE, mask_T)).sum()
+
+
+def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    """ST-MoE z-loss: mean (logsumexp z_t)^2, keeps raw router logits small."""
+    logits_TE = logits_TE.float()
+    return _masked_mean(logits_TE.logsumexp(-1).square(), _valid(mask_T, logits_TE))
+
+
+class RoutingEMA(nn.Module):
+    """EMA of each layer's batch-mean routing, the `prev` of kl_prev_loss.
+
+    Buffers (so checkpoints carry them and a resumed run continues identically): ema_LE and
+    updates_L, the number of batches folded in per layer (0 = no EMA yet). Updates and the
+    "first step" check stay on the device: no host synchronisation.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, decay: float = 0.9):
+        super().__init__()
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay={decay} must be in [0, 1)")
+        self.decay = decay
+        self.register_buffer("ema_LE", torch.zeros(num_layers, num_experts))
+        self.register_buffer("updates_L", torch.zeros(num_layers, dtype=torch.long))
+
+    def prev(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ema_E, has_prev): a copy of the layer's EMA (later updates leave it alone) and a bool
+        scalar tensor, false until the first update."""
+        return self.ema_LE[layer].clone(), self.updates_L[layer] > 0
+
+    @torch.no_grad()
+    def update(self, layer: int, pbar_E: torch.Tensor) -> None:
+        """Fold in a batch mean; the first one initialises the EMA; an all-masked one (pbar = 0)
+        is skipped."""
+        pbar_E = pbar_E.detach().to(self.ema_LE)
+        seen = pbar_E.sum() > 0
+        first = self.updates_L[layer] == 0
+        blended_E = torch.where(first, pbar_E, self.decay * self.ema_LE[layer] + (1 - self.decay) * pbar_E)
+        self.ema_LE[layer] = torch.where(seen, blended_E, self.ema_LE[layer])
+        self.updates_L[layer] += seen.long()
+
+
+@dataclass
+class RouterLossWeights:
+    """Coefficients of the regularisers (paper defaults); 0 = logged but not trained on."""
+
+    entropy: float = 0.1
+    kl_prev: float = 0.01
+    kl_uniform: float = 0.05
+    task_ce: float = 0.01
+    load_balance: float = 0.0
+    z_loss: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "RouterLossWeights":
+        """From a config object with the same field names (RouterLossConfig)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
+def router_losses(
+    out: RouterOutput,
+    mask_T: torch.Tensor | None,
+    example_id_T: torch.Tensor | None,
+    task_label_N: torch.Tensor | None,
+    weights: RouterLossWeights,
+    ema: RoutingEMA | None,
+    layer: int,
+) -> dict[str, torch.Tensor]:
+    """Every term of one layer (unweighted) plus "total" = their weighted sum.
+
+    Terms with weight 0 are computed under no_grad, for logging only. kl_prev is 0 on the
+    layer's first batch (no EMA yet) and without `ema`; task_ce is 0 without labels. The EMA is
+    updated with this batch's mean afterwards: call once per layer and micro-batch, outside
+    recomputed (activation-checkpointed) regions, or the EMA advances twice.
+    """
+    probs_TE = out.probs_TE
+    pbar_E = mean_probs(probs_TE, mask_T)
+    terms = {
+        "entropy": lambda: entropy_loss(probs_TE, mask_T),
+        "kl_uniform": lambda: kl_uniform_loss(probs_TE, mask_T),
+        "load_balance": lambda: load_balance_loss(probs_TE, out.topk_idx_TK, mask_T),
+        "z_loss": lambda: z_loss(out.logits_TE, mask_T),
+    }
+    if ema is not None:
+        prev_E, has_prev = ema.prev(layer)
+        terms["kl_prev"] = lambda: kl_prev_loss(pbar_E, prev_E) * has_prev
+    if task_label_N is not None and example_id_T is not None:
+        terms["task_ce"] = lambda: task_ce_loss(probs_TE, mask_T, example_id_T, task_label_N)
+
+    zero = probs_TE.new_zeros((), dtype=torch.float32)
+    result = {name: zero for name in ("entropy", "kl_prev", "kl_uniform", "task_ce", "load_balance", "z_loss")}
+    total = zero
+    for name, term in terms.items():
+        weight = getattr(weights, name)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
+            result[name] = term()
+        if weight != 0:
+            total = total + weight * result[name]
+    if ema is not None:
+        ema.update(layer, pbar_E)
+    result["total"] = total
+    return result

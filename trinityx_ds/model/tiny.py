@@ -1,0 +1,27 @@
+"""Small, seeded, randomly initialised Llama-family HF folders: the embedded default model for
+the demo and the tests, made on the spot (nothing downloaded)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=False, rms_norm_eps=1e-6)
+
+
+def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Writes config.json + model.safetensors of a tiny random model (GQA, odd vocab by default)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out)
+    cfg = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # HF zero-initialises some biases; random ones exercise the mapping
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,1 @@
+"""Process groups, launcher environment and megatron CPU compatibility."""
