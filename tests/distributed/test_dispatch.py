@@ -28,7 +28,8 @@ def test_local_path_runs_experts_without_tokens():
     outputs = [expert(rows) for expert, rows in zip(experts, inputs)]
     combine(outputs, ctx, torch.ones(4, 1)).sum().backward()
     assert all(p.grad is not None for p in experts.parameters())  # zeros, but present
-    empty = run_experts(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2), experts, NUM_EXPERTS)
+    no_tokens = torch.zeros(0, 2, dtype=torch.long)
+    empty = run_experts(torch.randn(0, 8), no_tokens, torch.ones(0, 2), experts, NUM_EXPERTS)
     assert empty.shape == (0, 8)
 
 

@@ -108,7 +108,8 @@ def test_router_losses_total_first_step_and_logging_terms():
     logits_TE = torch.randn(6, 3, requires_grad=True)
     probs_TE = logits_TE.softmax(-1)
     out = RouterOutput(logits_TE, probs_TE, probs_TE.argmax(-1, keepdim=True), torch.ones(6, 1))
-    mask_T, example_T, label_N = torch.ones(6, dtype=torch.bool), torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 2])
+    mask_T = torch.ones(6, dtype=torch.bool)
+    example_T, label_N = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 2])
     ema, weights = RoutingEMA(2, 3, decay=0.5), RouterLossWeights()
 
     first = router_losses(out, mask_T, example_T, label_N, weights, ema, layer=1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil  # a DeepSpeed dependency
 
 _CPU_ENV = {
     "DS_ACCELERATOR": "cpu",
@@ -44,7 +47,7 @@ def launch_torchrun(
     """Run `argv` (a script and its arguments) in `nproc` local processes under torchrun.
 
     Output (stdout and stderr merged) is captured unless `capture` is False. The job runs in its
-    own session so that on timeout the agent and all its workers are killed together; then
+    own session; on timeout the agent and all its workers are killed together, then
     TimeoutError carries the tail of the output.
     """
     cmd = [
@@ -81,22 +84,14 @@ def launch_torchrun(
 
 
 def _kill_job(agent: int) -> None:
-    """SIGKILL the agent's process group and those of all its descendants: torchrun starts each
-    worker in a session of its own, so killing the agent's group alone leaves workers running."""
-    parent, group = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        parent[pid], group[pid] = int(fields[1]), int(fields[2])
-    groups, frontier = {agent}, {agent}
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier}
-        groups |= {group[pid] for pid in frontier}
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    """SIGKILL the job's process group and every descendant of the agent: torchrun starts each
+    worker in a session of its own, so the group alone would leave hung workers running."""
+    try:
+        workers = psutil.Process(agent).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(agent, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()

@@ -81,7 +81,8 @@ def task_ce_loss(
     valid_T = _valid(mask_T, probs_TE)
     num_examples = task_label_N.numel()
     example_T = torch.where(valid_T > 0, example_id_T.reshape(-1), 0).long()
-    sum_NE = probs_TE.new_zeros(num_examples, probs_TE.shape[1]).index_add(0, example_T, probs_TE * valid_T[:, None])
+    sum_NE = probs_TE.new_zeros(num_examples, probs_TE.shape[1])
+    sum_NE = sum_NE.index_add(0, example_T, probs_TE * valid_T[:, None])
     count_N = valid_T.new_zeros(num_examples).index_add(0, example_T, valid_T)
     label_N = task_label_N.reshape(-1).long()
     pbar_N = (sum_NE / count_N.clamp_min(1)[:, None]).gather(1, label_N.clamp_min(0)[:, None])[:, 0]
@@ -114,7 +115,8 @@ class RoutingEMA(nn.Module):
 
     Buffers (so checkpoints carry them and a resumed run continues identically): ema_LE and
     updates_L, the number of batches folded in per layer (0 = no EMA yet). Updates and the
-    "first step" check stay on the device: no host synchronisation.
+    "first step" check stay on the device: no host synchronisation. Each rank folds in its own
+    batches; all-reduce pbar before `update` for one EMA shared by data-parallel ranks.
     """
 
     def __init__(self, num_layers: int, num_experts: int, decay: float = 0.9):

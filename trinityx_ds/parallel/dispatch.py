@@ -63,10 +63,10 @@ def dispatch(
     if num_experts % ep:
         raise ValueError(f"{num_experts} experts cannot be spread evenly over {ep} ranks")
     local = num_experts // ep
-    k = topk_idx_TK.shape[1]
+    top_k = topk_idx_TK.shape[1]
     expert_A = topk_idx_TK.reshape(-1)
     order_A = torch.argsort(expert_A, stable=True)
-    x_AH = x_TH[order_A // k]  # assignment a = t*K + k belongs to token a // K
+    x_AH = x_TH[order_A // top_k]  # assignment a = t*K + slot belongs to token a // K
     count_E = torch.bincount(expert_A, minlength=num_experts)
     if ep == 1:
         return list(x_AH.split(count_E.tolist())), DispatchContext(torch.argsort(order_A))
@@ -78,7 +78,8 @@ def dispatch(
     recv_splits = recv_count_RL.sum(1).tolist()
     x_RH = _AllToAll.apply(x_AH, recv_splits, send_splits, group)
     # rows arrive grouped by source rank, then expert: regroup by expert (stable keeps rank order)
-    expert_R = torch.repeat_interleave(torch.arange(local, device=x_RH.device).repeat(ep), recv_count_RL.reshape(-1))
+    local_ids = torch.arange(local, device=x_RH.device).repeat(ep)
+    expert_R = torch.repeat_interleave(local_ids, recv_count_RL.reshape(-1))
     by_expert_R = torch.argsort(expert_R, stable=True)
     inputs = list(x_RH[by_expert_R].split(recv_count_RL.sum(0).tolist()))
     return inputs, DispatchContext(torch.argsort(order_A), group, send_splits, recv_splits, by_expert_R)
