@@ -37,7 +37,7 @@ def run_dist(script: str | Path, nproc: int, *args, timeout: float = 180) -> dic
                 RESULT_ENV: str(result),
                 TIMEOUT_ENV: str(timeout),
                 # workers run as scripts: make `tests` and `trinityx_ds` importable
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")])),
             }
         )
         try:

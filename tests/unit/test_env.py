@@ -7,9 +7,11 @@ import pytest
 from trinityx_ds.parallel import env as env_mod
 from trinityx_ds.parallel.env import DistEnv, dist_env
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID",
-               "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+LAUNCH_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+    "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID",
+    "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -31,8 +33,8 @@ def test_single_process_when_nothing_is_set(setenv):
 
 
 def test_torchrun(setenv):
-    setenv(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, MASTER_ADDR="n1", MASTER_PORT=1234)
-    assert dist_env() == DistEnv(3, 4, 1, 2, "n1", 1234, "torchrun")
+    setenv(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, MASTER_ADDR="n1", MASTER_PORT=12)
+    assert dist_env() == DistEnv(3, 4, 1, 2, "n1", 12, "torchrun")
 
 
 def test_deepspeed_launcher(setenv):
@@ -61,7 +63,8 @@ def test_srun_with_scontrol(setenv, monkeypatch):
 
 
 def test_srun_master_addr_from_env_skips_scontrol(setenv, monkeypatch):
-    setenv(SLURM_PROCID=0, SLURM_NTASKS=1, MASTER_ADDR="head", MASTER_PORT=4000, SLURM_JOB_NODELIST="x1")
+    setenv(SLURM_PROCID=0, SLURM_NTASKS=1, MASTER_ADDR="head", MASTER_PORT=4000,
+           SLURM_JOB_NODELIST="x1")
     monkeypatch.setattr(env_mod.subprocess, "run", lambda *a, **k: pytest.fail("scontrol called"))
     denv = dist_env()
     assert (denv.master_addr, denv.master_port, denv.local_world_size) == ("head", 4000, 1)
@@ -69,7 +72,12 @@ def test_srun_master_addr_from_env_skips_scontrol(setenv, monkeypatch):
 
 @pytest.mark.parametrize(
     "nodelist, first",
-    [("node[03-05,9],gpu1", "node03"), ("hostA,hostB", "hostA"), ("gpu-a[3,5]", "gpu-a3"), ("solo", "solo")],
+    [
+        ("node[03-05,9],gpu1", "node03"),
+        ("hostA,hostB", "hostA"),
+        ("gpu-a[3,5]", "gpu-a3"),
+        ("solo", "solo"),
+    ],
 )
 def test_first_host_without_scontrol(nodelist, first, monkeypatch):
     def missing(*args, **kwargs):
@@ -79,7 +87,10 @@ def test_first_host_without_scontrol(nodelist, first, monkeypatch):
     assert env_mod._first_host(nodelist) == first
 
 
-@pytest.mark.parametrize("spec, node, count", [("2(x3),1", 2, 2), ("2(x3),1", 3, 1), ("4", 0, 4), ("3,1", 1, 1)])
+@pytest.mark.parametrize(
+    "spec, node, count", [("2(x3),1", 2, 2), ("2(x3),1", 3, 1), ("4", 0, 4), ("3,1", 1, 1)]
+)
 def test_slurm_tasks_per_node(setenv, spec, node, count):
-    setenv(SLURM_PROCID=0, SLURM_NTASKS=7, SLURM_TASKS_PER_NODE=spec, SLURM_NODEID=node, MASTER_ADDR="h")
+    setenv(SLURM_PROCID=0, SLURM_NTASKS=7, SLURM_TASKS_PER_NODE=spec, SLURM_NODEID=node,
+           MASTER_ADDR="h")
     assert dist_env().local_world_size == count

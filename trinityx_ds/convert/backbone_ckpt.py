@@ -130,25 +130,34 @@ def open_source(path: str | Path):
 
 
 @torch.no_grad()
-def load_backbone_weights(model: torch.nn.Module, src, arch: ModelArch, tp: int, tp_rank: int,
-                          prefix: str = "") -> list[str]:
-    """Copies this rank's slice of every backbone parameter of `model` from `src`.
+def load_weights(model: torch.nn.Module, src, arch: ModelArch, tp: int, tp_rank: int, moe_cfg=None) -> list[str]:
+    """Copies this rank's slice of every backbone (and, with `moe_cfg`, MoCaE) tensor of `model`
+    from `src`, an HF-named TensorSource. Router temperature and priors are buffers: loaded too.
 
-    Returns the names of parameters it did not own (e.g. MoCaE router and experts) so the caller
-    decides how to initialise them. Shapes are checked, naming the tensor.
+    Returns the names it found no source for (e.g. MoCaE tensors when loading a plain backbone),
+    so the caller decides how to initialise them. Shapes are checked, naming the tensor.
     """
-    adapter = LlamaAdapter(arch, tp)
+    from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
+
+    adapters = [LlamaAdapter(arch, tp)] + ([MoCaEAdapter(moe_cfg, tp)] if moe_cfg is not None else [])
     layers = getattr(getattr(model, "decoder", None), "layers", None)
     offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
     foreign = []
-    for name, param in model.named_parameters(prefix=prefix):
-        try:
-            value = adapter.shard(name, src, tp_rank, layer_offset=offset)
-        except KeyError:
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state") or ".routing_ema." in name:
+            continue
+        value = None
+        for adapter in adapters:
+            try:
+                value = adapter.shard(name, src, tp_rank, layer_offset=offset)
+                break
+            except KeyError:
+                continue
+        if value is None:
             foreign.append(name)
             continue
-        if tuple(value.shape) != tuple(param.shape):
+        if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(f"tensor {name!r}: shape {tuple(value.shape)} in the checkpoint, "
-                                  f"{tuple(param.shape)} in the model")
-        param.copy_(value)
+                                  f"{tuple(tensor.shape)} in the model")
+        tensor.copy_(value)
     return foreign

@@ -13,6 +13,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: names the file and tensor."""
 
 
+def _narrow(t: torch.Tensor, dim: int, start: int | None, stop: int | None) -> torch.Tensor:
+    if start is None and stop is None:
+        return t
+    start = start or 0
+    return t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start)
+
+
 class SafetensorsSource:
     """An HF folder: `model.safetensors` or shards listed in `model.safetensors.index.json`."""
 
@@ -90,6 +97,22 @@ class UnshardedSource:
         return tuple(self._full(name).shape)
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        t = self._full(name)
-        return t.narrow(dim, start or 0, (t.shape[dim] if stop is None else stop) - (start or 0)) \
-            if start is not None or stop is not None else t
+        return _narrow(self._full(name), dim, start, stop)
+
+
+class DictSource:
+    """HF-named tensors held in memory (tests, and tensors computed on the fly)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._get(name).shape)
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"tensor {name!r} is missing")
+        return self.tensors[name]
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        return _narrow(self._get(name), dim, start, stop)

@@ -19,13 +19,13 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
-    from trinityx_ds.convert.backbone_ckpt import META, load_backbone_weights, open_source, read_meta
+    from trinityx_ds.convert.backbone_ckpt import META, load_weights, open_source, read_meta
     from trinityx_ds.convert.llama import LlamaAdapter
     from trinityx_ds.model.backbone import build_backbone, masked_mean_loss
 
     arch, src = open_source(folder)
     model = build_backbone(arch, tp=tp, init_weights=False)
-    foreign = load_backbone_weights(model, src, arch, tp, tp_rank)
+    foreign = load_weights(model, src, arch, tp, tp_rank)
     assert not foreign, f"parameters without a source: {foreign}"
     # the reference is the HF folder itself, or the one an imported checkpoint was made from
     ref_dir = read_meta(folder)["source"] if (Path(folder) / META).is_file() else folder

@@ -111,5 +111,6 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         MASTER_ADDR=denv.master_addr,
         MASTER_PORT=str(denv.master_port),
     )
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
     return denv

@@ -41,7 +41,7 @@ def _on_cpu(factory):
 
 
 class _CpuStream:
-    """CPU work is synchronous: a stream (and its events) has nothing to wait for."""
+    """CPU work is synchronous: a stream (or event) has nothing to wait for."""
 
     def wait_stream(self, stream):
         pass
@@ -70,6 +70,7 @@ def _cpu_torch() -> types.ModuleType:
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.Stream = cuda.current_stream = lambda *args, **kwargs: _STREAM
     cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.synchronize = lambda device=None: None
     proxy = types.ModuleType("torch")
     proxy.__dict__.update(torch.__dict__)
     proxy.cuda = cuda
@@ -170,6 +171,8 @@ class Patch:
         return re.search(self.construct, inspect.getsource(self.module())) is not None
 
 
+# FEASIBILITY.md also lists moe/experts.py under F1: its only current_device() calls are in
+# GroupedMLP, which needs the CUDA-only grouped_gemm package and refuses to build before them.
 _CURRENT_DEVICE = r"torch\.cuda\.current_device\(\)"
 _CUDA_LITERAL = r"device=[\"']cuda[\"']"
 PATCHES = (
@@ -182,7 +185,13 @@ PATCHES = (
         _use_cpu_torch,
     ),
     Patch("F1", "megatron/core/transformer/moe/router.py", _CURRENT_DEVICE, _use_cpu_torch),
-    Patch("F1", "megatron/core/transformer/moe/experts.py", _CURRENT_DEVICE, _use_cpu_torch),
+    # Not in FEASIBILITY.md's list; pipeline send/recv buffers (and torch.cuda.synchronize).
+    Patch(
+        "F1",
+        "megatron/core/pipeline_parallel/p2p_communication.py",
+        _CURRENT_DEVICE,
+        _use_cpu_torch,
+    ),
     Patch(
         "F2",
         "megatron/core/tensor_parallel/random.py",
@@ -217,6 +226,8 @@ PATCHES = (
     Patch("F7", "megatron/core/pipeline_parallel/schedules.py", _CUDA_LITERAL, _use_cpu_torch),
     Patch("F7", "megatron/core/optimizer/optimizer.py", _CUDA_LITERAL, _use_cpu_torch),
     Patch("F7", "megatron/core/utils.py", _CUDA_LITERAL, _use_cpu_torch),
+    # Not in FEASIBILITY.md's list, same construct: the causal mask built when attention_mask=None.
+    Patch("F7", "megatron/core/transformer/utils.py", _CUDA_LITERAL, _use_cpu_torch),
 )
 
 _applied: list[str] = []

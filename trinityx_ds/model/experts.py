@@ -1,0 +1,129 @@
+"""The HHH experts of a MoCaE block, tensor-parallel like the FFN they replace.
+
+`LoRAExperts`: low-rank deltas of the frozen base FFN. The base gate/up projection runs once per
+token; since the down projection is linear, the base down projection also runs once, on the
+routing-weighted mixture of the experts' activations:
+    y = (sum_i w_i a_i) W_down^T + sum_i w_i s (a_i A_down,i^T) B_down,i^T,
+    a_i = silu(x W_gate^T + s (x A_gate,i^T) B_gate,i^T) * (x W_up^T + s (x A_up,i^T) B_up,i^T).
+`FullExperts`: whole FFNs upcycled from the base FFN, each TP-sharded like it and spread over the
+expert-parallel group; tokens travel by all-to-all (`parallel/dispatch.py`).
+
+TP layout (column-parallel gate/up, row-parallel down): gate/up A [r, H] replicated, B [F/tp, r]
+sharded; down A [r, F/tp] sharded, B [H, r] replicated. Gradient reductions follow megatron's
+mappings: the replicated low-rank activations go through copy_to_tensor_model_parallel_region
+(all-reduce of their gradient), the down path's partial products through
+reduce_from_tensor_model_parallel_region.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from torch import nn
+
+from trinityx_ds.parallel.dispatch import run_experts
+
+TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+class LoRAExperts(nn.Module):
+    """E low-rank expert deltas of one TP-sharded SwiGLU FFN, stacked on a leading expert dim."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn_local: int, rank: int, alpha: float,
+                 dropout: float = 0.0, targets=TARGETS, dtype=torch.float32):
+        super().__init__()
+        self.num_experts, self.rank, self.scale = num_experts, rank, alpha / rank
+        self.targets = tuple(targets)
+        self.dropout = nn.Dropout(dropout)
+        shapes = {"gate_proj": ((rank, hidden), (ffn_local, rank)), "up_proj": ((rank, hidden), (ffn_local, rank)),
+                  "down_proj": ((rank, ffn_local), (hidden, rank))}
+        for t in self.targets:
+            (a_shape, b_shape) = shapes[t]
+            # B = 0: every expert starts as the base FFN exactly (LoRA's standard init)
+            self.register_parameter(f"{t}_A", nn.Parameter(torch.empty(num_experts, *a_shape, dtype=dtype)))
+            self.register_parameter(f"{t}_B", nn.Parameter(torch.zeros(num_experts, *b_shape, dtype=dtype)))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            for t in self.targets:
+                a = getattr(self, f"{t}_A")
+                # kaiming-uniform on the full fan-in, so every TP layout draws the same A for gate/up
+                bound = 1.0 / math.sqrt(a.shape[-1])
+                a.uniform_(-bound, bound, generator=generator)
+                getattr(self, f"{t}_B").zero_()
+
+    def _low_rank(self, x_NI: torch.Tensor, target: str, e: int) -> torch.Tensor:
+        return self.dropout(x_NI) @ getattr(self, f"{target}_A")[e].t()
+
+    def forward(self, x_TH: torch.Tensor, mlp: nn.Module, topk_idx_TK: torch.Tensor,
+                topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        """Fused output [T, H] (already reduced across TP) of the routed experts; `mlp` holds the
+        frozen base FFN's `linear_fc1` / `linear_fc2`."""
+        T, K = topk_idx_TK.shape
+        fc1_TF2, _ = mlp.linear_fc1(x_TH.unsqueeze(1))
+        gate_TF, up_TF = fc1_TF2.squeeze(1).chunk(2, dim=-1)
+        expert_P = topk_idx_TK.reshape(-1)
+        token_P = torch.arange(T, device=x_TH.device).repeat_interleave(K)
+        weight_P = topk_weight_TK.reshape(-1).to(x_TH.dtype)
+        groups = [(e, (expert_P == e).nonzero().squeeze(1)) for e in range(self.num_experts)]
+
+        # gate/up low-rank activations, replicated across TP: one gradient all-reduce for all experts
+        low = {t: [self._low_rank(x_TH[token_P[p]], t, e) for e, p in groups]
+               for t in ("gate_proj", "up_proj") if t in self.targets}
+        low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(torch.cat(v)).split([len(p) for _, p in groups])
+               for t, v in low.items()}
+        # mixing weights meet TP-sharded activations: their gradient is partial on each rank
+        weight_mix_P = tensor_parallel.copy_to_tensor_model_parallel_region(weight_P)
+
+        mix_TF = gate_TF.new_zeros(gate_TF.shape)
+        acts = []
+        for j, (e, p) in enumerate(groups):
+            tok = token_P[p]
+            g, u = gate_TF[tok], up_TF[tok]
+            if "gate_proj" in low:
+                g = g + self.scale * low["gate_proj"][j] @ self.gate_proj_B[e].t()
+            if "up_proj" in low:
+                u = u + self.scale * low["up_proj"][j] @ self.up_proj_B[e].t()
+            a = F.silu(g) * u
+            mix_TF = mix_TF.index_add(0, tok, weight_mix_P[p, None] * a)
+            acts.append(a)
+        y_TH, _ = mlp.linear_fc2(mix_TF.unsqueeze(1))
+        y_TH = y_TH.squeeze(1)
+        if "down_proj" in self.targets:
+            partial = torch.cat([self._low_rank(a, "down_proj", e) for a, (e, _) in zip(acts, groups)])
+            v = tensor_parallel.reduce_from_tensor_model_parallel_region(partial).split([len(p) for _, p in groups])
+            for j, (e, p) in enumerate(groups):
+                delta = self.scale * v[j] @ self.down_proj_B[e].t()
+                y_TH = y_TH.index_add(0, token_P[p], weight_P[p, None] * delta)
+        return y_TH
+
+
+class FullExperts(nn.Module):
+    """This EP rank's whole-FFN experts (global indices `local_ids`), each a TP-sharded megatron MLP."""
+
+    def __init__(self, config, num_experts: int, local_ids: list[int], ep_group=None):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        self.num_experts, self.local_ids, self.ep_group = num_experts, list(local_ids), ep_group
+        spec = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        self.local = nn.ModuleDict({str(i): MLP(config, spec) for i in self.local_ids})
+
+    @torch.no_grad()
+    def upcycle(self, base: MLP) -> None:
+        """Every local expert starts as a copy of the backbone FFN."""
+        for mlp in self.local.values():
+            mlp.linear_fc1.weight.copy_(base.linear_fc1.weight)
+            mlp.linear_fc2.weight.copy_(base.linear_fc2.weight)
+
+    def _expert(self, i: int):
+        mlp = self.local[str(i)]
+        return lambda x_NH: mlp(x_NH.unsqueeze(1))[0].squeeze(1)
+
+    def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        return run_experts(x_TH, topk_idx_TK, topk_weight_TK, [self._expert(i) for i in self.local_ids],
+                           self.num_experts, group=self.ep_group)

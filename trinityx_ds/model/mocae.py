@@ -1,0 +1,200 @@
+"""The MoCaE block: the FFN of every chosen layer becomes calibrated-router-fused HHH experts.
+
+    y = [post-mix RMSNorm] ( sum_{i in top-k(p)} w_i E_i(h) ),  p = softmax(z(h)/T + log gamma)
+
+The block sits where megatron's MLP sat (the layer adds y to the residual). Router regularisers
+are computed inside the block and attached to its output by `_AttachLoss` (megatron's
+MoEAuxLossAutoScaler pattern): their gradient then flows in the same backward pass as the LM
+loss, also when activation checkpointing recomputes the layer. Logging values are recorded in
+the `RoutingContext` the training loop sets before each forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+from trinityx_ds.model.experts import FullExperts, LoRAExperts
+from trinityx_ds.model.router import CalibratedRouter
+from trinityx_ds.model.router_losses import RouterLossWeights, RoutingEMA, router_losses
+
+
+@dataclass
+class MoCaEConfig:
+    expert_names: list[str] = field(default_factory=lambda: ["help", "harm", "honest"])
+    kind: str = "lora"  # lora | full
+    layers: str | list[int] = "all"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    temperature: float = 0.7
+    temperature_mode: str = "fixed"
+    importance: list[float] | None = None
+    top_k: int | str = 1
+    renormalize: bool = True
+    normalize_output: bool = False
+    loss_weights: RouterLossWeights = field(default_factory=RouterLossWeights)
+    ema_decay: float = 0.9
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    def layer_ids(self, num_layers: int) -> list[int]:
+        return list(range(num_layers)) if self.layers == "all" else sorted(self.layers)
+
+    @classmethod
+    def from_run_config(cls, cfg) -> "MoCaEConfig":
+        e, r = cfg.experts, cfg.router
+        lw = RouterLossWeights.from_config(r.losses)
+        return cls(expert_names=list(e.names), kind=e.kind, layers=e.layers, lora_rank=e.lora.rank,
+                   lora_alpha=e.lora.alpha, lora_dropout=e.lora.dropout, lora_targets=tuple(e.lora.targets),
+                   temperature=r.temperature, temperature_mode=r.temperature_mode, importance=r.importance,
+                   top_k=r.top_k, renormalize=r.renormalize, normalize_output=r.normalize_output,
+                   loss_weights=lw, ema_decay=r.losses.ema_decay)
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward inputs of the router losses and what the blocks record for logging.
+
+    Token tensors are flattened in megatron's [S, B] order, as the blocks see them.
+    """
+
+    mask_T: torch.Tensor | None = None
+    example_id_T: torch.Tensor | None = None
+    task_label_N: torch.Tensor | None = None
+    force_expert: int | None = None  # every token to this expert (stage 1, single-expert eval)
+    compute_losses: bool = True
+    records: dict[int, dict] = field(default_factory=dict)  # layer -> {"losses", "share_E", "probs_TE"}
+    keep_probs: bool = False
+
+    @classmethod
+    def from_batch(cls, labels_BS: torch.Tensor | None = None, example_id_BS: torch.Tensor | None = None,
+                   task_label_N: torch.Tensor | None = None, **kw) -> "RoutingContext":
+        """Response-token mask from the (shifted) labels, example ids per token, a task label per example."""
+        sb = (lambda t: None if t is None else t.transpose(0, 1).reshape(-1))  # noqa: E731
+        mask = None if labels_BS is None else sb(labels_BS >= 0)
+        return cls(mask_T=mask, example_id_T=sb(example_id_BS), task_label_N=task_label_N, **kw)
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Returns y unchanged; in backward gives `loss` the gradient `scale` (1 / grad-accum steps
+    under DeepSpeed, times the fp16 loss scale) so it is optimised with the LM loss."""
+
+    scale = 1.0
+
+    @staticmethod
+    def forward(ctx, y, loss):
+        ctx.save_for_backward(loss)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (loss,) = ctx.saved_tensors
+        return grad_y, torch.full_like(loss, _AttachLoss.scale)
+
+
+def set_router_loss_scale(scale: float) -> None:
+    _AttachLoss.scale = scale
+
+
+def _in_backward() -> bool:
+    """True while activation checkpointing recomputes a layer (inside autograd's backward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoCaEBlock(nn.Module):
+    """Replaces megatron's MLP in one layer. `linear_fc1`/`linear_fc2` keep the base FFN's names
+    (LoRA kind), so backbone checkpoints load unchanged."""
+
+    def __init__(self, base_mlp, cfg: MoCaEConfig, layer_id: int, hidden: int, eps: float, ep_group=None,
+                 local_expert_ids: list[int] | None = None):
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        self.ctx: RoutingContext | None = None
+        E = cfg.num_experts
+        self.router = CalibratedRouter(hidden, E, temperature=cfg.temperature, temperature_mode=cfg.temperature_mode,
+                                       importance=cfg.importance, top_k=cfg.top_k, renormalize=cfg.renormalize)
+        self.routing_ema = RoutingEMA(1, E, decay=cfg.ema_decay)
+        dtype = base_mlp.linear_fc1.weight.dtype
+        if cfg.kind == "lora":
+            self.linear_fc1, self.linear_fc2 = base_mlp.linear_fc1, base_mlp.linear_fc2
+            ffn_local = base_mlp.linear_fc2.weight.shape[1]
+            self.experts = LoRAExperts(E, hidden, ffn_local, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                       cfg.lora_targets, dtype=dtype)
+        else:
+            ids = list(range(E)) if local_expert_ids is None else local_expert_ids
+            self.experts = FullExperts(base_mlp.config, E, ids, ep_group)
+            self.experts.upcycle(base_mlp)
+        self.post_norm = nn.RMSNorm(hidden, eps=eps, dtype=dtype) if cfg.normalize_output else None
+
+    def forward(self, hidden_SBH: torch.Tensor, *args, **kwargs):
+        S, B, H = hidden_SBH.shape
+        x_TH = hidden_SBH.reshape(S * B, H)
+        ctx = self.ctx or RoutingContext(compute_losses=False)
+        out = self.router(x_TH)
+        if ctx.force_expert is not None:
+            idx_TK = torch.full((S * B, 1), ctx.force_expert, dtype=torch.long, device=x_TH.device)
+            w_TK = torch.ones(S * B, 1, dtype=torch.float32, device=x_TH.device)
+        else:
+            idx_TK, w_TK = out.topk_idx_TK, out.topk_weight_TK
+        if self.cfg.kind == "lora":
+            y_TH = self.experts(x_TH, self, idx_TK, w_TK)
+        else:
+            y_TH = self.experts(x_TH, idx_TK, w_TK)
+        if self.post_norm is not None:
+            y_TH = self.post_norm(y_TH)
+        if ctx.force_expert is None and self.ctx is not None:
+            recompute = _in_backward()
+            losses = {}
+            if ctx.compute_losses:
+                losses = router_losses(out, ctx.mask_T, ctx.example_id_T, ctx.task_label_N, self.cfg.loss_weights,
+                                       None if recompute else self.routing_ema, 0)
+                if losses["total"].requires_grad:
+                    y_TH = _AttachLoss.apply(y_TH, losses["total"])
+            if not recompute:
+                self._record(ctx, out, losses)
+        return y_TH.reshape(S, B, H), None
+
+    @torch.no_grad()
+    def _record(self, ctx: RoutingContext, out, losses) -> None:
+        mask = ctx.mask_T if ctx.mask_T is not None else torch.ones(out.probs_TE.shape[0], dtype=torch.bool)
+        top1 = out.topk_idx_TK[:, 0][mask]
+        share = torch.bincount(top1, minlength=self.cfg.num_experts).float() / max(int(mask.sum()), 1)
+        rec = {"losses": {k: v.detach() for k, v in losses.items()}, "share_E": share}
+        if ctx.keep_probs:
+            rec["probs_TE"], rec["logits_TE"] = out.probs_TE.detach(), out.logits_TE.detach()
+        ctx.records[self.layer_id] = rec
+
+
+def attach_mocae(model, cfg: MoCaEConfig, ep_group=None) -> list[MoCaEBlock]:
+    """Swaps the MLP of each chosen layer of this rank's (pipeline stage of the) backbone."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1 and model.config.sequence_parallel:
+        raise ValueError("model.sequence_parallel: true — not supported with MoCaE blocks yet (use false)")
+    E = cfg.num_experts
+    local_ids = None
+    if cfg.kind == "full" and ep_group is not None:
+        import torch.distributed as dist
+
+        ep, r = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+        if E % ep:
+            raise ValueError(f"parallel.ep: {ep} — must divide the number of experts ({E})")
+        local_ids = list(range(r * E // ep, (r + 1) * E // ep))
+    chosen = set(cfg.layer_ids(model.arch.num_layers))
+    blocks = []
+    for layer in model.decoder.layers:
+        gid = layer.layer_number - 1
+        if gid in chosen:
+            layer.mlp = MoCaEBlock(layer.mlp, cfg, gid, model.arch.hidden_size, model.arch.rms_norm_eps,
+                                   ep_group=ep_group, local_expert_ids=local_ids)
+            blocks.append(layer.mlp)
+    return blocks
+
+
+def set_routing_context(blocks: list[MoCaEBlock], ctx: RoutingContext | None) -> None:
+    for b in blocks:
+        b.ctx = ctx

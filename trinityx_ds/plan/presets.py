@@ -1,0 +1,49 @@
+"""Published architecture numbers of the models users plan for, as HF config.json dicts.
+
+Only what `ModelArch.from_hf_dict` reads; the numbers are those of the models' config.json
+on the Hugging Face Hub, so a plan for a preset equals a plan for the downloaded folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.tiny import TINY
+
+
+def _llama(hidden, ffn, layers, heads, kv_heads, vocab=32000, theta=10000.0, max_pos=4096, eps=1e-5, tied=False):
+    return dict(model_type="llama", hidden_act="silu", hidden_size=hidden, intermediate_size=ffn,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                vocab_size=vocab, rope_theta=theta, max_position_embeddings=max_pos, rms_norm_eps=eps,
+                tie_word_embeddings=tied)
+
+
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": _llama(4096, 11008, 32, 32, 32),
+    "llama-2-13b": _llama(5120, 13824, 40, 40, 40),
+    "llama-2-70b": _llama(8192, 28672, 80, 64, 8),
+    "mistral-7b": {**_llama(4096, 14336, 32, 32, 8, max_pos=32768), "model_type": "mistral",
+                   "sliding_window": 4096},
+    "llama-3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, theta=500000.0, max_pos=8192),
+    "llama-3-70b": _llama(8192, 28672, 80, 64, 8, vocab=128256, theta=500000.0, max_pos=8192),
+    "smollm2-135m": _llama(576, 1536, 30, 9, 3, vocab=49152, theta=100000.0, max_pos=8192, tied=True),
+    "tiny-llama": {"model_type": "llama", "hidden_act": "silu", **TINY},
+}
+
+
+class UnknownModel(ValueError):
+    """`--model` is neither a preset nor an HF config."""
+
+
+def load_arch(model: str) -> tuple[str, ModelArch]:
+    """(display name, architecture) of a preset name, an HF folder or its config.json."""
+    if model in PRESETS:
+        return model, ModelArch.from_hf_dict(PRESETS[model])
+    path = Path(model)
+    if path.is_dir():
+        return path.name, ModelArch.from_hf_dir(path)
+    if path.is_file():
+        return path.parent.name or path.name, ModelArch.from_hf_dict(json.loads(path.read_text()))
+    raise UnknownModel(f"--model {model!r}: not a preset nor an HF config.json or folder; "
+                       f"presets: {', '.join(PRESETS)}")
