@@ -32,6 +32,46 @@ def _demo(args) -> int:
     return run_demo(out_dir=args.out, tp=args.tp, model=args.model)
 
 
+def _train(args) -> int:
+    import os
+
+    from trinityx_ds.config import load_config
+
+    if args.nproc:  # a laptop: become N local processes under torchrun
+        from trinityx_ds.launch.local import cpu_env, launch_torchrun
+
+        argv = ["-m", "trinityx_ds.cli", "train", args.stage, "--config", args.config]
+        argv += ["--only", args.only] if args.only else []
+        load_config(args.config, world_size=args.nproc)  # fail here, before any process starts
+        proc = launch_torchrun(argv, args.nproc, timeout=7 * 24 * 3600, env=cpu_env() if _no_gpu() else None,
+                               capture=False)
+        return proc.returncode
+    from trinityx_ds.parallel.env import dist_env
+    from trinityx_ds.parallel.groups import destroy_parallel
+    from trinityx_ds.train.stages import run_stage
+
+    cfg = load_config(args.config, world_size=dist_env().world_size)
+    names = [args.only] if args.only else list(cfg.experts.names)
+    try:
+        if args.stage == "experts":
+            summaries = [run_stage(cfg, 1, name) for name in names]
+        else:
+            summaries = [run_stage(cfg, 2)]
+    finally:
+        destroy_parallel()  # gloo aborts at exit when a group is left open (torch 2.13)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for s in summaries:
+            print(f"stage {s['stage']}{' ' + s['expert'] if s['expert'] else ''}: step {s['step']}"
+                  + (" (preempted: checkpoint saved, resubmit to resume)" if s["preempted"] else ""))
+    return 0
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trinityx", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     imp.add_argument("--overwrite", action="store_true")
     imp.set_defaults(fn=_import_hf)
+
+    tr = sub.add_parser("train", help="stage 1 (experts) or stage 2 (router)")
+    tr_sub = tr.add_subparsers(dest="stage", required=True)
+    for stage, text in (("experts", "train each HHH expert on its own data, backbone frozen"),
+                        ("router", "train the calibrated router on the mixture, experts frozen")):
+        st = tr_sub.add_parser(stage, help=text)
+        st.add_argument("--config", required=True)
+        st.add_argument("--nproc", type=int, default=0, help="launch N local processes (laptop)")
+        if stage == "experts":
+            st.add_argument("--only", default=None, help="train this expert only (one job per expert on a cluster)")
+        else:
+            st.set_defaults(only=None)
+        st.set_defaults(fn=_train)
 
     par = sub.add_parser("parity", help="compare our megatron backbone with transformers on local folders")
     par.add_argument("models", nargs="+", help="HF folders or checkpoints written by import-hf")

@@ -62,7 +62,8 @@ def test_alpaca_jsonl_and_json_list():
     recs = load(FIX / "alpaca_tiny.jsonl", "alpaca")
     assert len(recs) == 16 and lines_of(recs) == list(range(1, 17))
     assert recs[1]["messages"] == [
-        {"role": "user", "content": "Rewrite the sentence in the past tense.\n\nThe cat sleeps on the warm windowsill."},
+        {"role": "user",
+         "content": "Rewrite the sentence in the past tense.\n\nThe cat sleeps on the warm windowsill."},
         {"role": "assistant", "content": "The cat slept on the warm windowsill."}]
     assert recs[0]["task"] == "help" and recs[0]["messages"][0]["content"].endswith("rainbow.")
     listed = load(FIX / "alpaca_tiny.json", "alpaca")
@@ -129,7 +130,8 @@ def test_truthfulqa_jsonl_csv_and_mc_items():
 
 
 def test_chat_jsonl_rows_go_to_their_task():
-    help_recs, harm_recs = load(FIX / "chat_tiny.jsonl", "chat_jsonl"), load(FIX / "chat_tiny.jsonl", "chat_jsonl", "harm")
+    help_recs = load(FIX / "chat_tiny.jsonl", "chat_jsonl")
+    harm_recs = load(FIX / "chat_tiny.jsonl", "chat_jsonl", "harm")
     assert lines_of(help_recs) == [1, 3, 4] and lines_of(harm_recs) == [2, 4]
     assert [m["role"] for m in help_recs[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
 
@@ -232,23 +234,25 @@ def test_template_that_merges_across_turns(tiny_tok):
     tok_template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}" \
                    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}" \
                    "{% if add_generation_prompt %}assistant:{% endif %}"
-    merged = tok.convert_tokens_to_ids(":H")
     tok.chat_template = tok_template
     try:
-        assert merged in tok(render_text(tok, CHAT), add_special_tokens=False)["input_ids"]
+        whole = tok(render_text(tok, CHAT), add_special_tokens=False)["input_ids"]
+        prefix = tok(render_text(tok, CHAT[:1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         ex = render_example(tok, CHAT, 512)
     finally:
         tok.chat_template = None
-    assert merged not in ex["input_ids"] and labelled_runs(tok, ex) == ["Hello!</s>", "Hey.</s>"]
+    assert whole[:len(prefix)] != prefix and labelled_runs(tok, ex) == ["Hello!</s>", "Hey.</s>"]
 
 
 def test_truncation(tiny_tok):
     full = render_example(tiny_tok, CHAT, 512)
-    prompt_len = len(render_text(tiny_tok, CHAT[:1], add_generation_prompt=True))  # one token per char here
+    prompt_len = len(tiny_tok(render_text(tiny_tok, CHAT[:1], add_generation_prompt=True),
+                              add_special_tokens=False)["input_ids"])
     cut = render_example(tiny_tok, CHAT, prompt_len + 3)
     assert cut["input_ids"] == full["input_ids"][:prompt_len + 3] and labelled_runs(tiny_tok, cut) == ["Hel"]
-    assert render_example(tiny_tok, CHAT, prompt_len + 1) is None  # one label at the last spot: nothing after shift
-    assert render_example(tiny_tok, CHAT, prompt_len - 2) is None
+    one = render_example(tiny_tok, CHAT, prompt_len + 1)  # the header's last token still predicts "H"
+    assert shift_labels(torch.tensor(one["labels"])).ne(IGNORE).sum() == 1
+    assert render_example(tiny_tok, CHAT, prompt_len) is None  # no response token left: dropped
 
 
 # ---------------------------------------------------------------- data sets
@@ -264,19 +268,25 @@ def data_cfg(**kw):
 NAMES = ["help", "harm", "honest"]
 
 
+def col(dataset, name):
+    return list(dataset[name])  # datasets 5 gives a lazy Column
+
+
 def test_task_datasets_and_heldout_split(tiny_tok):
     sets = build_task_datasets(data_cfg(), tiny_tok, NAMES, seed=3)
     ids = []
     for task_id, task in enumerate(NAMES):
         train, held = sets[task]
         assert set(train.column_names) == {"input_ids", "labels", "task_id", "example_id"}
-        assert set(train["task_id"]) | set(held["task_id"]) == {task_id}
-        assert len(held) == (3 if task == "harm" else 4) and not set(train["example_id"]) & set(held["example_id"])
-        ids += train["example_id"] + held["example_id"]
+        assert set(col(train, "task_id")) | set(col(held, "task_id")) == {task_id}
+        assert len(held) == (3 if task == "harm" else 4)
+        assert not set(col(train, "example_id")) & set(col(held, "example_id"))
+        ids += col(train, "example_id") + col(held, "example_id")
     assert sorted(ids) == list(range(16 + 12 + 16))  # unique across tasks
     again = build_task_datasets(data_cfg(), tiny_tok, NAMES, seed=3)
     other = build_task_datasets(data_cfg(), tiny_tok, NAMES, seed=4)
-    assert again["help"][1]["example_id"] == sets["help"][1]["example_id"] != other["help"][1]["example_id"]
+    held = [col(s["help"][1], "example_id") for s in (sets, again, other)]
+    assert held[0] == held[1] != held[2]
     assert heldout_indices(10, 0.0, 1, 0) == (list(range(10)), [])
     assert heldout_indices(1, 0.5, 1, 0) == ([0], [])
 
@@ -284,19 +294,21 @@ def test_task_datasets_and_heldout_split(tiny_tok):
 def test_mixture_is_all_train_rows_shuffled(tiny_tok):
     sets = build_task_datasets(data_cfg(), tiny_tok, NAMES, seed=3)
     mix = mixture(sets, seed=5)
-    assert sorted(mix["example_id"]) == sorted(sum((s[0]["example_id"] for s in sets.values()), []))
-    assert mix["example_id"] == mixture(sets, seed=5)["example_id"] != sorted(mix["example_id"])
+    order = col(mix, "example_id")
+    assert sorted(order) == sorted(sum((col(s[0], "example_id") for s in sets.values()), []))
+    assert order == col(mixture(sets, seed=5), "example_id") != sorted(order)
 
 
 def test_packing_keeps_example_ids(tiny_tok):
     sets = build_task_datasets(data_cfg(packing=True), tiny_tok, NAMES, seed=3)
     plain = build_task_datasets(data_cfg(), tiny_tok, NAMES, seed=3)
     packed, train = sets["honest"][0], plain["honest"][0]
-    assert len(packed) < len(train) and all(len(r) <= 256 for r in packed["input_ids"])
-    assert sum(packed["input_ids"], []) == sum(train["input_ids"], [])
-    assert sum(packed["example_id"], []) == sum(([e] * len(r) for e, r in zip(train["example_id"],
-                                                                                train["input_ids"])), [])
-    assert set(packed["task_id"]) == {2} and sets["honest"][1]["example_id"] == plain["honest"][1]["example_id"]
+    assert len(packed) < len(train) and all(len(r) <= 256 for r in col(packed, "input_ids"))
+    assert sum(col(packed, "input_ids"), []) == sum(col(train, "input_ids"), [])
+    assert sum(col(packed, "example_id"), []) == sum(([e] * len(r) for e, r in zip(col(train, "example_id"),
+                                                                                col(train, "input_ids"))), [])
+    assert set(col(packed, "task_id")) == {2}
+    assert col(sets["honest"][1], "example_id") == col(plain["honest"][1], "example_id")  # held-out: not packed
     batch = collate([packed[0]], pad_id=0)
     eid, labels = batch["example_id"][0], batch["labels"][0]
     boundary = (eid[1:] != eid[:-1]).nonzero().flatten()

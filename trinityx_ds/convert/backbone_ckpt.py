@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trinityx_ds.convert.llama import LlamaAdapter
-from trinityx_ds.convert.sources import CheckpointError, SafetensorsSource, UnshardedSource
+from trinityx_ds.convert.sources import CheckpointError, MissingTensor, SafetensorsSource, UnshardedSource
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.backbone import DTYPES
 
@@ -113,7 +113,7 @@ class ShardedCheckpoint:
                 raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
         f = self._handles[rank]
         if name not in f.keys():
-            raise CheckpointError(f"{shard_file(self.folder, rank)}: tensor {name!r} is missing")
+            raise MissingTensor(f"{shard_file(self.folder, rank)}: tensor {name!r} is missing")
         return f.get_tensor(name)
 
     def hf_view(self) -> UnshardedSource:
@@ -151,8 +151,10 @@ def load_weights(model: torch.nn.Module, src, arch: ModelArch, tp: int, tp_rank:
             try:
                 value = adapter.shard(name, src, tp_rank, layer_offset=offset)
                 break
-            except KeyError:
+            except KeyError:  # not this adapter's tensor
                 continue
+            except MissingTensor:  # this adapter's, but the source has none: leave it to the caller
+                break
         if value is None:
             foreign.append(name)
             continue

@@ -13,6 +13,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: names the file and tensor."""
 
 
+class MissingTensor(CheckpointError):
+    """A tensor the source does not hold (the caller decides whether that is an error)."""
+
+
 def _narrow(t: torch.Tensor, dim: int, start: int | None, stop: int | None) -> torch.Tensor:
     if start is None and stop is None:
         return t
@@ -38,9 +42,23 @@ class SafetensorsSource:
         self.weight_map = weight_map
         self._handles: dict[str, object] = {}
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SafetensorsSource":
+        """One safetensors file (e.g. a stage-1 expert), read like a folder."""
+        path = Path(path)
+        src = cls.__new__(cls)
+        src.folder = path.parent
+        try:
+            with safe_open(path, framework="pt") as f:
+                src.weight_map = {k: path.name for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        src._handles = {}
+        return src
+
     def _file(self, name: str):
         if name not in self.weight_map:
-            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing")
+            raise MissingTensor(f"{self.folder}: tensor {name!r} is missing")
         fname = self.weight_map[name]
         if fname not in self._handles:
             path = self.folder / fname
@@ -90,7 +108,7 @@ class UnshardedSource:
                         self._cache[name] = tensor
                         return tensor
                 self._stream = None
-            raise CheckpointError(f"tensor {name!r} is not produced by the checkpoint's adapter")
+            raise MissingTensor(f"tensor {name!r} is not produced by the checkpoint's adapter")
         return self._cache[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -111,8 +129,30 @@ class DictSource:
 
     def _get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
-            raise CheckpointError(f"tensor {name!r} is missing")
+            raise MissingTensor(f"tensor {name!r} is missing")
         return self.tensors[name]
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         return _narrow(self._get(name), dim, start, stop)
+
+
+class ChainSource:
+    """The first source that has a tensor wins: backbone + expert files + init values."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+
+    def _owner(self, name: str):
+        for src in self.sources:
+            try:
+                src.shape(name)
+                return src
+            except MissingTensor:
+                continue
+        raise MissingTensor(f"tensor {name!r} is missing")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._owner(name).shape(name)
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        return self._owner(name).read(name, dim, start, stop)

@@ -156,7 +156,8 @@ class Batches:
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state["step"]`; refuses a position taken over other data or another layout."""
         mine = self.state_dict()
-        changed = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in mine if k != "step" and state.get(k) != mine[k]]
+        changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items()
+                   if k != "step" and state.get(k) != v]
         if changed:
             raise ValueError("the saved data position does not fit this data set/layout: " + "; ".join(changed))
         self.step = int(state["step"])

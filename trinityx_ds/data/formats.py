@@ -89,8 +89,11 @@ def _rows(path: str, split: str, fmt: str) -> Iterator[tuple[str, dict | Malform
             yield f"hub:{name}[{split}]:{i}", {_key(k): v for k, v in row.items()}
         return
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-        text = f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError([f"{path}: cannot read as UTF-8 text ({e})"]) from None
     if path.removesuffix(".gz").endswith(".csv"):
         yield from _csv_rows(text, path)
     elif text.lstrip().startswith("["):
@@ -137,16 +140,19 @@ def _json_list_rows(text: str, path: str):
 
 def _csv_rows(text: str, path: str):
     reader, header, end = csv.reader(io.StringIO(text, newline="")), None, 0
-    for cells in reader:
-        line, end = end + 1, reader.line_num
-        if not any(c.strip() for c in cells):
-            continue
-        if header is None:
-            header = [_key(c) for c in cells]
-        elif len(cells) != len(header):
-            yield f"{path}:{line}", Malformed(f"{len(cells)} fields, the header has {len(header)}")
-        else:
-            yield f"{path}:{line}", dict(zip(header, cells))
+    try:
+        for cells in reader:
+            line, end = end + 1, reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if header is None:
+                header = [_key(c) for c in cells]
+            elif len(cells) != len(header):
+                yield f"{path}:{line}", Malformed(f"{len(cells)} fields, the header has {len(header)}")
+            else:
+                yield f"{path}:{line}", dict(zip(header, cells))
+    except csv.Error as e:
+        yield f"{path}:{end + 1}", Malformed(f"unreadable CSV ({e}); the rest of the file is skipped")
 
 
 # ---------------------------------------------------------------- fields and adapters
@@ -198,7 +204,7 @@ def parse_hh_dialogue(text) -> list[dict]:
         raise Malformed(f"dialogue must be a string, got {type(text).__name__}")
     parts = _TURN.split("\n\n" + text.lstrip())
     roles, contents = parts[1::2], [c.strip() for c in parts[2::2]]
-    if parts[0].strip() or not roles:
+    if parts[0].strip() or not roles or roles[0] != "Human":
         raise Malformed("dialogue does not start with a 'Human:' turn")
     for i, role in enumerate(roles):
         if role != ("Human", "Assistant")[i % 2]:
@@ -338,7 +344,8 @@ def read_source(src, task: str, on_malformed: str = "fail",
     if beavertails_unsafe not in ("refuse", "drop"):
         raise ValueError(f"beavertails_unsafe: {beavertails_unsafe!r} — one of refuse, drop")
     adapters = {"alpaca": _alpaca, "self_instruct": _self_instruct, "hh_rlhf": _hh, "truthfulqa": _truthfulqa,
-                "beavertails": lambda row: _beavertails(row, beavertails_unsafe), "chat_jsonl": lambda row: _chat(row, task)}
+                "beavertails": lambda row: _beavertails(row, beavertails_unsafe),
+                "chat_jsonl": lambda row: _chat(row, task)}
     if src.format not in adapters:
         raise ValueError(f"format: {src.format!r} — one of {', '.join(adapters)}")
     return _load(src.path, src.split, src.max_rows, on_malformed, src.format, adapters[src.format],

@@ -103,10 +103,17 @@ class Backbone(GPTModel):
         return logits_SBV.float().index_fill(-1, torch.arange(max(n_real, 0), local_v, device=logits_SBV.device),
                                              float("-inf"))
 
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token losses [B, S] given shifted labels, else full-vocab logits [B, S, vocab].
+
+        What a DeepSpeed engine calls; megatron's own forward stays reachable as GPTModel.forward.
+        """
+        return self.logits(input_ids_BS) if labels_BS is None else self.token_losses(input_ids_BS, labels_BS)
+
     def local_logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """This TP rank's vocab slice of the logits, [S, B, V/tp], padded columns at -inf."""
         # GPTModel returns [B, S, V/tp] when labels is None; keep megatron's [S, B, V] for losses.
-        logits_BSV = super().forward(input_ids_BS, position_ids=None,
+        logits_BSV = GPTModel.forward(self, input_ids_BS, position_ids=None,
                                      attention_mask=causal_mask(input_ids_BS.shape[1], input_ids_BS.device))
         return self._mask_padded_vocab(logits_BSV.transpose(0, 1))
 

@@ -127,3 +127,22 @@ class FullExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         return run_experts(x_TH, topk_idx_TK, topk_weight_TK, [self._expert(i) for i in self.local_ids],
                            self.num_experts, group=self.ep_group)
+
+
+def lora_init_tensors(arch, cfg, seed: int) -> dict[str, torch.Tensor]:
+    """HF-named initial LoRA tensors (A kaiming-uniform on its full fan-in, B zero), drawn per
+    layer, expert and target from `seed`, so every TP layout starts from the same function."""
+    out = {}
+    for layer in cfg.layer_ids(arch.num_layers):
+        for e, name in enumerate(cfg.expert_names):
+            for k, target in enumerate(TARGETS):
+                if target not in cfg.lora_targets:
+                    continue
+                fan_in, fan_out = (arch.intermediate_size, arch.hidden_size) if target == "down_proj" \
+                    else (arch.hidden_size, arch.intermediate_size)
+                g = torch.Generator().manual_seed(((seed * 1_000_003 + layer) * 1009 + e) * 31 + k)
+                bound = 1.0 / math.sqrt(fan_in)
+                pre = f"model.layers.{layer}.mlp.experts.{name}.{target}."
+                out[pre + "lora_A.weight"] = torch.empty(cfg.lora_rank, fan_in).uniform_(-bound, bound, generator=g)
+                out[pre + "lora_B.weight"] = torch.zeros(fan_out, cfg.lora_rank)
+    return out

@@ -11,8 +11,10 @@ TINY = dict(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_l
             tie_word_embeddings=False, rms_norm_eps=1e-6)
 
 
-def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Writes config.json + model.safetensors of a tiny random model (GQA, odd vocab by default)."""
+def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, tokenizer: bool = True,
+                    **overrides) -> Path:
+    """Writes config.json + model.safetensors of a tiny random model (GQA, odd vocab by default)
+    and, unless asked not to, a tokenizer that fits its vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
@@ -24,4 +26,24 @@ def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, *
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
+    if tokenizer:
+        make_tiny_tokenizer(out, vocab_size=min(1000, cfg.vocab_size))
     return out
+
+
+def make_tiny_tokenizer(out: str | Path, vocab_size: int = 1000) -> Path:
+    """A byte-level BPE trained on the project's fixture texts (deterministic, offline), with
+    bos/eos/pad tokens and no chat template (the data room's default template applies)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    fixtures = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "data").glob("*"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(f) for f in fixtures if f.is_file()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    return Path(out)

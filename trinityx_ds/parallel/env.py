@@ -24,10 +24,10 @@ class DistEnv:
     launcher: str  # "torchrun", "deepspeed", "slurm" or "single"
 
 
-def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+def dist_env() -> DistEnv:
     """Read rank and rendezvous from torchrun/deepspeed (RANK...), else srun (SLURM_*), else
     a single process. RANK wins over SLURM_*: under `srun torchrun`, each worker has both."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if "RANK" in env:
         local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]

@@ -76,3 +76,25 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class DeepSpeedMPU:
+    """megatron-core's parallel state under the names DeepSpeed's `mpu` argument expects.
+
+    DeepSpeed still calls the pre-core Megatron API (get_model_parallel_*); its "model parallel"
+    group is where TP-sharded gradients are summed for the global norm: our TP group (PP=1).
+    """
+
+    def __getattr__(self, name):
+        from megatron.core import parallel_state as ps
+
+        aliases = {
+            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
+            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+            "get_pipe_parallel_group": ps.get_pipeline_model_parallel_group,
+            "get_pipe_parallel_world_size": ps.get_pipeline_model_parallel_world_size,
+        }
+        if name in aliases:
+            return aliases[name]
+        return getattr(ps, name)

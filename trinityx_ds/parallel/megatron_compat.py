@@ -60,11 +60,12 @@ _STREAM = _CpuStream()
 def _cpu_torch() -> types.ModuleType:
     """A copy of the `torch` namespace in which CUDA means the CPU, for one module's globals.
 
-    A plain module (not a class with __getattr__) so torch.compile'd megatron functions that
-    read the `torch` global still trace.
+    A module whose attributes are copied (torch.compile'd megatron functions that read the
+    `torch` global still trace), falling back to torch for names torch gains later.
     """
     cuda = types.ModuleType("torch.cuda")
     cuda.__dict__.update(torch.cuda.__dict__)
+    cuda.__getattr__ = lambda name: getattr(torch.cuda, name)
     cuda.current_device = lambda: torch.device("cpu")
     cuda.manual_seed = torch.manual_seed
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
@@ -73,6 +74,7 @@ def _cpu_torch() -> types.ModuleType:
     cuda.synchronize = lambda device=None: None
     proxy = types.ModuleType("torch")
     proxy.__dict__.update(torch.__dict__)
+    proxy.__getattr__ = lambda name: getattr(torch, name)
     proxy.cuda = cuda
     for name in _FACTORIES:
         setattr(proxy, name, _on_cpu(getattr(torch, name)))

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 from trinityx_ds.model.arch import ModelArch
-from trinityx_ds.model.tiny import TINY
 
 
 def _llama(hidden, ffn, layers, heads, kv_heads, vocab=32000, theta=10000.0, max_pos=4096, eps=1e-5, tied=False):
@@ -28,7 +27,8 @@ PRESETS: dict[str, dict] = {
     "llama-3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, theta=500000.0, max_pos=8192),
     "llama-3-70b": _llama(8192, 28672, 80, 64, 8, vocab=128256, theta=500000.0, max_pos=8192),
     "smollm2-135m": _llama(576, 1536, 30, 9, 3, vocab=49152, theta=100000.0, max_pos=8192, tied=True),
-    "tiny-llama": {"model_type": "llama", "hidden_act": "silu", **TINY},
+    # model/tiny.py's TINY (the demo's generated model), spelled out: that module imports torch
+    "tiny-llama": _llama(64, 128, 2, 4, 2, vocab=1001, max_pos=256, eps=1e-6),
 }
 
 

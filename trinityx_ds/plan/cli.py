@@ -1,0 +1,176 @@
+"""`trinityx plan`: will a layout fit, how fast will it go; or the fastest layout that fits.
+
+Exit codes: 0 fits; 2 bad input (unknown model, impossible layout); 3 does not fit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+from trinityx_ds.model.arch import ArchError
+from trinityx_ds.plan.layout import GIB, Cluster, Layout, layout_problems
+from trinityx_ds.plan.params import MoCaEPlan
+from trinityx_ds.plan.presets import PRESETS, load_arch
+from trinityx_ds.plan.recommend import Plan, plan_layout, recommend
+
+LAYOUT_FLAGS = ("tp", "pp", "ep", "zero")  # any of these given: check that one layout
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}) or HF config.json / folder")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--top", type=int, default=5, help="alternatives listed when recommending [5]")
+    c = parser.add_argument_group("cluster")
+    c.add_argument("--nodes", type=int, default=1)
+    c.add_argument("--gpus-per-node", type=int, default=8)
+    c.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    c.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="bf16 dense peak [989: H100 SXM]")
+    c.add_argument("--mfu", type=float, default=0.40, help="achievable fraction of peak on executed FLOPs [0.40]")
+    c.add_argument("--nvlink-gbs", type=float, default=360.0, help="NCCL bus bandwidth inside a node, GB/s [360]")
+    c.add_argument("--ib-gbs", type=float, default=40.0, help="NCCL bus bandwidth across nodes per GPU, GB/s [40]")
+    c.add_argument("--context-gib", type=float, default=2.0, help="CUDA context + NCCL per GPU [2.0]")
+    c.add_argument("--margin", type=float, default=0.10, help="fragmentation margin, fraction of tensors [0.10]")
+    g = parser.add_argument_group("layout: any of --tp/--pp/--ep/--zero checks that one layout (others default "
+                                  "to tp 1, pp 1, ep 1, ZeRO-3, no offload, micro-batch 1, no checkpointing); "
+                                  "without them the fastest fitting layout is searched, other flags pin it")
+    for flag in LAYOUT_FLAGS:
+        g.add_argument(f"--{flag}", type=int, default=None, choices=(1, 2, 3) if flag == "zero" else None)
+    g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None, help="optimizer on CPU")
+    g.add_argument("--act-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="full activation checkpointing")
+    g.add_argument("--micro-batch", type=int, default=None)
+    g.add_argument("--grad-accum", type=int, default=None, help="default: global batch / (micro-batch x dp)")
+    g.add_argument("--global-batch", type=int, default=128, help="sequences per optimizer step [128]")
+    g.add_argument("--seq-len", type=int, default=4096)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--attention", choices=("eager", "flash"), default="eager",
+                   help="eager: megatron's local-spec attention (materialises s x s scores) [eager]")
+    m = parser.add_argument_group("MoCaE")
+    m.add_argument("--experts", choices=("lora", "full"), default="lora")
+    m.add_argument("--lora-rank", type=int, default=8)
+    m.add_argument("--num-experts", type=int, default=3)
+    m.add_argument("--top-k", type=int, default=1)
+    m.add_argument("--train-experts-in-stage2", action="store_true")
+    m.add_argument("--stage", choices=("1", "2", "both"), default="both")
+
+
+def _fixed(args) -> dict:
+    names = {"offload": args.offload, "act_ckpt": args.act_ckpt, "micro_batch": args.micro_batch,
+             "grad_accum": args.grad_accum}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def cmd_plan(args) -> int:
+    try:
+        name, arch = load_arch(args.model)
+        moe = MoCaEPlan(kind=args.experts, num_experts=args.num_experts, lora_rank=args.lora_rank,
+                        top_k=args.top_k, train_experts_in_stage2=args.train_experts_in_stage2)
+        stages = (1, 2) if args.stage == "both" else (int(args.stage),)
+        cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
+                          context_gib=args.context_gib, margin=args.margin, peak_tflops=args.gpu_peak_tflops,
+                          mfu=args.mfu, nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
+        base = Layout(seq_len=args.seq_len, sequence_parallel=args.sequence_parallel, attention=args.attention)
+        search = dict(moe=moe, seq_len=args.seq_len, global_batch=args.global_batch, stages=stages, top=args.top,
+                      base=base, **{k: getattr(cluster, k) for k in ("context_gib", "margin", "peak_tflops", "mfu",
+                                                                      "nvlink_gbs", "ib_gbs")})
+        if any(getattr(args, f) is not None for f in LAYOUT_FLAGS):
+            plan = plan_layout(name, arch, moe, _given_layout(args, base, cluster), cluster, stages)
+            alt = None if plan.fits else recommend(args.model, args.nodes, args.gpus_per_node, args.gpu_mem_gib,
+                                                   **search).best
+            return _report(args, plan, [alt] if alt else [], "check", None)
+        rec = recommend(args.model, args.nodes, args.gpus_per_node, args.gpu_mem_gib, fixed=_fixed(args), **search)
+    except (ArchError, ValueError) as e:  # UnknownModel is a ValueError
+        print(f"trinityx plan: {e}", file=sys.stderr)
+        return 2
+    if rec.best is None and rec.closest is None:
+        why = "; ".join(layout_problems(arch, moe, replace(base, **_fixed(args)), cluster)) or "these flags"
+        print(f"trinityx plan: no runnable layout of {name} on {cluster.world} GPUs: {why}", file=sys.stderr)
+        return 2
+    return _report(args, rec.best or rec.closest, list(rec.top[1:]), "recommend", rec.considered)
+
+
+def _given_layout(args, base: Layout, cluster: Cluster) -> Layout:
+    lay = replace(base, **{f: getattr(args, f) for f in LAYOUT_FLAGS if getattr(args, f) is not None},
+                  **{k: v for k, v in _fixed(args).items() if k != "grad_accum"})
+    if args.grad_accum is not None:
+        return replace(lay, grad_accum=args.grad_accum)
+    per_step = lay.micro_batch * max(lay.dp(cluster.world), 1)
+    return replace(lay, grad_accum=max(1, args.global_batch // per_step))
+
+
+def _report(args, plan: Plan, others: list[Plan], mode: str, considered: int | None) -> int:
+    refused = None if plan.fits else plan.refusal()
+    if args.json:
+        print(json.dumps({"mode": mode, "considered": considered, "refused": refused, "plan": plan.to_dict(),
+                          "alternatives": [p.to_dict() for p in others]}, indent=2))
+    else:
+        print(format_plan(plan, others, mode, considered))
+    if refused:
+        print(f"trinityx plan: refused, {refused}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def format_plan(plan: Plan, others: list[Plan], mode: str, considered: int | None) -> str:
+    """The human-readable table: one line per term, with the inputs of its formula."""
+    arch, lay, cl, moe = plan.arch, plan.layout, plan.cluster, plan.moe
+    d = plan.to_dict()
+    st = plan.stages
+    head = "".join(f"{'stage ' + str(s.stage):>10}" for s in st)
+    moe_txt = (f"{moe.num_experts} x {moe.kind} experts" + (f" (rank {moe.lora_rank})" if moe.kind == "lora" else "")
+               + f", top-k {moe.top_k}, MoCaE in all {arch.num_layers} layers")
+    if mode == "recommend":
+        title = f"fastest layout that fits ({considered} runnable layouts considered)" if plan.fits else \
+            f"NO layout fits ({considered} considered); the closest"
+    else:
+        title = "layout as given" + ("" if plan.fits else ": DOES NOT FIT")
+    rank = d["params"]["per_rank"][f"pp_rank_{st[0].memory.pp_rank}"]
+    lines = [
+        f"{plan.model} on {cl.nodes} node(s) x {cl.gpus_per_node} GPUs x {cl.gpu_mem_gib:g} GiB = {cl.world} GPUs; "
+        + moe_txt,
+        f"{title}: {lay.describe(cl.world)}",
+        f"parameters: backbone {d['params']['backbone']:,}; per GPU (pp rank {st[0].memory.pp_rank}): "
+        + ", ".join(f"{k} {v:,}" for k, v in rank.items()),
+        "trainable (whole model): " + ", ".join(f"stage {s.stage} {s.trainable:,}" for s in st),
+        "",
+        f"{'memory per GPU, GiB':<34}{head}   formula (inputs)",
+    ]
+    for i, term in enumerate(st[0].memory.terms):
+        vals = "".join(f"{s.memory.terms[i].value / GIB:>10.2f}" for s in st)
+        lines.append(f"  {term.name:<32}{vals}   {term.formula}")
+        lines += [f"  {'':<32}{'':>{10 * len(st)}}   stage {s.stage}: {s.memory.terms[i].formula}"
+                  for s in st[1:] if s.memory.terms[i].formula != term.formula]
+    lines.append(f"  {'total':<32}" + "".join(f"{s.memory.total / GIB:>10.2f}" for s in st)
+                 + f"   of {cl.gpu_mem_gib:g} GiB; worst pipeline stage")
+    lines.append(f"  {'fits':<32}" + "".join(f"{('yes' if s.memory.fits else 'NO'):>10}" for s in st)
+                 + "   " + ", ".join(f"stage {s.stage}: {-s.memory.over / GIB:+.1f} GiB headroom" for s in st))
+    if lay.offload:
+        lines.append(f"  {'CPU RAM per node':<32}" + "".join(f"{s.memory.cpu_bytes_per_node / GIB:>10.1f}" for s in st)
+                     + "   16 B x trainable / d x GPUs per node")
+    t0 = st[0].throughput
+    lines += ["", f"{'time per step, s':<34}{head}   formula (inputs)",
+              f"  {'compute':<32}" + "".join(f"{s.throughput.compute_s:>10.3f}" for s in st)
+              + f"   {t0.tokens_per_step:,} tokens x executed FLOP/token / ({cl.world} GPUs x {cl.peak_tflops:g} "
+              f"TFLOP/s x MFU {cl.mfu:g})",
+              f"  {'pipeline bubble':<32}" + "".join(f"{s.throughput.bubble_s:>10.3f}" for s in st)
+              + f"   compute x (pp {lay.pp} - 1) / grad-accum {lay.grad_accum}"]
+    for i, term in enumerate(t0.comm):
+        lines.append(f"  {term.name:<32}" + "".join(f"{s.throughput.comm[i].value:>10.3f}" for s in st)
+                     + f"   {term.formula}")
+    lines += [f"  {'step':<32}" + "".join(f"{s.throughput.step_s:>10.3f}" for s in st),
+              f"  {'executed GFLOP/token':<32}" + "".join(f"{s.throughput.flops_per_token / 1e9:>10.1f}" for s in st)
+              + "   frozen 4N, trainable 6N, below the first MoCaE layer 2N, + 2N recompute; attention 12 L H s",
+              f"  {'model GFLOP/token':<32}" + "".join(f"{s.throughput.model_flops_per_token / 1e9:>10.1f}" for s in st)
+              + "   6 N_active + 12 L H s (Megatron / torchtitan MFU count)",
+              f"  {'tokens/s per GPU':<32}" + "".join(f"{s.throughput.tokens_per_s_per_gpu:>10.0f}" for s in st),
+              f"  {'implied MFU':<32}" + "".join(f"{s.throughput.mfu:>10.3f}" for s in st)
+              + "   model FLOPs / (step x GPUs x peak)"]
+    if others:
+        lines += ["", "next fastest that fit:" if mode == "recommend" else "fastest layout that fits instead:"]
+        lines += [f"  {p.layout.describe(cl.world)}: "
+                  + " + ".join(f"{s.throughput.step_s:.2f}" for s in p.stages) + " s per step (stage "
+                  + " + ".join(str(s.stage) for s in p.stages)
+                  + f"), peak {max(s.memory.total for s in p.stages) / GIB:.1f} GiB" for p in others]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training room: DeepSpeed engine set-up, the two stages, checkpoints, metrics."""

@@ -1,0 +1,71 @@
+"""Resumable checkpoints: DeepSpeed's own save/load, plus a `latest` pointer moved only after
+every rank finished writing, so a crash in the middle of a save leaves the previous one usable.
+
+Layout: CKPT_DIR/step00000012/ (DeepSpeed files, our `trinityx_state.json` and a `COMPLETE`
+marker), CKPT_DIR/latest (the tag, DeepSpeed's format, so DeepSpeed's tools read it too).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+STATE = "trinityx_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The newest complete checkpoint's tag, or None."""
+    pointer = Path(ckpt_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (Path(ckpt_dir) / tag / COMPLETE).is_file() else None
+
+
+def save(engine, ckpt_dir: str | Path, step: int, state: dict, keep_last: int, extra_files=None) -> str:
+    """Collective: every rank calls it. `state` (JSON) is the run's own position (data, step).
+
+    `extra_files(tag_dir)` lets a caller write what lives outside the engine (per-rank files).
+    """
+    ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    if extra_files is not None:
+        extra_files(ckpt_dir / tag)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _atomic_write(ckpt_dir / tag / STATE, json.dumps(state, indent=2))
+        _atomic_write(ckpt_dir / tag / COMPLETE, "")
+        _atomic_write(ckpt_dir / "latest", tag)
+        complete = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+        for old in complete[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: str | Path) -> tuple[str, dict] | None:
+    """Loads the latest complete checkpoint into `engine`; returns (tag, run state) or None."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"{Path(ckpt_dir) / tag}: DeepSpeed could not load this checkpoint")
+    return tag, json.loads((Path(ckpt_dir) / tag / STATE).read_text())

@@ -1,0 +1,344 @@
+"""Stage 1 (one HHH expert on the frozen backbone) and stage 2 (the calibrated router on the
+mixture, experts frozen), each a resumable DeepSpeed run over megatron TP (+ EP for full experts).
+
+Composition (docs/DESIGN.md): the ZeRO engine holds backbone, router and LoRA experts; `full`
+experts of stage 2 are placed by expert parallelism and kept outside the engine (ZeRO-3 would
+partition an EP rank's own experts as if they were replicated), with their own optimizer when
+trained. Every rank runs the same collectives whatever the routing.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trinityx_ds.train import checkpoint
+
+FOREIGN_OK = (".mlp.router.", ".mlp.post_norm.", ".mlp.experts.local.")  # initialised, not loaded
+
+
+def stage_dir(cfg, stage: int, expert: str | None = None) -> Path:
+    root = Path(cfg.output.dir)
+    return root / "stage1" / expert if stage == 1 else root / "stage2"
+
+
+def expert_file(cfg, name: str) -> Path:
+    return stage_dir(cfg, 1, name) / "expert.safetensors"
+
+
+class _Preemption:
+    """SIGUSR1/SIGTERM (Slurm's --signal, scancel, preemption) ask for a checkpoint at the end of
+    the current step; ranks agree through an all-reduce so every rank saves together."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _local_examples(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token example index renumbered 0..N-1 within the batch, and each example's task label."""
+    ex_BS = batch["example_id"]
+    valid = ex_BS >= 0
+    uniq, inv = torch.unique(ex_BS[valid], return_inverse=True)
+    local = torch.full_like(ex_BS, -1)
+    local[valid] = inv
+    rows = torch.arange(ex_BS.shape[0]).unsqueeze(1).expand_as(ex_BS)[valid]
+    task_N = torch.full((len(uniq),), -1, dtype=torch.long)
+    task_N[inv] = batch["task_label"][rows]
+    return local, task_N
+
+
+class StageRun:
+    """Everything one stage needs on this rank; `run()` trains, checkpoints and writes outputs."""
+
+    def __init__(self, cfg, stage: int, expert: str | None = None):
+        from transformers import AutoTokenizer
+
+        from trinityx_ds.convert.backbone_ckpt import load_weights, open_source
+        from trinityx_ds.convert.sources import ChainSource, DictSource, SafetensorsSource
+        from trinityx_ds.model.build import build_model
+        from trinityx_ds.model.experts import lora_init_tensors
+        from trinityx_ds.model.mocae import MoCaEConfig
+        from trinityx_ds.parallel.groups import init_parallel
+
+        if stage == 1 and expert not in cfg.experts.names:
+            raise ValueError(f"--only: {expert!r} — one of {', '.join(cfg.experts.names)}")
+        if cfg.parallel.pp > 1:
+            raise ValueError(f"parallel.pp: {cfg.parallel.pp} — training runs at PP=1 in this release "
+                             "(TP x EP x DP); `trinityx plan` models PP layouts")
+        self.cfg, self.stage, self.expert = cfg, stage, expert
+        self.stage_cfg = cfg.train.stage1 if stage == 1 else cfg.train.stage2
+        self.dir = stage_dir(cfg, stage, expert)
+        ep = cfg.parallel.ep if stage == 2 else 1  # stage 1 trains one expert: nothing to place
+        self.dims = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=ep, seed=cfg.seed)
+        model_path = cfg.model.checkpoint or cfg.model.hf_path
+        self.arch, backbone_src = open_source(model_path)
+        self.arch.check_seq_len(cfg.data.max_seq_len)
+        moe = MoCaEConfig.from_run_config(cfg)
+        if stage == 1:
+            moe.expert_names, moe.top_k = [expert], 1
+        self.moe = moe
+        self.model, self.blocks = build_model(self.arch, self.dims, moe, dtype=cfg.model.dtype,
+                                              activation_checkpointing=cfg.model.activation_checkpointing)
+        sources = [backbone_src]
+        if stage == 1 and moe.kind == "lora":
+            sources.append(DictSource(lora_init_tensors(self.arch, moe, cfg.seed)))
+        if stage == 2:
+            for name in moe.expert_names:
+                if not expert_file(cfg, name).is_file():
+                    raise FileNotFoundError(f"{expert_file(cfg, name)}: expert {name!r} not trained yet "
+                                            f"(run `trinityx train experts --only {name}` first)")
+                sources.append(SafetensorsSource.from_file(expert_file(cfg, name)))
+        foreign = load_weights(self.model, ChainSource(sources), self.arch, self.dims.tp, self.dims.tp_rank, moe)
+        unexpected = [n for n in foreign if not any(k in n for k in FOREIGN_OK)]
+        if unexpected:
+            raise ValueError(f"{model_path}: no weights for {unexpected[:5]}")
+        self.external_experts = self._place_experts()
+        self.trainable = self._select_trainable()
+        tok_dir = cfg.model.tokenizer or (model_path if Path(model_path, "tokenizer_config.json").is_file()
+                                          else open_source_origin(model_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+
+    # ------------------------------------------------------------------ set-up
+    def _place_experts(self) -> list[torch.nn.Module]:
+        """Stage 2 `full` experts leave the engine's module tree (see module docstring)."""
+        if self.stage != 2 or self.moe.kind != "full":
+            return []
+        out = []
+        for block in self.blocks:
+            experts = block._modules.pop("experts")
+            object.__setattr__(block, "experts", experts)
+            out.append(experts)
+        return out
+
+    def _select_trainable(self) -> list[torch.nn.Parameter]:
+        if self.stage == 1:
+            keep = (".mlp.experts.",)
+        else:
+            keep = (".mlp.router.", ".mlp.post_norm.") + ((".mlp.experts.",) if self.cfg.train.train_experts_in_stage2
+                                                          and self.moe.kind == "lora" else ())
+        trainable = []
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(any(k in name for k in keep))
+            if p.requires_grad:
+                trainable.append(p)
+        for experts in self.external_experts:
+            for p in experts.parameters():
+                p.requires_grad_(self.cfg.train.train_experts_in_stage2)
+        return trainable
+
+    def _expert_optimizer(self):
+        params = [p for e in self.external_experts for p in e.parameters() if p.requires_grad]
+        if not params:
+            return None
+        from trinityx_ds.train.engine import make_optimizer
+
+        return make_optimizer(params, self.stage_cfg)
+
+    def _datasets(self):
+        from trinityx_ds.data.dataset import build_task_datasets, mixture
+
+        sets = build_task_datasets(self.cfg.data, self.tokenizer, self.cfg.experts.names, self.cfg.seed)
+        train = sets[self.expert][0] if self.stage == 1 else mixture(sets, self.cfg.seed)
+        return train, sets
+
+    # ------------------------------------------------------------------ training
+    def run(self) -> dict:
+        from trinityx_ds.data.dataset import Batches
+        from trinityx_ds.model.backbone import masked_mean_loss
+        from trinityx_ds.model.mocae import RoutingContext, set_router_loss_scale, set_routing_context
+        from trinityx_ds.train.engine import initialize
+        from trinityx_ds.train.metrics import MetricsLogger
+
+        cfg, sc, dims = self.cfg, self.stage_cfg, self.dims
+        train, self.task_sets = self._datasets()
+        engine = initialize(self.model, self.trainable, cfg, sc, dims.dp)
+        expert_opt = self._expert_optimizer()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batches = Batches(train, sc.micro_batch * sc.grad_accum, cfg.seed, pad_id, rank=dims.dp_rank, world=dims.dp)
+        ckpt_dir = self.dir / "checkpoints"
+        start = 0
+        resumed = checkpoint.load(engine, ckpt_dir)
+        if resumed is not None:
+            tag, state = resumed
+            batches.load_state_dict(state["data"])
+            start = state["step"]
+            self._load_external(ckpt_dir / tag, expert_opt)
+        log = MetricsLogger(self.dir, sc.steps, start, enabled=dims.rank == 0, tensorboard=cfg.output.tensorboard,
+                            desc=f"stage {self.stage}{' ' + self.expert if self.expert else ''}")
+        if resumed is not None and dims.rank == 0:
+            log.bar.write(f"resumed from {ckpt_dir / resumed[0]} at step {start}")
+        set_router_loss_scale(1.0 / sc.grad_accum)
+        preempt = _Preemption()
+        step, saved_at, stopped = start, None, False
+        self.model.train()
+        while step < sc.steps:
+            t0 = time.time()
+            batch = next(batches)
+            stats = self._train_step(engine, expert_opt, batch, sc.grad_accum, masked_mean_loss, RoutingContext,
+                                     set_routing_context)
+            step += 1
+            stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(time.time() - t0, 1e-9)
+            stats["train/lr"] = engine.get_lr()[0]
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                stats["train/grad_norm"] = float(grad_norm)
+            if step % cfg.train.log_every == 0 or step == sc.steps:
+                log.log(step, stats)
+            stop = preempt.agreed()
+            if step % cfg.train.checkpoint_every == 0 or step == sc.steps or stop:
+                self._save(engine, expert_opt, ckpt_dir, step, batches)
+                saved_at = step
+            if stop:
+                stopped = True
+                break
+        if saved_at != step and step > start:
+            self._save(engine, expert_opt, ckpt_dir, step, batches)
+        summary = {"stage": self.stage, "expert": self.expert, "step": step, "preempted": stopped}
+        if not stopped:
+            summary.update(self._finish(engine, log, step))
+        log.close()
+        return summary
+
+    def _train_step(self, engine, expert_opt, big_batch, grad_accum, masked_mean_loss, RoutingContext,
+                    set_routing_context) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's scalars."""
+        stats: dict[str, float] = {}
+        task_sum = torch.zeros(len(self.cfg.experts.names))
+        task_cnt = torch.zeros(len(self.cfg.experts.names))
+        tokens = 0
+        micro = self.stage_cfg.micro_batch
+        for i in range(grad_accum):
+            batch = {k: v[i * micro:(i + 1) * micro] for k, v in big_batch.items()}
+            ids, labels = batch["input_ids"], batch["labels"]
+            local_ex, task_N = _local_examples(batch)
+            ctx = RoutingContext.from_batch(labels, local_ex, task_N,
+                                            force_expert=0 if self.stage == 1 else None,
+                                            compute_losses=self.stage == 2)
+            set_routing_context(self.blocks, ctx)
+            token_loss_BS = engine(ids, labels)
+            loss = masked_mean_loss(token_loss_BS, labels)
+            engine.backward(loss)
+            engine.step()
+            with torch.no_grad():
+                valid = labels >= 0
+                row_loss = (token_loss_BS.detach() * valid).sum(1)
+                task = batch["task_label"].clamp(min=0)
+                task_sum.index_add_(0, task, row_loss)
+                task_cnt.index_add_(0, task, valid.sum(1).float())
+                tokens += int(ids.numel())
+            stats["train/loss"] = stats.get("train/loss", 0.0) + loss.item() / grad_accum
+            self._record_routing(ctx, stats, grad_accum)
+        if expert_opt is not None:
+            self._step_external(expert_opt)
+        if self.stage == 2:
+            for t, name in enumerate(self.cfg.experts.names):
+                if task_cnt[t] > 0:
+                    stats[f"train/loss_{name}"] = (task_sum[t] / task_cnt[t]).item()
+        stats["_tokens"] = tokens
+        return stats
+
+    def _record_routing(self, ctx, stats: dict, grad_accum: int) -> None:
+        if not ctx.records:
+            return
+        names = self.cfg.experts.names
+        n_layers = len(ctx.records)
+        for layer, rec in ctx.records.items():
+            for term, value in rec["losses"].items():
+                key = f"router/{term}"
+                stats[key] = stats.get(key, 0.0) + value.item() / (n_layers * grad_accum)
+            for e, share in enumerate(rec["share_E"].tolist()):
+                key = f"routing/layer{layer:02d}/{names[e]}"
+                stats[key] = stats.get(key, 0.0) + share / grad_accum
+
+    def _step_external(self, opt) -> None:
+        """Experts outside the engine: gradients averaged over the expert-data-parallel group,
+        clipped on their own, then an optimizer step."""
+        from deepspeed.utils import groups
+
+        params = [p for e in self.external_experts for p in e.parameters() if p.grad is not None]
+        group = groups._get_expert_data_parallel_group(self.dims.ep_group_name) if self.dims.ep > 1 else None
+        size = dist.get_world_size(group)
+        for p in params:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= size
+        if self.stage_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.stage_cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _external_file(self, tag_dir: Path) -> Path:
+        return tag_dir / f"experts_tp{self.dims.tp_rank:02d}_dp{self.dims.dp_rank:03d}.pt"
+
+    def _save(self, engine, expert_opt, ckpt_dir: Path, step: int, batches) -> None:
+        def extra(tag_dir: Path):
+            if self.external_experts and expert_opt is not None:
+                tag_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"experts": [e.state_dict() for e in self.external_experts],
+                            "optimizer": expert_opt.state_dict()}, self._external_file(tag_dir))
+
+        state = {"step": step, "data": batches.state_dict(), "stage": self.stage, "expert": self.expert}
+        checkpoint.save(engine, ckpt_dir, step, state, self.cfg.train.keep_last, extra_files=extra)
+        if self.dims.rank == 0:
+            from trinityx_ds.config import save_config
+
+            save_config(self.cfg, ckpt_dir / checkpoint.tag_for(step) / "config.yaml")
+            self.tokenizer.save_pretrained(ckpt_dir / checkpoint.tag_for(step) / "tokenizer")
+
+    def _load_external(self, tag_dir: Path, expert_opt) -> None:
+        path = self._external_file(tag_dir)
+        if expert_opt is None or not path.is_file():
+            return
+        state = torch.load(path, weights_only=True)
+        for experts, sd in zip(self.external_experts, state["experts"]):
+            experts.load_state_dict(sd)
+        expert_opt.load_state_dict(state["optimizer"])
+
+    # ------------------------------------------------------------------ outputs
+    def _finish(self, engine, log, step: int) -> dict:
+        from safetensors.torch import save_file
+
+        from trinityx_ds.train.gather import gather_mocae_tensors
+
+        if self.stage == 1:
+            tensors = gather_mocae_tensors(self.model, self.moe, self.arch, self.dims,
+                                           lambda n: ".mlp.experts." in n)
+            if self.dims.rank == 0:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(expert_file(self.cfg, self.expert)))
+            dist.barrier()
+            return {"expert_file": str(expert_file(self.cfg, self.expert)), "tensors": len(tensors)}
+        from trinityx_ds.train.validate import routing_report
+
+        report = routing_report(self, engine)
+        tensors = gather_mocae_tensors(self.model, self.moe, self.arch, self.dims,
+                                       lambda n: ".mlp.router." in n or ".mlp.post_norm." in n)
+        if self.dims.rank == 0:
+            log.log(step, {"val/routing_accuracy": report["accuracy"], "val/routing_ece": report["ece"],
+                           "val/routing_brier": report["brier"]}, progress=False)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.dir / "router.safetensors"))
+        dist.barrier()
+        return {"router_file": str(self.dir / "router.safetensors"), "validation": report}
+
+
+def open_source_origin(path: str) -> str:
+    """The HF folder an imported checkpoint came from (where its tokenizer lives)."""
+    from trinityx_ds.convert.backbone_ckpt import META, read_meta
+
+    return read_meta(path)["source"] if (Path(path) / META).is_file() else path
+
+
+def run_stage(cfg, stage: int, expert: str | None = None) -> dict:
+    """One stage on this rank (torchrun/srun/deepspeed set the job); the caller destroys the groups."""
+    return StageRun(cfg, stage, expert).run()

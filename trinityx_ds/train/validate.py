@@ -1,0 +1,62 @@
+"""Stage 2's validation: is the routing task-adaptive and calibrated on held-out examples?
+
+Each held-out example's routing distribution is the mean over its response tokens and over the
+MoCaE layers; its argmax is the router's task prediction, scored against the example's task
+label with accuracy, ECE and Brier (calibration room). Every rank evaluates the same examples:
+the held-out sets are small, and ZeRO-3/TP collectives stay in step.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+@torch.no_grad()
+def routing_probs(run, engine, dataset, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example routing probabilities [N, E] and per-layer mean logits [L, N, E]."""
+    from trinityx_ds.data.dataset import collate
+    from trinityx_ds.model.mocae import RoutingContext, set_routing_context
+
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    probs, logits = [], []
+    for i in range(0, len(dataset), micro_batch):
+        rows = dataset[i:i + micro_batch]
+        batch = collate([dict(zip(rows, v)) for v in zip(*rows.values())], pad_id)
+        ctx = RoutingContext.from_batch(batch["labels"], compute_losses=False, keep_probs=True)
+        set_routing_context(run.blocks, ctx)
+        engine(batch["input_ids"], batch["labels"])
+        B, S = batch["labels"].shape
+        mask_BS = (batch["labels"] >= 0).float()
+        n_B = mask_BS.sum(1).clamp(min=1).unsqueeze(-1)
+        per_layer_p, per_layer_z = [], []
+        for rec in ctx.records.values():  # tokens are in megatron's [S, B] order
+            p_BSE = rec["probs_TE"].reshape(S, B, -1).transpose(0, 1)
+            z_BSE = rec["logits_TE"].reshape(S, B, -1).transpose(0, 1)
+            per_layer_p.append((p_BSE * mask_BS.unsqueeze(-1)).sum(1) / n_B)
+            per_layer_z.append((z_BSE * mask_BS.unsqueeze(-1)).sum(1) / n_B)
+        probs.append(torch.stack(per_layer_p).mean(0))
+        logits.append(torch.stack(per_layer_z))
+    set_routing_context(run.blocks, None)
+    return torch.cat(probs), torch.cat(logits, dim=1)
+
+
+def routing_report(run, engine) -> dict:
+    from trinityx_ds.calibration import calibration_report
+
+    run.model.eval()
+    probs, labels = [], []
+    for task_id, name in enumerate(run.cfg.experts.names):
+        held = run.task_sets[name][1]
+        if len(held):
+            p, _ = routing_probs(run, engine, held, run.stage_cfg.micro_batch)
+            probs.append(p)
+            labels.append(torch.full((len(p),), task_id))
+    run.model.train()
+    probs_NE, labels_N = torch.cat(probs).double(), torch.cat(labels)
+    report = calibration_report(probs_NE, labels_N)
+    report["per_task_accuracy"] = {name: (probs_NE[labels_N == t].argmax(-1) == t).double().mean().item()
+                                   for t, name in enumerate(run.cfg.experts.names) if (labels_N == t).any()}
+    if run.dims.rank == 0:
+        (run.dir / "validation.json").write_text(json.dumps(report, indent=2))
+    return report
