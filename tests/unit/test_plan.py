@@ -263,3 +263,13 @@ def test_layout_rules_and_full_experts_with_ep():
     rank = per_rank_params(arch, 8, 1, 0, full, ep=4)
     assert frozen == pytest.approx(2 * (sum(rank.values()) - rank["experts"] - rank["router"]) / 8
                                    + 2 * rank["experts"] / 2)
+
+
+def test_mocae_plan_from_the_run_config():
+    from trinityx_ds.model.mocae import MoCaEConfig
+
+    cfg = MoCaEConfig(kind="full", layers=[0, 5], lora_rank=4, top_k="all", temperature_mode="learnable",
+                      normalize_output=True)
+    moe = MoCaEPlan.from_mocae_config(cfg)
+    assert (moe.kind, moe.num_experts, moe.top_k, moe.layers, moe.lora_rank) == ("full", 3, 3, (0, 5), 4)
+    assert moe.router_params(64) == 3 * 64 + 1 + 64  # weight, learnable log-temperature, post-mix norm

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from trinityx_ds.model.arch import ArchError
 from trinityx_ds.plan.layout import GIB, Cluster, Layout, layout_problems
-from trinityx_ds.plan.params import MoCaEPlan
+from trinityx_ds.plan.params import MoCaEPlan, backbone_params, per_rank_params
 from trinityx_ds.plan.presets import PRESETS, load_arch
 from trinityx_ds.plan.recommend import Plan, plan_layout, recommend
 
@@ -72,9 +72,9 @@ def cmd_plan(args) -> int:
                           context_gib=args.context_gib, margin=args.margin, peak_tflops=args.gpu_peak_tflops,
                           mfu=args.mfu, nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
         base = Layout(seq_len=args.seq_len, sequence_parallel=args.sequence_parallel, attention=args.attention)
+        hardware = {k: v for k, v in asdict(cluster).items() if k not in ("nodes", "gpus_per_node", "gpu_mem_gib")}
         search = dict(moe=moe, seq_len=args.seq_len, global_batch=args.global_batch, stages=stages, top=args.top,
-                      base=base, **{k: getattr(cluster, k) for k in ("context_gib", "margin", "peak_tflops", "mfu",
-                                                                      "nvlink_gbs", "ib_gbs")})
+                      base=base, **hardware)
         if any(getattr(args, f) is not None for f in LAYOUT_FLAGS):
             plan = plan_layout(name, arch, moe, _given_layout(args, base, cluster), cluster, stages)
             alt = None if plan.fits else recommend(args.model, args.nodes, args.gpus_per_node, args.gpu_mem_gib,
@@ -114,63 +114,59 @@ def _report(args, plan: Plan, others: list[Plan], mode: str, considered: int | N
 
 
 def format_plan(plan: Plan, others: list[Plan], mode: str, considered: int | None) -> str:
-    """The human-readable table: one line per term, with the inputs of its formula."""
-    arch, lay, cl, moe = plan.arch, plan.layout, plan.cluster, plan.moe
-    d = plan.to_dict()
-    st = plan.stages
+    """The human-readable table: one line per term and stage, with the inputs of its formula."""
+    arch, lay, cl, moe, st = plan.arch, plan.layout, plan.cluster, plan.moe, plan.stages
+
+    def row(name: str, values, fmt: str, note: str = "") -> str:
+        return f"  {name:<32}" + "".join(f"{v:>10{fmt}}" for v in values) + (f"   {note}" if note else "")
+
     head = "".join(f"{'stage ' + str(s.stage):>10}" for s in st)
     moe_txt = (f"{moe.num_experts} x {moe.kind} experts" + (f" (rank {moe.lora_rank})" if moe.kind == "lora" else "")
-               + f", top-k {moe.top_k}, MoCaE in all {arch.num_layers} layers")
+               + f", top-k {moe.top_k}, MoCaE in {len(moe.chosen(arch.num_layers))} of {arch.num_layers} layers")
     if mode == "recommend":
-        title = f"fastest layout that fits ({considered} runnable layouts considered)" if plan.fits else \
-            f"NO layout fits ({considered} considered); the closest"
+        title = (f"fastest layout that fits ({considered} runnable layouts considered)" if plan.fits
+                 else f"NO layout fits ({considered} considered); the closest")
     else:
         title = "layout as given" + ("" if plan.fits else ": DOES NOT FIT")
-    rank = d["params"]["per_rank"][f"pp_rank_{st[0].memory.pp_rank}"]
-    lines = [
-        f"{plan.model} on {cl.nodes} node(s) x {cl.gpus_per_node} GPUs x {cl.gpu_mem_gib:g} GiB = {cl.world} GPUs; "
-        + moe_txt,
-        f"{title}: {lay.describe(cl.world)}",
-        f"parameters: backbone {d['params']['backbone']:,}; per GPU (pp rank {st[0].memory.pp_rank}): "
-        + ", ".join(f"{k} {v:,}" for k, v in rank.items()),
-        "trainable (whole model): " + ", ".join(f"stage {s.stage} {s.trainable:,}" for s in st),
-        "",
-        f"{'memory per GPU, GiB':<34}{head}   formula (inputs)",
-    ]
+    worst = st[0].memory.pp_rank
+    rank = per_rank_params(arch, lay.tp, lay.pp, worst, moe, lay.ep)
+    lines = [f"{plan.model} on {cl.nodes} node(s) x {cl.gpus_per_node} GPUs x {cl.gpu_mem_gib:g} GiB = "
+             f"{cl.world} GPUs; {moe_txt}",
+             f"{title}: {lay.describe(cl.world)}",
+             f"parameters: backbone {backbone_params(arch):,}; per GPU (pp rank {worst}): "
+             + ", ".join(f"{k} {v:,}" for k, v in rank.items()),
+             "trainable (whole model): " + ", ".join(f"stage {s.stage} {s.trainable:,}" for s in st),
+             "", f"{'memory per GPU, GiB':<34}{head}   formula (inputs)"]
     for i, term in enumerate(st[0].memory.terms):
-        vals = "".join(f"{s.memory.terms[i].value / GIB:>10.2f}" for s in st)
-        lines.append(f"  {term.name:<32}{vals}   {term.formula}")
-        lines += [f"  {'':<32}{'':>{10 * len(st)}}   stage {s.stage}: {s.memory.terms[i].formula}"
+        lines.append(row(term.name, [s.memory.terms[i].value / GIB for s in st], ".2f", term.formula))
+        lines += [row("", [], "", f"{'':>{10 * len(st)}}stage {s.stage}: {s.memory.terms[i].formula}")
                   for s in st[1:] if s.memory.terms[i].formula != term.formula]
-    lines.append(f"  {'total':<32}" + "".join(f"{s.memory.total / GIB:>10.2f}" for s in st)
-                 + f"   of {cl.gpu_mem_gib:g} GiB; worst pipeline stage")
-    lines.append(f"  {'fits':<32}" + "".join(f"{('yes' if s.memory.fits else 'NO'):>10}" for s in st)
-                 + "   " + ", ".join(f"stage {s.stage}: {-s.memory.over / GIB:+.1f} GiB headroom" for s in st))
+    lines += [row("total", [s.memory.total / GIB for s in st], ".2f",
+                  f"of {cl.gpu_mem_gib:g} GiB, worst pipeline stage"),
+              row("fits", ["yes" if s.memory.fits else "NO" for s in st], "",
+                  ", ".join(f"stage {s.stage}: {-s.memory.over / GIB:+.1f} GiB headroom" for s in st))]
     if lay.offload:
-        lines.append(f"  {'CPU RAM per node':<32}" + "".join(f"{s.memory.cpu_bytes_per_node / GIB:>10.1f}" for s in st)
-                     + "   16 B x trainable / d x GPUs per node")
+        lines.append(row("CPU RAM per node, GiB", [s.memory.cpu_bytes_per_node / GIB for s in st], ".1f",
+                         "16 B x trainable / d x GPUs per node"))
     t0 = st[0].throughput
     lines += ["", f"{'time per step, s':<34}{head}   formula (inputs)",
-              f"  {'compute':<32}" + "".join(f"{s.throughput.compute_s:>10.3f}" for s in st)
-              + f"   {t0.tokens_per_step:,} tokens x executed FLOP/token / ({cl.world} GPUs x {cl.peak_tflops:g} "
-              f"TFLOP/s x MFU {cl.mfu:g})",
-              f"  {'pipeline bubble':<32}" + "".join(f"{s.throughput.bubble_s:>10.3f}" for s in st)
-              + f"   compute x (pp {lay.pp} - 1) / grad-accum {lay.grad_accum}"]
-    for i, term in enumerate(t0.comm):
-        lines.append(f"  {term.name:<32}" + "".join(f"{s.throughput.comm[i].value:>10.3f}" for s in st)
-                     + f"   {term.formula}")
-    lines += [f"  {'step':<32}" + "".join(f"{s.throughput.step_s:>10.3f}" for s in st),
-              f"  {'executed GFLOP/token':<32}" + "".join(f"{s.throughput.flops_per_token / 1e9:>10.1f}" for s in st)
-              + "   frozen 4N, trainable 6N, below the first MoCaE layer 2N, + 2N recompute; attention 12 L H s",
-              f"  {'model GFLOP/token':<32}" + "".join(f"{s.throughput.model_flops_per_token / 1e9:>10.1f}" for s in st)
-              + "   6 N_active + 12 L H s (Megatron / torchtitan MFU count)",
-              f"  {'tokens/s per GPU':<32}" + "".join(f"{s.throughput.tokens_per_s_per_gpu:>10.0f}" for s in st),
-              f"  {'implied MFU':<32}" + "".join(f"{s.throughput.mfu:>10.3f}" for s in st)
-              + "   model FLOPs / (step x GPUs x peak)"]
+              row("compute", [s.throughput.compute_s for s in st], ".3f",
+                  f"{t0.tokens_per_step:,} tokens x executed FLOP/token / ({cl.world} GPUs x {cl.peak_tflops:g} "
+                  f"TFLOP/s x MFU {cl.mfu:g})"),
+              row("pipeline bubble", [s.throughput.bubble_s for s in st], ".3f",
+                  f"compute x (pp {lay.pp} - 1) / grad-accum {lay.grad_accum}")]
+    lines += [row(term.name, [s.throughput.comm[i].value for s in st], ".3f", term.formula)
+              for i, term in enumerate(t0.comm)]
+    lines += [row("step", [s.throughput.step_s for s in st], ".3f", "compute + bubble + exposed communication"),
+              row("executed GFLOP/token", [s.throughput.flops_per_token / 1e9 for s in st], ".1f",
+                  "frozen 4N, trainable 6N, below the first MoCaE layer 2N, + 2N recompute; attention 12 L H s"),
+              row("model GFLOP/token", [s.throughput.model_flops_per_token / 1e9 for s in st], ".1f",
+                  "6 N_active + 12 L H s (Megatron / torchtitan MFU count)"),
+              row("tokens/s per GPU", [s.throughput.tokens_per_s_per_gpu for s in st], ".0f"),
+              row("implied MFU", [s.throughput.mfu for s in st], ".3f", "model FLOPs / (step x GPUs x peak)")]
     if others:
         lines += ["", "next fastest that fit:" if mode == "recommend" else "fastest layout that fits instead:"]
-        lines += [f"  {p.layout.describe(cl.world)}: "
-                  + " + ".join(f"{s.throughput.step_s:.2f}" for s in p.stages) + " s per step (stage "
-                  + " + ".join(str(s.stage) for s in p.stages)
+        lines += [f"  {p.layout.describe(cl.world)}: " + " + ".join(f"{s.throughput.step_s:.2f}" for s in p.stages)
+                  + " s per step (stage " + " + ".join(str(s.stage) for s in p.stages)
                   + f"), peak {max(s.memory.total for s in p.stages) / GIB:.1f} GiB" for p in others]
     return "\n".join(lines)

@@ -104,21 +104,22 @@ def activations(arch: ModelArch, lay: Layout, moe: MoCaEPlan, stage: int, pp_ran
     """Activation bytes of one pipeline stage and the formula's inputs.
 
     1F1B keeps min(pp - rank, grad_accum) micro-batches in flight. Full checkpointing (uniform,
-    1 layer) keeps each layer's input (2 s b h, over t with SP) plus one recomputed layer.
+    1 layer) keeps each layer's input (2 s b h, over t with SP) plus one recomputed layer. The
+    backward of a layer forms gradients shaped like what it saved: one more layer on top.
     """
     layers = stage_layers(arch, lay.pp, pp_rank)
     chosen = moe.chosen(arch.num_layers)
     per_layer = [layer_activations(arch, lay, moe, stage, i in chosen) for i in layers]
-    inflight = min(lay.pp - pp_rank, lay.grad_accum)
+    inflight, top = min(lay.pp - pp_rank, lay.grad_accum), max(per_layer)
     shape = (f"s {lay.seq_len}, b {lay.micro_batch}, h {arch.hidden_size}, F {arch.intermediate_size}, "
              f"a {arch.padded_heads(lay.tp)}, t {lay.tp}, {lay.attention}")
     if not lay.act_ckpt:
-        return inflight * sum(per_layer), (f"{inflight} in flight x {len(layers)} layers x "
-                                           f"{max(per_layer) / GIB:.2f} GiB/layer ({shape})")
+        return inflight * sum(per_layer) + top, (f"({inflight} in flight x {len(layers)} + 1 backward) layers x "
+                                                 f"{top / GIB:.2f} GiB ({shape})")
     layer_in = 2 * lay.seq_len * lay.micro_batch * arch.hidden_size / (lay.tp if lay.sequence_parallel else 1)
-    return (inflight * len(layers) * layer_in + max(per_layer),
-            f"{inflight} in flight x {len(layers)} layer inputs x {layer_in / GIB:.3f} GiB + 1 recomputed layer "
-            f"{max(per_layer) / GIB:.2f} GiB ({shape})")
+    return (inflight * len(layers) * layer_in + 2 * top,
+            f"{inflight} in flight x {len(layers)} layer inputs x {layer_in / GIB:.3f} GiB + (1 recomputed + 1 "
+            f"backward) layer x {top / GIB:.2f} GiB ({shape})")
 
 
 def _fmt(n: float) -> str:

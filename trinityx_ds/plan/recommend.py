@@ -63,7 +63,7 @@ class Plan:
                              for r in range(lay.pp)},
             },
             "fits": self.fits,
-            "step_s": self.step_s,
+            "step_s_all_stages": self.step_s,
             "stages": [{
                 "stage": s.stage, "trainable": s.trainable, "fits": s.memory.fits, "pp_rank": s.memory.pp_rank,
                 "memory_gib": {t.name: t.value / GIB for t in s.memory.terms},

@@ -109,7 +109,8 @@ def _comm(arch: ModelArch, moe: MoCaEPlan, lay: Layout, cluster: Cluster, stage:
         calls = passes * (2 * len(layers) + (k - 1) * len(chosen))
         b, b_txt = bw(lay.tp)
         out.append(Term("TP all-reduce", m * calls * _ring(lay.tp, act, b, allreduce=True),
-                        f"{m} micro-batches x {calls} x 2({lay.tp}-1)/{lay.tp} x {act / 2**20:.0f} MiB / {b_txt}"))
+                        f"{m} micro-batches x {calls} all-reduces x 2({lay.tp}-1)/{lay.tp} x {act / 2**20:.0f} MiB "
+                        f"/ {b_txt}"))
     if lay.ep > 1 and moe.kind == "full":
         b, b_txt = bw(lay.tp * lay.ep)
         out.append(Term("EP all-to-all", m * passes * 2 * len(chosen) * _ring(lay.ep, k * act, b),

@@ -9,12 +9,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 STATE = "trinityx_state.json"
+FAULT_ENV = "TRINITYX_FAULT"  # fault injection for the resume tests: "<point>:<step>"
+
+
+def fault(point: str, step: int) -> None:
+    """SIGKILL this process at `point` of `step` when TRINITYX_FAULT asks for it (tests only):
+    the real failure a resumed run must survive, not a simulated one."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}" and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def tag_for(step: int) -> str:
@@ -48,6 +57,7 @@ def save(engine, ckpt_dir: str | Path, step: int, state: dict, keep_last: int, e
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     if extra_files is not None:
         extra_files(ckpt_dir / tag)
+    fault("during_save", step)
     dist.barrier()
     if dist.get_rank() == 0:
         _atomic_write(ckpt_dir / tag / STATE, json.dumps(state, indent=2))

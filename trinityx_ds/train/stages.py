@@ -164,7 +164,7 @@ class StageRun:
 
         cfg, sc, dims = self.cfg, self.stage_cfg, self.dims
         train, self.task_sets = self._datasets()
-        engine = initialize(self.model, self.trainable, cfg, sc, dims.dp)
+        engine = self.engine = initialize(self.model, self.trainable, cfg, sc, dims.dp)
         expert_opt = self._expert_optimizer()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batches = Batches(train, sc.micro_batch * sc.grad_accum, cfg.seed, pad_id, rank=dims.dp_rank, world=dims.dp)
@@ -201,6 +201,7 @@ class StageRun:
             if step % cfg.train.checkpoint_every == 0 or step == sc.steps or stop:
                 self._save(engine, expert_opt, ckpt_dir, step, batches)
                 saved_at = step
+            checkpoint.fault("after_step", step)
             if stop:
                 stopped = True
                 break
@@ -239,10 +240,15 @@ class StageRun:
                 task_sum.index_add_(0, task, row_loss)
                 task_cnt.index_add_(0, task, valid.sum(1).float())
                 tokens += int(ids.numel())
-            stats["train/loss"] = stats.get("train/loss", 0.0) + loss.item() / grad_accum
+            stats["train/loss"] = stats.get("train/loss", 0.0) + loss.detach() / grad_accum
             self._record_routing(ctx, stats, grad_accum)
         if expert_opt is not None:
             self._step_external(expert_opt)
+        from megatron.core import parallel_state as ps
+
+        mean_loss = stats["train/loss"].clone()  # what the data-parallel ranks optimise together
+        dist.all_reduce(mean_loss, group=ps.get_data_parallel_group())
+        stats["train/loss"] = mean_loss.item() / self.dims.dp
         if self.stage == 2:
             for t, name in enumerate(self.cfg.experts.names):
                 if task_cnt[t] > 0:
