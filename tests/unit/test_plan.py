@@ -104,10 +104,11 @@ def test_trainable_params_per_stage():
     arch = load_arch("llama-2-7b")[1]
     lora = MoCaEPlan(kind="lora", lora_rank=8)
     one = 3 * 8 * (4096 + 11008)
-    assert trainable_params(arch, 1, 1, 0, lora, 1) == {"dense": 32 * 3 * one, "experts": 0}
+    assert trainable_params(arch, 1, 1, 0, lora, 1) == {"dense": 32 * one, "experts": 0}  # one expert per run
     assert trainable_params(arch, 1, 1, 0, lora, 2) == {"dense": 32 * 3 * 4096, "experts": 0}
     full = MoCaEPlan(kind="full", train_experts_in_stage2=True)
-    assert trainable_params(arch, 1, 1, 0, full, 1) == {"dense": 0, "experts": 32 * 3 * 4096 * 11008}
+    # stage 1 holds its single full expert inside the ZeRO engine (partitioned over DP, no EP)
+    assert trainable_params(arch, 1, 1, 0, full, 1) == {"dense": 32 * 3 * 4096 * 11008, "experts": 0}
     assert trainable_params(arch, 1, 1, 0, full, 2)["experts"] == 32 * 3 * 3 * 4096 * 11008
 
 

@@ -126,17 +126,16 @@ def trainable_params(arch: ModelArch, tp: int, pp: int, pp_rank: int, moe: MoCaE
                      ep: int = 1) -> dict[str, int]:
     """Trainable parameters on one rank, split by ZeRO partition group (dense: DP, experts: DP/EP).
 
-    Stage 1 trains the experts, the backbone stays frozen: LoRA experts are [E, ...] stacked
-    tensors, so all E are optimizer parameters (only the forced one gets gradient); a full
-    expert is its own module, so one FFN per chosen layer, on the EP rank that holds it.
+    Stage 1 trains one expert per run on the frozen backbone (the run builds its MoCaE blocks
+    with that single expert): its LoRA deltas, or one full FFN, per chosen layer.
     Stage 2 trains the router, plus the experts with `train_experts_in_stage2`.
     """
     chosen = len(moe.chosen(arch.num_layers) & set(stage_layers(arch, pp, pp_rank)))
     experts = chosen * expert_params(arch, tp, moe, ep)
     if stage == 1:
         if moe.kind == "full":
-            return {"dense": 0, "experts": chosen * ffn_params(arch, tp)}
-        return {"dense": experts, "experts": 0}
+            return {"dense": chosen * ffn_params(arch, tp), "experts": 0}
+        return {"dense": experts // moe.num_experts, "experts": 0}
     router = chosen * moe.router_params(arch.hidden_size)
     trained = experts if moe.train_experts_in_stage2 else 0
     if moe.kind == "full":

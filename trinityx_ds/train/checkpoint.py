@@ -54,7 +54,9 @@ def save(engine, ckpt_dir: str | Path, step: int, state: dict, keep_last: int, e
     `extra_files(tag_dir)` lets a caller write what lives outside the engine (per-rank files).
     """
     ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    # Frozen tensors (the backbone; frozen experts) never change: they are rebuilt from the run's
+    # model source on resume, so a LoRA checkpoint of a 70B backbone stays megabytes, not 140 GB.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     if extra_files is not None:
         extra_files(ckpt_dir / tag)
     fault("during_save", step)
@@ -75,7 +77,7 @@ def load(engine, ckpt_dir: str | Path) -> tuple[str, dict] | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"{Path(ckpt_dir) / tag}: DeepSpeed could not load this checkpoint")
     return tag, json.loads((Path(ckpt_dir) / tag / STATE).read_text())

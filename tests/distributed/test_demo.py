@@ -1,0 +1,45 @@
+"""`trinityx demo` end to end (tiny model, short stages): every output it promises is there."""
+import json
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.dist import ROOT
+from trinityx_ds.launch.local import cpu_env
+
+pytestmark = pytest.mark.distributed
+
+
+def _tags(folder) -> set[str]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_demo_runs_the_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "trinityx_ds.cli", "demo", "--model", "tiny", "--steps", "4",
+                           "--out", str(out)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "routing accuracy" in proc.stdout
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity[0]["ok"] and parity[0]["logits"] <= 1e-4
+    for name in ("help", "harm", "honest"):
+        stage = out / "stage1" / name
+        assert (stage / "expert.safetensors").stat().st_size > 0
+        assert (stage / "checkpoints" / "latest").read_text() == "step00000004"
+        assert {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm"} <= _tags(stage / "tensorboard")
+    stage2 = out / "stage2"
+    assert (stage2 / "router.safetensors").stat().st_size > 0
+    tags = _tags(stage2 / "tensorboard")
+    for tag in ("train/loss", "train/loss_help", "train/loss_harm", "train/loss_honest", "router/entropy",
+                "router/kl_prev", "router/kl_uniform", "router/task_ce", "router/load_balance", "router/z_loss",
+                "routing/layer00/help", "routing/layer01/honest", "val/routing_accuracy", "val/routing_ece",
+                "train/grad_norm", "train/lr", "train/tokens_per_s"):
+        assert tag in tags, (tag, sorted(tags))
+    report = json.loads((stage2 / "validation.json").read_text())
+    assert report["n"] > 0 and 0 <= report["ece"] <= 1 and set(report["per_task_accuracy"]) == {"help", "harm", "honest"}
+    lines = (stage2 / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 4 and "router/entropy" in json.loads(lines[0])
