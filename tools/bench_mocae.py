@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="variants run round-robin this many times; medians [3]")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
@@ -83,13 +84,17 @@ def main() -> None:
         return
     from trinityx_ds.launch.local import cpu_env
 
-    rows = {}
-    for key in VARIANTS:
-        env = cpu_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600)})
-        out = subprocess.run([sys.executable, __file__, "--variant", key, "--model", args.model, "--batch",
-                              str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters)],
-                             env=env, capture_output=True, text=True, check=True)
-        rows[key] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {key: [] for key in VARIANTS}
+    env = cpu_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600)})
+    for _ in range(args.rounds):  # round-robin, so a noisy neighbour hits every variant alike
+        for key in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--variant", key, "--model", args.model, "--batch",
+                                  str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters)],
+                                 env=env, capture_output=True, text=True, check=True)
+            runs[key].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = {key: {"params": r[0]["params"],
+                  "latency_s": statistics.median(x["latency_s"] for x in r),
+                  "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in r)} for key, r in runs.items()}
     a, b, e = rows["a"], rows["b"], rows["e"]
     print(f"model={args.model} batch={args.batch} seq={args.seq} threads={os.environ.get('BENCH_THREADS', '2')}")
     print(f"{'variant':<36} {'params':>13} {'x(a)':>6} {'fwd s':>8} {'x(a)':>6} {'peak RSS MiB':>13} {'x(a)':>6}")

@@ -12,8 +12,19 @@ def _config_validate(args) -> int:
 
 
 def _import_hf(args) -> int:
+    import json
+    from pathlib import Path
+
     from trinityx_ds.convert.backbone_ckpt import import_hf
 
+    cfg = Path(args.hf_dir) / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "trinityx":
+        from trinityx_ds.convert.export import import_trinityx
+
+        out = import_trinityx(args.hf_dir, args.out_dir, tp=args.tp, overwrite=args.overwrite)
+        print(f"imported TrinityX folder {args.hf_dir} -> {out} (backbone at tp={args.tp}, experts, router, "
+              f"config.yaml: set its data paths before training)")
+        return 0
     out = import_hf(args.hf_dir, args.out_dir, tp=args.tp, dtype=args.dtype, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} -> {out} (tp={args.tp}, {args.dtype})")
     return 0
@@ -112,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
             st.set_defaults(only=None)
         st.set_defaults(fn=_train)
 
+    from trinityx_ds.convert.export import add_export_arguments, cmd_export
     from trinityx_ds.plan.cli import add_plan_arguments, cmd_plan
+
+    exp = sub.add_parser("export-hf", help="export a run (or checkpoint) as a Hugging Face folder")
+    add_export_arguments(exp)
+    exp.set_defaults(fn=cmd_export)
 
     plan = sub.add_parser("plan", help="per-GPU memory and speed of a layout, or the fastest layout that fits")
     add_plan_arguments(plan)

@@ -56,49 +56,55 @@ class LoRAExperts(nn.Module):
                 a.uniform_(-bound, bound, generator=generator)
                 getattr(self, f"{t}_B").zero_()
 
-    def _low_rank(self, x_NI: torch.Tensor, target: str, e: int) -> torch.Tensor:
-        return self.dropout(x_NI) @ getattr(self, f"{target}_A")[e].t()
+    def _stacked_A(self, target: str) -> torch.Tensor:
+        """[E*r, in]: every expert's A, so one matmul gives all low-rank activations."""
+        a = getattr(self, f"{target}_A")
+        return a.reshape(-1, a.shape[-1])
+
+    def _stacked_B(self, target: str) -> torch.Tensor:
+        """[E*r, out]: every expert's B^T stacked to match `_stacked_A`'s rows."""
+        b = getattr(self, f"{target}_B")
+        return b.transpose(1, 2).reshape(-1, b.shape[1])
 
     def forward(self, x_TH: torch.Tensor, mlp: nn.Module, topk_idx_TK: torch.Tensor,
                 topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """Fused output [T, H] (already reduced across TP) of the routed experts; `mlp` holds the
-        frozen base FFN's `linear_fc1` / `linear_fc2`."""
+        frozen base FFN's `linear_fc1` / `linear_fc2`.
+
+        Slot by slot (each token has exactly one expert per top-k slot), everything is a dense
+        matmul: the low-rank activations of all experts are computed once ([T, E*r]) and masked to
+        the slot's expert, so no gather/scatter of [T, F] activations is needed.
+        """
         T, K = topk_idx_TK.shape
+        E, r = self.num_experts, self.rank
         fc1_TF2, _ = mlp.linear_fc1(x_TH.unsqueeze(1))
         gate_TF, up_TF = fc1_TF2.squeeze(1).chunk(2, dim=-1)
-        expert_P = topk_idx_TK.reshape(-1)
-        token_P = torch.arange(T, device=x_TH.device).repeat_interleave(K)
-        weight_P = topk_weight_TK.reshape(-1).to(x_TH.dtype)
-        groups = [(e, (expert_P == e).nonzero().squeeze(1)) for e in range(self.num_experts)]
-
-        # gate/up low-rank activations, replicated across TP: one gradient all-reduce for all experts
-        low = {t: [self._low_rank(x_TH[token_P[p]], t, e) for e, p in groups]
+        x_low = self.dropout(x_TH)
+        # gate/up low-rank activations are replicated across TP: their gradient is all-reduced
+        low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(x_low @ self._stacked_A(t).t())
                for t in ("gate_proj", "up_proj") if t in self.targets}
-        low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(torch.cat(v)).split([len(p) for _, p in groups])
-               for t, v in low.items()}
-        # mixing weights meet TP-sharded activations: their gradient is partial on each rank
-        weight_mix_P = tensor_parallel.copy_to_tensor_model_parallel_region(weight_P)
-
-        mix_TF = gate_TF.new_zeros(gate_TF.shape)
-        acts = []
-        for j, (e, p) in enumerate(groups):
-            tok = token_P[p]
-            g, u = gate_TF[tok], up_TF[tok]
+        B = {t: self._stacked_B(t) for t in self.targets}
+        # mixing weights meet TP-sharded activations (and the down path's pre-reduce partial sums):
+        # their gradient is partial on each rank, summed by the copy region's backward
+        weight_mix_TK = tensor_parallel.copy_to_tensor_model_parallel_region(topk_weight_TK.to(x_TH.dtype))
+        mix_TF, down_low = 0, 0
+        for k in range(K):
+            onehot_TEr = F.one_hot(topk_idx_TK[:, k], E).to(x_TH.dtype).repeat_interleave(r, dim=1)
+            g, u = gate_TF, up_TF
             if "gate_proj" in low:
-                g = g + self.scale * low["gate_proj"][j] @ self.gate_proj_B[e].t()
+                g = g + self.scale * (low["gate_proj"] * onehot_TEr) @ B["gate_proj"]
             if "up_proj" in low:
-                u = u + self.scale * low["up_proj"][j] @ self.up_proj_B[e].t()
-            a = F.silu(g) * u
-            mix_TF = mix_TF.index_add(0, tok, weight_mix_P[p, None] * a)
-            acts.append(a)
+                u = u + self.scale * (low["up_proj"] * onehot_TEr) @ B["up_proj"]
+            a_TF = F.silu(g) * u
+            mix_TF = mix_TF + weight_mix_TK[:, k, None] * a_TF
+            if "down_proj" in self.targets:
+                partial = self.dropout(a_TF) @ self._stacked_A("down_proj").t()
+                down_low = down_low + (weight_mix_TK[:, k, None] * onehot_TEr) * partial
         y_TH, _ = mlp.linear_fc2(mix_TF.unsqueeze(1))
         y_TH = y_TH.squeeze(1)
         if "down_proj" in self.targets:
-            partial = torch.cat([self._low_rank(a, "down_proj", e) for a, (e, _) in zip(acts, groups)])
-            v = tensor_parallel.reduce_from_tensor_model_parallel_region(partial).split([len(p) for _, p in groups])
-            for j, (e, p) in enumerate(groups):
-                delta = self.scale * v[j] @ self.down_proj_B[e].t()
-                y_TH = y_TH.index_add(0, token_P[p], weight_P[p, None] * delta)
+            down_low = tensor_parallel.reduce_from_tensor_model_parallel_region(down_low)
+            y_TH = y_TH + self.scale * down_low @ B["down_proj"]
         return y_TH
 
 

@@ -14,7 +14,8 @@ def gather_mocae_tensors(model, moe_cfg, arch, dims, include) -> dict[str, torch
 
     from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
 
-    named = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if include(n)]
+    named = [(n, t) for n, t in model.state_dict(keep_vars=True).items()
+             if include(n) and not n.endswith("_extra_state")]
     params = [t for _, t in named if isinstance(t, torch.nn.Parameter)]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         mine = {n: t.detach().clone() for n, t in named}

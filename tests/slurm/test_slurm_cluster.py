@@ -1,0 +1,106 @@
+"""The real templates on a real two-node Slurm cluster (tools/slurm_lab): the expert array and
+the dependent multi-node router job complete where the scripts say; a router job sent USR1
+mid-training checkpoints, requeues itself and ends with the weights of an uninterrupted run; an
+impossible job is refused at submission with a clear message."""
+import re
+import shutil
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.train_setup import write_config
+
+pytestmark = pytest.mark.slurm
+
+# Long enough for a signal to land mid-run on any machine; checkpoints every 5 steps.
+TRAIN = {"train.stage1": {"steps": 3}, "train.stage2": {"steps": 60, "grad_accum": 2},
+         "train.checkpoint_every": 5}
+SLURM = {"nodes": 2, "cpus_per_task": 1, "time": "00:10:00", "signal_seconds": 60}
+
+
+def _job_ids(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+): job (\d+)", stdout, re.M))
+
+
+def _slurm_yaml(root, **extra):
+    path = root / "slurm.yaml"
+    path.write_text(yaml.safe_dump({**SLURM, **extra}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from trinityx_ds.model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("slurm_model") / "model")
+
+
+def test_too_many_nodes_is_refused_at_submit(slurm_lab, tmp_path, model_dir):
+    cfg = write_config(tmp_path, model_dir, **TRAIN)
+    proc = slurm_lab.submit("--config", str(cfg), "--slurm", str(_slurm_yaml(tmp_path, nodes=3)),
+                            "--jobs", "experts,router", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "router job (router.sbatch) refused by sbatch" in err, err
+    assert "Node count specification invalid" in err, err
+    held = re.search(r"cancelled the jobs already submitted \(experts (\d+)\)", err)
+    assert held, err  # the held expert array never ran: nothing of a half-submitted chain is left
+    assert {j["JobState"] for j in slurm_lab.jobs(held.group(1))} == {"CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(slurm_lab, tmp_path_factory, model_dir):
+    """Experts (array of 3) then the router on both nodes (torchrun launcher), as submitted."""
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = write_config(root, model_dir, **TRAIN)
+    proc = slurm_lab.submit("--config", str(cfg), "--slurm", str(_slurm_yaml(root)), "--jobs", "experts,router",
+                            cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = _job_ids(proc.stdout)
+    logs = root / "out" / "slurm" / "logs"
+    router = slurm_lab.wait(ids["router"], timeout=300, logs=logs)
+    return {"root": root, "ids": ids, "logs": logs, "stdout": proc.stdout, "router": router,
+            "experts": slurm_lab.jobs(ids["experts"])}
+
+
+def test_expert_array_then_router_across_both_nodes(pipeline):
+    ids, logs, out = pipeline["ids"], pipeline["logs"], pipeline["root"] / "out"
+    assert f"router: job {ids['router']} (afterok {ids['experts']})" in pipeline["stdout"]
+    assert [j["JobState"] for j in pipeline["experts"]] == ["COMPLETED"] * 3
+    assert pipeline["router"][0]["JobState"] == "COMPLETED"
+    for name in ("help", "harm", "honest"):
+        assert (out / "stage1" / name / "expert.safetensors").is_file(), name
+    assert (out / "stage2" / "router.safetensors").is_file()
+    for task in range(3):  # one log per array task, where submit said
+        assert "finished:" in (logs / f"test-experts-{ids['experts']}_{task}.out").read_text()
+    router_log = (logs / f"test-router-{ids['router']}.out").read_text()
+    hosts = dict(re.findall(r"^task (\d+)/2 on (\S+)$", router_log, re.M))
+    assert hosts == {"0": "node1", "1": "node2"}, router_log  # one torchrun agent per node
+
+
+def test_preempted_router_requeues_and_matches_uninterrupted(slurm_lab, pipeline, tmp_path, model_dir):
+    cfg = write_config(tmp_path, model_dir, **TRAIN)  # the same run, its own output folder
+    shutil.copytree(pipeline["root"] / "out" / "stage1", tmp_path / "out" / "stage1")
+    proc = slurm_lab.submit("--config", str(cfg), "--slurm", str(_slurm_yaml(tmp_path)), "--jobs", "router",
+                            "--launcher", "srun", cwd=tmp_path)  # one task per rank (env://) this time
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job, logs = _job_ids(proc.stdout)["router"], tmp_path / "out" / "slurm" / "logs"
+    metrics = tmp_path / "out" / "stage2" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and metrics.read_text().strip()):  # training has started
+        assert time.time() < deadline, f"router job {job} never started training"
+        time.sleep(0.1)
+    slurm_lab.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N sends: every process of the steps
+    final = slurm_lab.wait(job, timeout=240, logs=logs)
+    log = (logs / f"test-router-{job}.out").read_text()
+    assert final[0]["JobState"] == "COMPLETED" and final[0]["Restarts"] == "1", (final, log)
+    assert re.search(r"preempted at step0000\d{4}: requeueing job", log), log
+    assert "resumed from" in log and "restart 1" in log, log
+    done = load_file(pipeline["root"] / "out" / "stage2" / "router.safetensors")
+    resumed = load_file(tmp_path / "out" / "stage2" / "router.safetensors")
+    assert done.keys() == resumed.keys() and done
+    for name in done:
+        assert torch.equal(done[name], resumed[name]), name

@@ -1,0 +1,66 @@
+"""Rendering the sbatch templates (no cluster needed): resources, both launch modes, CPU
+fallback, commented-out empty settings, valid bash, and early refusal of bad settings."""
+import subprocess
+
+import pytest
+
+from tests.train_setup import write_config
+from trinityx_ds.launch.slurm import JOBS, load_slurm_config, render, render_text
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("render"))
+
+
+def test_empty_settings_are_commented_out_and_lines_dropped():
+    text = "#SBATCH --partition={{P}}\n#SBATCH --nodes={{N}}\n{{EXTRA}}\nX={{Q|q}}\n"
+    assert render_text(text, {"P": "", "N": "2", "EXTRA": "", "Q": "a b"}) == \
+        "##SBATCH --partition=\n#SBATCH --nodes=2\nX='a b'\n"
+    with pytest.raises(KeyError, match="N"):
+        render_text("{{N}}", {})
+
+
+def test_gpu_cluster_render(run_config, tmp_path):
+    slurm = load_slurm_config(None, nodes=4, gpus_per_node=8, cpus_per_task=64, partition="gpu", account="proj",
+                              time="2-00:00:00", container_image="nvcr.io#nvidia/pytorch:24.05-py3",
+                              sbatch_args=["--exclusive"], env={"NCCL_DEBUG": "WARN"})
+    out = render(run_config, slurm, tmp_path / "r")
+    assert set(out.scripts) == set(JOBS)
+    router = out.scripts["router"].read_text()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gres=gpu:8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=2-00:00:00",
+                 "#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --exclusive", "##SBATCH --qos="):
+        assert line + "\n" in router, line
+    experts = out.scripts["experts"].read_text()
+    assert "#SBATCH --array=0-2\n" in experts and "%x-%A_%a.out" in experts and "EXPERTS=(help harm honest)" in experts
+    launch = (out.dir / "launch.sh").read_text()
+    assert "PROCS_PER_NODE=8" in launch and "export NCCL_DEBUG=WARN" in launch
+    assert "CONTAINER_IMAGE='nvcr.io#nvidia/pytorch:24.05-py3'" in launch
+    assert "#SBATCH --gres=gpu:1\n" in out.scripts["eval"].read_text()
+    for path in [out.dir / "launch.sh", out.dir / "submit.sh", *out.scripts.values()]:
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
+        assert "{{" not in path.read_text(), path
+
+
+def test_cpu_render_with_srun_launcher(run_config, tmp_path):
+    slurm = load_slurm_config(None, nodes=2, procs_per_node=2, launcher="srun", python="/opt/venv/bin/python")
+    out = render(run_config, slurm, tmp_path / "r")
+    router = out.scripts["router"].read_text()
+    assert "#SBATCH --ntasks-per-node=2\n" in router and "##SBATCH --gres=gpu:\n" in router
+    launch = (out.dir / "launch.sh").read_text()
+    assert "PY=/opt/venv/bin/python" in launch and "LAUNCHER=srun" in launch
+    assert "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=''" in launch  # CPU nodes: DeepSpeed's CPU accelerator, gloo
+
+
+def test_bad_settings_fail_before_anything_is_written(run_config, tmp_path):
+    path = tmp_path / "slurm.yaml"
+    path.write_text("nodes: 2\ngpus: 8\n")
+    with pytest.raises(ValueError, match="unknown Slurm setting.*gpus"):
+        load_slurm_config(str(path))
+    with pytest.raises(ValueError, match="slurm.nodes"):
+        load_slurm_config(None, nodes=0)
+    tp4 = write_config(tmp_path / "tp4", run_config.parent / "model", **{"parallel.tp": 4})
+    with pytest.raises(ValueError, match="does not divide world size"):  # 1 process per expert task
+        render(tp4, load_slurm_config(None, nodes=2), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,187 @@
+"""`trinityx eval`: evaluate one variant of a run on the HHH suites; `trinityx eval compare`: tabulate.
+
+With `--nproc N` it becomes N local torchrun processes (this module is their entry point, fed the
+parsed options as JSON); under torchrun/srun/deepspeed it runs in place, one rank per process.
+Items are spread over the data-parallel ranks, TP comes from the run config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from trinityx_ds.eval.suites import SUITES
+
+
+def add_eval_arguments(subparsers) -> argparse.ArgumentParser:
+    """Adds `eval` (and its `compare` subcommand) to the CLI's subparsers; both call `cmd_eval`."""
+    ev = subparsers.add_parser("eval", help="evaluate a run's variants on the HHH suites; `eval compare` tabulates",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--checkpoint", help="run output folder (stage1/, stage2/) or a plain HF / imported model folder")
+    ev.add_argument("--variant", default="trinityx",
+                    help="backbone | expert:<name> | uniform | h3fusion | trinityx [trinityx; backbone for a plain model]")
+    ev.add_argument("--suite", default="truthfulqa_mc,hh_preference,routing",
+                    help=f"comma-separated among {', '.join(SUITES)} [truthfulqa_mc,hh_preference,routing]")
+    ev.add_argument("--out", help="report folder [RUN/eval/<variant>; runs/eval/<model>-<variant> for a plain model]")
+    ev.add_argument("--config", help="run config to use [the one saved with the run's latest checkpoint]")
+    ev.add_argument("--truthfulqa", help="TruthfulQA CSV/JSONL (or hub:truthfulqa/truthful_qa) for truthfulqa_mc")
+    ev.add_argument("--hh", action="append", default=[], metavar="[NAME=]PATH",
+                    help="HH-RLHF file for hh_preference, repeatable; NAME defaults to harmless/helpful from the path")
+    ev.add_argument("--prompts", action="append", default=[], metavar="FORMAT=PATH",
+                    help="prompts for generate (alpaca, beavertails, truthfulqa, hh_rlhf, chat_jsonl), repeatable")
+    ev.add_argument("--judge", help="judge config for generate (JSON/YAML, see eval/judge.make_judge)")
+    ev.add_argument("--limit", type=int, help="at most N items per data file (per task for routing)")
+    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
+    ev.add_argument("--max-seq-len", type=int, help="tokens per sequence [the run's data.max_seq_len]")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="generate: new tokens per prompt [64]")
+    ev.add_argument("--temperature", type=float, default=0.0, help="generate: sampling temperature, 0 = greedy [0]")
+    ev.add_argument("--seed", type=int, default=0, help="generate: sampling seed [0]")
+    ev.add_argument("--calib-fraction", type=float, default=0.5,
+                    help="routing: share of held-out examples T is fitted on; metrics on the rest [0.5]")
+    ev.add_argument("--write-temperature", nargs="?", const="global", choices=("global", "per_layer"),
+                    help="routing, trinityx: write the fitted T into stage2/router.safetensors (backup kept)")
+    ev.add_argument("--tp", type=int, help="tensor-parallel size [the run's parallel.tp; 1 for a plain model]")
+    ev.add_argument("--nproc", type=int, default=0, help="launch N local processes")
+    ev.set_defaults(fn=cmd_eval, eval_command=None)
+    sub = ev.add_subparsers(dest="eval_command")
+    cmp = sub.add_parser("compare", help="tabulate evaluation folders side by side (Markdown + JSON)")
+    cmp.add_argument("folders", nargs="+", help="folders written by `trinityx eval`")
+    cmp.add_argument("--out", help="also write OUT.md and OUT.json")
+    return ev
+
+
+def _named(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare path is named harmless/helpful when its file name says so."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        return name, path
+    stem = Path(spec).name.lower()
+    return next((k for k in ("harmless", "helpful") if k in stem), Path(spec).name.split(".")[0]), spec
+
+
+def _check(args) -> list[str]:
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"--suite: {', '.join(unknown)} — one of {', '.join(SUITES)}")
+    if not args.checkpoint:
+        raise ValueError("--checkpoint: required (a run output folder or a model folder)")
+    needs = {"truthfulqa_mc": args.truthfulqa, "hh_preference": args.hh, "generate": args.prompts}
+    missing = {"truthfulqa_mc": "--truthfulqa", "hh_preference": "--hh", "generate": "--prompts"}
+    for s in suites:
+        if s in needs and not needs[s]:
+            raise ValueError(f"--suite {s}: needs {missing[s]}")
+    if args.write_temperature and (args.variant != "trinityx" or "routing" not in suites):
+        raise ValueError("--write-temperature: only with --variant trinityx and the routing suite")
+    return suites
+
+
+def default_out(args) -> Path:
+    from trinityx_ds.eval.variants import is_run_dir
+
+    name = args.variant.replace(":", "-")
+    if is_run_dir(args.checkpoint):
+        return Path(args.checkpoint) / "eval" / name
+    return Path("runs") / "eval" / f"{Path(args.checkpoint).name}-{name}"
+
+
+def run_eval(args) -> dict:
+    """The evaluation on this rank (every rank of the job calls it); rank 0 writes the report."""
+    import torch.distributed as dist
+
+    from trinityx_ds.eval import suites as S
+    from trinityx_ds.eval.lm import load_lm
+    from trinityx_ds.eval.report import write_report
+    from trinityx_ds.parallel.groups import destroy_parallel
+
+    t0, names = time.time(), _check(args)
+    out = Path(args.out) if args.out else default_out(args)
+    try:
+        lm = load_lm(args.checkpoint, args.variant, config=args.config, tp=args.tp, max_len=args.max_seq_len,
+                     batch_size=args.batch_size)
+        judge = None
+        if args.judge:
+            import yaml
+
+            judge = yaml.safe_load(Path(args.judge).read_text())
+        run = {"truthfulqa_mc": lambda: S.truthfulqa_mc(lm, args.truthfulqa, args.limit),
+               "hh_preference": lambda: S.hh_preference(lm, [_named(h) for h in args.hh], args.limit),
+               "routing": lambda: S.routing(lm, out, args.limit, args.calib_fraction),
+               "generate": lambda: S.generate(lm, [tuple(p.split("=", 1)) for p in args.prompts], judge, args.limit,
+                                              args.max_new_tokens, args.temperature, args.seed)}
+        summaries, details = {}, {}
+        for name in names:
+            summaries[name], details[name] = run[name]()
+        report = {"variant": args.variant, "checkpoint": str(args.checkpoint), "world_size": lm.dims.world_size,
+                  "tp": lm.dims.tp, "dp": lm.dims.dp, "limit": args.limit, "suites": summaries}
+        if S.is_main():
+            if args.write_temperature and "temperature" in summaries.get("routing", {}):
+                summaries["routing"]["written"] = _write_back(lm, summaries["routing"], args.write_temperature)
+            report["seconds"] = time.time() - t0
+            write_report(out, report, details)
+            print(f"report: {out / 'report.md'}")
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        destroy_parallel()  # gloo aborts at exit when a group is left open
+    return report
+
+
+def _write_back(lm, routing: dict, mode: str) -> dict:
+    from trinityx_ds.calibration.fit import write_temperatures
+    from trinityx_ds.train.stages import stage_dir
+
+    t = routing["temperature"]
+    temps = dict(zip(routing["layers"], t["per_layer"] if mode == "per_layer" else [t["global"]] * len(t["per_layer"])))
+    router = stage_dir(lm.cfg, 2) / "router.safetensors"
+    backup = write_temperatures(router, temps)
+    return {"file": str(router), "backup": str(backup), "mode": mode, "temperatures": temps}
+
+
+def cmd_eval(args) -> int:
+    if args.eval_command == "compare":
+        from trinityx_ds.eval.report import compare, compare_markdown
+
+        columns, rows = compare(args.folders)
+        text = compare_markdown(columns, rows)
+        print(text, end="")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out + ".md").write_text(text)
+            Path(args.out + ".json").write_text(json.dumps(rows, indent=2))
+        return 0
+    _check(args)
+    if args.nproc:
+        import torch
+
+        from trinityx_ds.launch.local import cpu_env, launch_torchrun
+
+        opts = {k: v for k, v in vars(args).items() if k not in ("fn", "nproc")}
+        env = None if torch.cuda.is_available() else cpu_env()
+        proc = launch_torchrun(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc,
+                               timeout=7 * 24 * 3600, env=env, capture=False)
+        return proc.returncode
+    run_eval(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trinityx_ds.eval.runner [eval options]` (what torchrun starts), or `--args-json`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--args-json"]:
+        args = argparse.Namespace(**json.loads(argv[1]), fn=cmd_eval, nproc=0)
+    else:
+        parser = argparse.ArgumentParser(prog="trinityx")
+        add_eval_arguments(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(["eval", *argv])
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"trinityx eval: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The model variants an evaluation compares, as MoCaE configs and router tensors over one run.
+
+- backbone: the frozen backbone alone (no MoCaE block); the only variant of a plain HF folder.
+- expert:<name>: one stage-1 expert, exactly as stage 1 trained it (a one-expert block, every
+  token forced to it): the expert's own effect, no router.
+- uniform: every expert, dense (top-k = all) with equal weights: router weights zero, no priors.
+- h3fusion: the trained router's gating as H3Fusion-style fusion uses it: top-2, T = 1, no
+  priors, uncalibrated.
+- trinityx: the trained router as configured, with the T in its file (fitted, once `trinityx eval
+  --suite routing --write-temperature` has run).
+Overrides are HF-named tensors placed first in the ChainSource, so they win over the router file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("backbone", "expert:<name>", "uniform", "h3fusion", "trinityx")
+
+
+def variant_config(moe, variant: str):
+    """The MoCaEConfig that builds `variant` from the run's config `moe` (None: backbone)."""
+    kind, _, name = variant.partition(":")
+    if variant == "backbone":
+        return None
+    if moe is None:
+        raise ValueError(f"--variant {variant}: a plain model has no experts; use --variant backbone")
+    if kind == "expert":
+        if name not in moe.expert_names:
+            raise ValueError(f"--variant {variant}: no expert {name!r}; the run has {', '.join(moe.expert_names)}")
+        return dataclasses.replace(moe, expert_names=[name], top_k=1)
+    if variant == "uniform":
+        return dataclasses.replace(moe, top_k=moe.num_experts, temperature=1.0, temperature_mode="fixed",
+                                   importance=None)
+    if variant == "h3fusion":
+        return dataclasses.replace(moe, top_k=2, temperature=1.0, temperature_mode="fixed", importance=None)
+    if variant == "trinityx":
+        return moe
+    raise ValueError(f"--variant {variant!r}: one of {', '.join(VARIANTS)}")
+
+
+def router_overrides(moe, variant: str, num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
+    """Router tensors that replace the trained ones for `variant` (HF names, see mocae_adapter)."""
+    if variant not in ("uniform", "h3fusion"):
+        return {}
+    out = {}
+    for layer in moe.layer_ids(num_layers):
+        pre = f"model.layers.{layer}.mlp.router."
+        out[pre + "log_temperature"] = torch.zeros(1)
+        out[pre + "log_importance"] = torch.zeros(moe.num_experts)
+        if variant == "uniform":
+            out[pre + "weight"] = torch.zeros(moe.num_experts, hidden)
+    return out
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "stage1").is_dir() or (Path(path) / "stage2").is_dir()
+
+
+def run_config_file(run_dir: str | Path) -> Path:
+    """The config a run last trained with: stage 2's latest checkpoint, else stage 1's, else
+    `<run>/config.yaml` (where `trinityx demo` writes it)."""
+    from trinityx_ds.train.checkpoint import latest_tag
+
+    run_dir = Path(run_dir)
+    ckpt_dirs = [run_dir / "stage2" / "checkpoints"] + sorted((run_dir / "stage1").glob("*/checkpoints"))
+    for ckpt in ckpt_dirs:
+        tag = latest_tag(ckpt)
+        if tag is not None and (ckpt / tag / "config.yaml").is_file():
+            return ckpt / tag / "config.yaml"
+    if (run_dir / "config.yaml").is_file():
+        return run_dir / "config.yaml"
+    raise FileNotFoundError(f"{run_dir}: no run config found (no stage checkpoint with config.yaml, no config.yaml); "
+                            "pass --config")

@@ -1,0 +1,289 @@
+"""Slurm: render the sbatch templates of `slurm/` for one run config, and submit the whole
+pipeline (expert array -> router -> export, eval) as one chain of `afterok` dependencies.
+
+Cluster settings live in `SlurmConfig`, read from a file of their own (`--slurm FILE`) and CLI
+flags, not from the run config: the same run is launched on different clusters, and the run
+config's loader rejects keys it does not know.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+JOBS = ("experts", "router", "export", "eval")  # pipeline order; each depends on the one it needs
+NEEDS = {"router": "experts", "export": "router", "eval": "router"}
+_VAR = re.compile(r"\{\{(\w+)(\|q)?\}\}")
+
+
+@dataclass
+class SlurmConfig:
+    """Where and how the jobs run. `nodes` is the router job's size (the only multi-node job by
+    default); each expert array task gets `expert_nodes`."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"
+    nodes: int = 1
+    expert_nodes: int = 1
+    gpus_per_node: int = 0
+    procs_per_node: int | None = None  # default: gpus_per_node, or 1 on CPU nodes
+    cpus_per_task: int = 8  # torchrun launcher: one task holds all processes of its node
+    launcher: Literal["torchrun", "srun"] = "torchrun"
+    python: str = sys.executable
+    port: int | None = None  # rendezvous port; default derived from the job id
+    signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint, then requeue
+    log_dir: str | None = None  # default <output.dir>/slurm/logs
+    container_image: str | None = None  # enroot/pyxis image for srun --container-image
+    container_mounts: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # exported in every job
+    sbatch_args: list[str] = field(default_factory=list)  # extra options, one #SBATCH line each
+    export_dir: str | None = None  # default <output.dir>/hf
+    eval_suite: str = "hhh"
+    eval_dir: str | None = None  # default <output.dir>/eval
+
+    @property
+    def procs(self) -> int:
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("nodes", "expert_nodes", "cpus_per_task", "signal_seconds"):
+            if getattr(self, name) < 1:
+                out.append(f"slurm.{name}: {getattr(self, name)!r} — an int >= 1")
+        if self.gpus_per_node < 0:
+            out.append(f"slurm.gpus_per_node: {self.gpus_per_node!r} — an int >= 0")
+        if self.procs_per_node is not None and self.procs_per_node < 1:
+            out.append(f"slurm.procs_per_node: {self.procs_per_node!r} — an int >= 1 or null")
+        if self.launcher not in ("torchrun", "srun"):
+            out.append(f"slurm.launcher: {self.launcher!r} — torchrun or srun")
+        if not re.fullmatch(r"[\d:-]+|UNLIMITED|INFINITE", self.time):
+            out.append(f"slurm.time: {self.time!r} — a Slurm time such as 24:00:00 or 2-00:00:00")
+        return out
+
+
+def load_slurm_config(path: str | None = None, **overrides) -> SlurmConfig:
+    """SlurmConfig from a YAML file (optional), then non-None `overrides` (CLI flags)."""
+    import yaml
+
+    data = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        data = data.get("slurm", data) if isinstance(data, dict) else data  # `slurm:` section optional
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of Slurm settings")
+    known = {f.name for f in dataclasses.fields(SlurmConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown Slurm setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = SlurmConfig(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- render
+def render_text(text: str, values: dict[str, str]) -> str:
+    """Fills {{NAME}} (raw) and {{NAME|q}} (shell-quoted). An `#SBATCH` line with an empty value
+    becomes `##SBATCH` (sbatch ignores it); a line that is one empty placeholder disappears."""
+    out = []
+    for line in text.splitlines():
+        names = [m.group(1) for m in _VAR.finditer(line)]
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise KeyError(f"template variable(s) {', '.join(missing)} not set")
+        if _VAR.fullmatch(line.strip() or "-") and not values[names[0]]:
+            continue
+        if line.startswith("#SBATCH") and any(values[n] == "" for n in names):
+            line = "#" + line
+        out.append(_VAR.sub(lambda m: shlex.quote(values[m.group(1)]) if m.group(2) else values[m.group(1)], line))
+    return "\n".join(out) + "\n"
+
+
+def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log_dir: Path) -> dict[str, str]:
+    from trinityx_ds.launch.local import _CPU_ENV
+
+    run_dir = Path(run_cfg.output.dir).resolve()
+    gpus = str(slurm.gpus_per_node) if slurm.gpus_per_node else ""
+    return {
+        "NAME": run_cfg.name, "CONFIG": str(run_config), "WORKDIR": os.getcwd(), "RUN_DIR": str(run_dir),
+        "RENDER_DIR": str(render_dir), "LOG_DIR": str(log_dir), "PYTHON": slurm.python,
+        "LAUNCHER": slurm.launcher, "PROCS_PER_NODE": str(slurm.procs),
+        "TASKS_PER_NODE": "1" if slurm.launcher == "torchrun" else str(slurm.procs),
+        "NODES": str(slurm.nodes), "EXPERT_NODES": str(slurm.expert_nodes), "CPUS_PER_TASK": str(slurm.cpus_per_task),
+        "GPUS_PER_NODE": gpus, "GPUS_PER_NODE_OR_0": gpus or "0", "EVAL_GPUS": "1" if gpus else "",
+        "PARTITION": slurm.partition or "", "ACCOUNT": slurm.account or "", "QOS": slurm.qos or "",
+        "TIME": slurm.time, "SIGNAL_SECONDS": str(slurm.signal_seconds),
+        "PORT_OR_AUTO": str(slurm.port) if slurm.port else "$((20000 + SLURM_JOB_ID % 40000))",
+        "CONTAINER_IMAGE": slurm.container_image or "", "CONTAINER_MOUNTS": slurm.container_mounts or "",
+        "ENV_EXPORTS": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in slurm.env.items()),
+        "CPU_ENV": " ".join(f"{k}={shlex.quote(v)}" for k, v in _CPU_ENV.items()),
+        "EXTRA_SBATCH": "\n".join(f"#SBATCH {a}" for a in slurm.sbatch_args),
+        "EXPERTS": " ".join(run_cfg.experts.names), "LAST_EXPERT": str(len(run_cfg.experts.names) - 1),
+        "EXPORT_DIR": str(Path(slurm.export_dir or run_dir / "hf").resolve()),
+        "EVAL_SUITE": slurm.eval_suite, "EVAL_DIR": str(Path(slurm.eval_dir or run_dir / "eval").resolve()),
+    }
+
+
+@dataclass
+class Rendered:
+    dir: Path
+    scripts: dict[str, Path]  # job -> .sbatch
+    log_dir: Path
+    name: str  # the run's name: jobs are <name>-<job>
+
+    def log_pattern(self, job: str, job_id: str) -> str:
+        return str(self.log_dir / f"{self.name}-{job}-{job_id}{'_<task>' if job == 'experts' else ''}.out")
+
+
+def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | None = None,
+           templates: Path = TEMPLATES) -> Rendered:
+    """Writes launch.sh, one .sbatch per job and submit.sh into `out_dir` (default
+    <output.dir>/slurm). Checks the run config against each job's world
+    size first, so a layout that cannot tile the job fails here, not on the cluster."""
+    from trinityx_ds.config import load_config
+
+    run_config = Path(run_config).resolve()
+    load_config(str(run_config), world_size=slurm.expert_nodes * slurm.procs)
+    run_cfg = load_config(str(run_config), world_size=slurm.nodes * slurm.procs)
+    render_dir = Path(out_dir or Path(run_cfg.output.dir) / "slurm").resolve()
+    log_dir = Path(slurm.log_dir or render_dir / "logs").resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not make the folders of --output
+    values = _values(run_cfg, run_config, slurm, render_dir, log_dir)
+    scripts = {}
+    for name in ("launch.sh", *(f"{job}.sbatch" for job in JOBS)):
+        path = render_dir / name
+        path.write_text(render_text((templates / name).read_text(), values))
+        path.chmod(0o755 if name.endswith(".sbatch") else 0o644)
+        if name.endswith(".sbatch"):
+            scripts[name.removesuffix(".sbatch")] = path
+    submit_sh = render_dir / "submit.sh"
+    submit_sh.write_text(_submit_script())
+    submit_sh.chmod(0o755)
+    return Rendered(render_dir, scripts, log_dir, run_cfg.name)
+
+
+def _submit_script() -> str:
+    """submit.sh: the same chain as `trinityx slurm submit`, for submitting the rendered files by hand."""
+    lines = ["#!/usr/bin/env bash", "# Submits the rendered pipeline by hand (what `trinityx slurm submit` does).",
+             "set -euo pipefail", 'cd "$(dirname "$0")"']
+    for job in JOBS:
+        dep = f'--kill-on-invalid-dep=yes --dependency=afterok:"${NEEDS[job]}_id" ' if job in NEEDS else ""
+        lines.append(f"{job}_id=$(sbatch --parsable {dep}{job}.sbatch | cut -d';' -f1)")
+        lines.append(f'echo "{job}: job ${job}_id"')
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- submit
+class SubmitError(RuntimeError):
+    """sbatch refused a job: one line naming the job and sbatch's reason."""
+
+
+def _sbatch(args: list[str], job: str, script: Path) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = " ".join(line.removeprefix("sbatch: error: ").strip()
+                          for line in (proc.stderr or proc.stdout).splitlines() if line.strip())
+        raise SubmitError(f"{job} job ({script.name}) refused by sbatch: {reason or f'exit {proc.returncode}'}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def submit(scripts: dict[str, Path], jobs: tuple[str, ...] = JOBS) -> dict[str, str]:
+    """Submits `jobs` (pipeline order) with afterok dependencies; returns {job: job id}.
+
+    The first job is submitted held and released last, so a refusal part-way leaves nothing
+    running: the jobs already accepted are cancelled and SubmitError says why.
+    """
+    ids: dict[str, str] = {}
+    try:
+        for job in (j for j in JOBS if j in jobs):
+            args = ["--hold"] if not ids else []
+            if NEEDS.get(job) in ids:
+                args += ["--kill-on-invalid-dep=yes", f"--dependency=afterok:{ids[NEEDS[job]]}"]
+            ids[job] = _sbatch(args, job, scripts[job])
+    except BaseException as e:
+        if ids:
+            subprocess.run(["scancel", *ids.values()], capture_output=True)
+            if isinstance(e, SubmitError):
+                done = ", ".join(f"{job} {jid}" for job, jid in ids.items())
+                raise SubmitError(f"{e}; cancelled the jobs already submitted ({done})") from None
+        raise
+    if ids:
+        subprocess.run(["scontrol", "release", next(iter(ids.values()))], check=True, capture_output=True)
+    return ids
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_slurm_arguments(subparsers) -> argparse.ArgumentParser:
+    """`trinityx slurm render|submit`: wire with `add_slurm_arguments(sub)` in the CLI."""
+    p = subparsers.add_parser("slurm", help="render sbatch scripts for a run, or submit the whole pipeline")
+    sub = p.add_subparsers(dest="slurm_command", required=True)
+    for name, text in (("render", "write the sbatch scripts (and submit.sh) into a folder"),
+                       ("submit", "render, then submit experts -> router -> export, eval with afterok")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--config", required=True, help="the run config (YAML)")
+        s.add_argument("--slurm", default=None, help="Slurm settings (YAML; see slurm/README.md); flags override")
+        s.add_argument("--out", default=None, help="folder for the scripts [<output.dir>/slurm]")
+        for flag, kind in (("partition", str), ("account", str), ("qos", str), ("time", str), ("nodes", int),
+                           ("expert-nodes", int), ("gpus-per-node", int), ("procs-per-node", int),
+                           ("cpus-per-task", int), ("python", str), ("log-dir", str), ("signal-seconds", int),
+                           ("container-image", str)):
+            s.add_argument(f"--{flag}", type=kind, default=None)
+        s.add_argument("--launcher", choices=["torchrun", "srun"], default=None,
+                       help="torchrun: one task per node (c10d rendezvous); srun: one task per process (env://)")
+        if name == "submit":
+            s.add_argument("--jobs", default=",".join(JOBS),
+                           help=f"comma-separated subset of {','.join(JOBS)} [all]")
+        s.set_defaults(fn=cmd_slurm)
+    return p
+
+
+def cmd_slurm(args) -> int:
+    flags = ("partition", "account", "qos", "time", "nodes", "expert_nodes", "gpus_per_node", "procs_per_node",
+             "cpus_per_task", "python", "log_dir", "signal_seconds", "container_image", "launcher")
+    slurm = load_slurm_config(args.slurm, **{k: getattr(args, k) for k in flags})
+    out = render(args.config, slurm, args.out)
+    if args.slurm_command == "render":
+        print(f"rendered {', '.join(p.name for p in out.scripts.values())} into {out.dir} "
+              f"(submit.sh submits them; logs go to {out.log_dir})")
+        return 0
+    jobs = tuple(j.strip() for j in args.jobs.split(",") if j.strip())
+    bad = [j for j in jobs if j not in JOBS]
+    if bad or not jobs:
+        raise ValueError(f"--jobs: {args.jobs!r} — a comma-separated subset of {','.join(JOBS)}")
+    try:
+        ids = submit(out.scripts, jobs)
+    except SubmitError as e:
+        print(f"trinityx slurm submit: {e}", file=sys.stderr)
+        return 1
+    for job, jid in ids.items():
+        after = f" (afterok {ids[NEEDS[job]]})" if NEEDS.get(job) in ids else ""
+        print(f"{job}: job {jid}{after}; log {out.log_pattern(job, jid)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trinityx_ds.launch.slurm render|submit ...` (the same as `trinityx slurm`)."""
+    parser = argparse.ArgumentParser(prog="trinityx")
+    add_slurm_arguments(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["slurm", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"trinityx slurm: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
