@@ -16,7 +16,7 @@ done
 
 nodes_ready() {  # both nodes answer and are usable (idle, or busy with jobs)
   local states
-  states=$("$LAB/bin/sinfo" -h -N -o '%N %t' 2>/dev/null | sort -u) || return 1
+  states=$(timeout 5 "$LAB/bin/sinfo" -h -N -o '%N %t' 2>/dev/null | sort -u) || return 1
   [ "$(grep -cE '^node[12] (idle|mix|alloc|comp)$' <<<"$states")" = 2 ]
 }
 
