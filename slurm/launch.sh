@@ -29,12 +29,13 @@ fi
 # export TORCH_NCCL_BLOCKING_WAIT=0
 # export TORCH_EXTENSIONS_DIR=/shared/cache/torch_extensions   # DeepSpeed ops built once, shared
 # export HF_HOME=/shared/cache/hf
-{{ENV_EXPORTS}}
 
 # --- no GPU asked for, or none on this node: DeepSpeed's CPU accelerator and gloo
 if [ "$GPUS_PER_NODE" = 0 ] || ! nvidia-smi -L >/dev/null 2>&1; then
   export {{CPU_ENV}}
 fi
+# --- the Slurm settings' `env` (after the CPU defaults, so it can override them)
+{{ENV_EXPORTS}}
 
 # --- rendezvous: the first node of the job; a port of the job's own (jobs may share nodes)
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")

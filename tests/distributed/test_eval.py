@@ -79,8 +79,13 @@ def test_models_match_transformers_and_reread_temperature(trained, tmp_path):
     shutil.copytree(trained / "out", run)  # a moved run still finds its experts and router
     write_temperatures(run / "stage2" / "router.safetensors", {0: 1.7, 1: 2.5})
     res = run_dist(WORKERS / "eval_worker.py", 1, "checks", str(run), str(trained / "model"))
-    print(res)
     assert res["ours"] == pytest.approx(res["ref"], abs=1e-4)
     assert res["gen_ours"] == res["gen_ref"] and all(res["gen_ours"])
     assert res["run_backbone"] == pytest.approx(res["ours"], abs=1e-9)
     assert res["temperatures"] == pytest.approx([1.7, 2.5])
+    v = res["variants"]
+    assert v["uniform"]["router"] == [[1.0, 0.0, [0.0] * 3, 3]] * 2  # T, |weight|, log-priors, top-k
+    assert v["h3fusion"]["router"][0][0] == 1.0 and v["h3fusion"]["router"][0][1] > 0 and v["h3fusion"]["router"][0][3] == 2
+    assert v["expert:help"]["router"] == [[0.7, 0.0, [0.0], 1]] * 2  # one expert, its router unused
+    for name, got in v.items():  # the experts are non-zero deltas: every variant moves the scores
+        assert all(math.isfinite(x) for x in got["ll"]) and got["ll"] != pytest.approx(res["ours"], abs=1e-3), name

@@ -17,7 +17,7 @@ def test_empty_settings_are_commented_out_and_lines_dropped():
     text = "#SBATCH --partition={{P}}\n#SBATCH --nodes={{N}}\n{{EXTRA}}\nX={{Q|q}}\n"
     assert render_text(text, {"P": "", "N": "2", "EXTRA": "", "Q": "a b"}) == \
         "##SBATCH --partition=\n#SBATCH --nodes=2\nX='a b'\n"
-    with pytest.raises(KeyError, match="N"):
+    with pytest.raises(ValueError, match="N not set"):
         render_text("{{N}}", {})
 
 

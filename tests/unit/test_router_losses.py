@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from trinityx_ds.config.schema import RouterLossConfig
 from trinityx_ds.model.router import RouterOutput
 from trinityx_ds.model.router_losses import (
-    RouterLossWeights,
     RoutingEMA,
     entropy_loss,
     kl_prev_loss,
@@ -86,7 +86,7 @@ def test_all_masked_batch_gives_zero_without_nan():
     none_T = torch.zeros(4, dtype=torch.bool)
     ema = RoutingEMA(1, 3)
     ema.update(0, torch.tensor([0.2, 0.3, 0.5]))
-    weights = RouterLossWeights(load_balance=0.1, z_loss=0.1)
+    weights = RouterLossConfig(load_balance=0.1, z_loss=0.1)
     terms = router_losses(out, none_T, torch.zeros(4, dtype=torch.long), torch.tensor([1]), weights, ema, 0)
     for name, value in terms.items():
         assert value.item() == 0.0, name
@@ -110,7 +110,7 @@ def test_router_losses_total_first_step_and_logging_terms():
     out = RouterOutput(logits_TE, probs_TE, probs_TE.argmax(-1, keepdim=True), torch.ones(6, 1))
     mask_T = torch.ones(6, dtype=torch.bool)
     example_T, label_N = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 2])
-    ema, weights = RoutingEMA(2, 3, decay=0.5), RouterLossWeights()
+    ema, weights = RoutingEMA(2, 3, decay=0.5), RouterLossConfig()
 
     first = router_losses(out, mask_T, example_T, label_N, weights, ema, layer=1)
     assert first["kl_prev"].item() == 0.0  # no EMA yet
@@ -147,10 +147,3 @@ def test_ema_update_and_state_dict_round_trip():
     assert resumed.updates_L.tolist() == [3, 1]
     prev_E, has_prev = resumed.prev(1)
     assert has_prev.item() and torch.equal(prev_E, torch.tensor([0.2, 0.8]))
-
-
-def test_weights_from_config():
-    from trinityx_ds.config.schema import RouterLossConfig
-
-    weights = RouterLossWeights.from_config(RouterLossConfig(entropy=0.2, z_loss=1e-3))
-    assert weights == RouterLossWeights(entropy=0.2, z_loss=1e-3)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def render_text(text: str, values: dict[str, str]) -> str:
         names = [m.group(1) for m in _VAR.finditer(line)]
         missing = [n for n in names if n not in values]
         if missing:
-            raise KeyError(f"template variable(s) {', '.join(missing)} not set")
+            raise ValueError(f"template variable(s) {', '.join(missing)} not set")
         if _VAR.fullmatch(line.strip() or "-") and not values[names[0]]:
             continue
         if line.startswith("#SBATCH") and any(values[n] == "" for n in names):
@@ -205,6 +206,8 @@ def submit(scripts: dict[str, Path], jobs: tuple[str, ...] = JOBS) -> dict[str, 
     The first job is submitted held and released last, so a refusal part-way leaves nothing
     running: the jobs already accepted are cancelled and SubmitError says why.
     """
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found on PATH: submit from a Slurm login node (or render and copy)")
     ids: dict[str, str] = {}
     try:
         for job in (j for j in JOBS if j in jobs):
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["slurm", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError) as e:
         print(f"trinityx slurm: {e}", file=sys.stderr)
         return 2
 

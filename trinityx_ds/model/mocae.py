@@ -18,7 +18,8 @@ from torch import nn
 
 from trinityx_ds.model.experts import FullExperts, LoRAExperts
 from trinityx_ds.model.router import CalibratedRouter
-from trinityx_ds.model.router_losses import RouterLossWeights, RoutingEMA, router_losses
+from trinityx_ds.config.schema import RouterLossConfig
+from trinityx_ds.model.router_losses import RoutingEMA, router_losses
 
 
 @dataclass
@@ -36,8 +37,7 @@ class MoCaEConfig:
     top_k: int | str = 1
     renormalize: bool = True
     normalize_output: bool = False
-    loss_weights: RouterLossWeights = field(default_factory=RouterLossWeights)
-    ema_decay: float = 0.9
+    loss_weights: RouterLossConfig = field(default_factory=RouterLossConfig)
 
     @property
     def num_experts(self) -> int:
@@ -49,12 +49,11 @@ class MoCaEConfig:
     @classmethod
     def from_run_config(cls, cfg) -> "MoCaEConfig":
         e, r = cfg.experts, cfg.router
-        lw = RouterLossWeights.from_config(r.losses)
         return cls(expert_names=list(e.names), kind=e.kind, layers=e.layers, lora_rank=e.lora.rank,
                    lora_alpha=e.lora.alpha, lora_dropout=e.lora.dropout, lora_targets=tuple(e.lora.targets),
                    temperature=r.temperature, temperature_mode=r.temperature_mode, importance=r.importance,
                    top_k=r.top_k, renormalize=r.renormalize, normalize_output=r.normalize_output,
-                   loss_weights=lw, ema_decay=r.losses.ema_decay)
+                   loss_weights=r.losses)
 
 
 @dataclass
@@ -119,7 +118,7 @@ class MoCaEBlock(nn.Module):
         E = cfg.num_experts
         self.router = CalibratedRouter(hidden, E, temperature=cfg.temperature, temperature_mode=cfg.temperature_mode,
                                        importance=cfg.importance, top_k=cfg.top_k, renormalize=cfg.renormalize)
-        self.routing_ema = RoutingEMA(1, E, decay=cfg.ema_decay)
+        self.routing_ema = RoutingEMA(1, E, decay=cfg.loss_weights.ema_decay)
         dtype = base_mlp.linear_fc1.weight.dtype
         if cfg.kind == "lora":
             self.linear_fc1, self.linear_fc2 = base_mlp.linear_fc1, base_mlp.linear_fc2

@@ -7,11 +7,11 @@ probability that underflowed to 0 contributes 0 with a finite gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
+from trinityx_ds.config.schema import RouterLossConfig  # the coefficients (paper defaults); 0 = logged only
 from trinityx_ds.model.router import RouterOutput
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -144,29 +144,12 @@ class RoutingEMA(nn.Module):
         self.updates_L[layer] += seen.long()
 
 
-@dataclass
-class RouterLossWeights:
-    """Coefficients of the regularisers (paper defaults); 0 = logged but not trained on."""
-
-    entropy: float = 0.1
-    kl_prev: float = 0.01
-    kl_uniform: float = 0.05
-    task_ce: float = 0.01
-    load_balance: float = 0.0
-    z_loss: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg) -> "RouterLossWeights":
-        """From a config object with the same field names (RouterLossConfig)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
-
-
 def router_losses(
     out: RouterOutput,
     mask_T: torch.Tensor | None,
     example_id_T: torch.Tensor | None,
     task_label_N: torch.Tensor | None,
-    weights: RouterLossWeights,
+    weights: RouterLossConfig,
     ema: RoutingEMA | None,
     layer: int,
 ) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 cli ARGS_JSON : `trinityx eval` with these options, in place on this torchrun job (no --nproc).
 checks RUN_DIR HF_DIR : on one process, the loaded models against transformers and each other:
     continuation log-probs and greedy generations of a plain HF folder ("backbone") vs transformers,
-    the run's "backbone" variant vs the plain folder, and the run's "trinityx" router temperatures.
+    the run's "backbone" variant vs the plain folder, the run's "trinityx" router temperatures, and
+    the routers and scores of the other variants.
 """
 import json
 import sys
@@ -50,6 +51,12 @@ with torch.no_grad():
         gen_ref.append(tok.decode(out, skip_special_tokens=True).strip())
 run_backbone = load_lm(run_dir, "backbone", batch_size=2).logprobs(requests)
 trinityx = load_lm(run_dir, "trinityx")
-write_result({"ours": ours, "ref": ref, "gen_ours": gen_ours, "gen_ref": gen_ref, "run_backbone": run_backbone,
+variants = {}
+for name in ("expert:help", "uniform", "h3fusion"):
+    lm = load_lm(run_dir, name, batch_size=2)
+    variants[name] = {"ll": lm.logprobs(requests),
+                      "router": [[round(b.router.temperature, 6), b.router.weight.abs().sum().item(),
+                                  b.router.log_importance.tolist(), b.router.top_k] for b in lm.blocks]}
+write_result({"variants": variants, "ours": ours, "ref": ref, "gen_ours": gen_ours, "gen_ref": gen_ref, "run_backbone": run_backbone,
               "temperatures": trinityx.router_state()[1]})
 destroy_parallel()
