@@ -8,5 +8,8 @@ setup:
 demo: setup
 	$(VENV)/bin/trinityx demo
 
+# The Slurm tests stand up a real two-node cluster (Debian's slurm packages, installed here when
+# running as root; elsewhere they skip with the reason).
 test: setup
+	@bash tools/slurm_lab/install.sh
 	$(VENV)/bin/python -m pytest -q -rs --durations=15 tests

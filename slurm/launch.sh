@@ -84,6 +84,10 @@ train_stage() {
     exit 1
   fi
   echo "preempted at $after: requeueing job $SLURM_JOB_ID (it resumes from $ckpt/$after)"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+  for _ in 1 2 3 4 5; do  # a busy slurmctld may drop a request: retry before giving up
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    sleep 5
+  done
+  echo "scontrol requeue failed: resubmit this job to resume from $ckpt/$after" >&2
+  exit 1
 }

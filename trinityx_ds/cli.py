@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(exp)
     exp.set_defaults(fn=cmd_export)
 
+    from trinityx_ds.launch.slurm import add_slurm_arguments
+
+    add_slurm_arguments(sub)
+
     plan = sub.add_parser("plan", help="per-GPU memory and speed of a layout, or the fastest layout that fits")
     add_plan_arguments(plan)
     plan.set_defaults(fn=cmd_plan)

@@ -32,7 +32,7 @@ def _numbers(report: dict) -> dict:
     s = report["suites"]
     r = s["routing"]
     return {"tqa": s["truthfulqa_mc"], "hh": s["hh_preference"], "gen": s["generate"],
-            "routing": {k: r[k] for k in ("routed", "before", "after", "temperature", "per_layer", "share")}}
+            "routing": {k: r[k] for k in ("routed", "before", "after", "temperature", "per_layer", "top1_share_by_layer")}}
 
 
 def test_suites_on_real_samples_dp2_equals_dp1_and_temperature_written(trained, tmp_path):
@@ -80,12 +80,14 @@ def test_models_match_transformers_and_reread_temperature(trained, tmp_path):
     write_temperatures(run / "stage2" / "router.safetensors", {0: 1.7, 1: 2.5})
     res = run_dist(WORKERS / "eval_worker.py", 1, "checks", str(run), str(trained / "model"))
     assert res["ours"] == pytest.approx(res["ref"], abs=1e-4)
+    assert res["single"] == pytest.approx(res["ours"][1], abs=1e-5)  # alone vs in a padded batch
     assert res["gen_ours"] == res["gen_ref"] and all(res["gen_ours"])
     assert res["run_backbone"] == pytest.approx(res["ours"], abs=1e-9)
     assert res["temperatures"] == pytest.approx([1.7, 2.5])
     v = res["variants"]
     assert v["uniform"]["router"] == [[1.0, 0.0, [0.0] * 3, 3]] * 2  # T, |weight|, log-priors, top-k
-    assert v["h3fusion"]["router"][0][0] == 1.0 and v["h3fusion"]["router"][0][1] > 0 and v["h3fusion"]["router"][0][3] == 2
+    t, weight, _, top_k = v["h3fusion"]["router"][0]
+    assert t == 1.0 and weight > 0 and top_k == 2  # the trained gate, uncalibrated
     assert v["expert:help"]["router"] == [[0.7, 0.0, [0.0], 1]] * 2  # one expert, its router unused
     for name, got in v.items():  # the experts are non-zero deltas: every variant moves the scores
         assert all(math.isfinite(x) for x in got["ll"]) and got["ll"] != pytest.approx(res["ours"], abs=1e-3), name

@@ -11,12 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.slurm.lab import cli_commands
 from tests.train_setup import write_config
 
 pytestmark = pytest.mark.slurm
 
 # Long enough for a signal to land mid-run on any machine; checkpoints every 5 steps.
-TRAIN = {"train.stage1": {"steps": 3}, "train.stage2": {"steps": 60, "grad_accum": 2},
+TRAIN = {"train.stage1": {"steps": 3}, "train.stage2": {"steps": 40, "grad_accum": 2},
          "train.checkpoint_every": 5}
 SLURM = {"nodes": 2, "cpus_per_task": 1, "time": "00:10:00", "signal_seconds": 60}
 
@@ -53,24 +54,30 @@ def test_too_many_nodes_is_refused_at_submit(slurm_lab, tmp_path, model_dir):
 
 @pytest.fixture(scope="module")
 def pipeline(slurm_lab, tmp_path_factory, model_dir):
-    """Experts (array of 3) then the router on both nodes (torchrun launcher), as submitted."""
+    """The whole chain as submitted: experts (array of 3), the router on both nodes (torchrun
+    launcher), then export (and eval, once the CLI has it) after the router."""
     root = tmp_path_factory.mktemp("pipeline")
     cfg = write_config(root, model_dir, **TRAIN)
-    proc = slurm_lab.submit("--config", str(cfg), "--slurm", str(_slurm_yaml(root)), "--jobs", "experts,router",
-                            cwd=root)
+    jobs = ["experts", "router", "export"] + (["eval"] if "eval" in cli_commands() else [])
+    proc = slurm_lab.submit("--config", str(cfg), "--slurm", str(_slurm_yaml(root, eval_args=["--limit", "4"])),
+                            "--jobs", ",".join(jobs), cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = _job_ids(proc.stdout)
+    assert list(ids) == jobs, proc.stdout
     logs = root / "out" / "slurm" / "logs"
-    router = slurm_lab.wait(ids["router"], timeout=300, logs=logs)
-    return {"root": root, "ids": ids, "logs": logs, "stdout": proc.stdout, "router": router,
-            "experts": slurm_lab.jobs(ids["experts"])}
+    states = {job: slurm_lab.wait(ids[job], timeout=300, logs=logs) for job in reversed(jobs)}
+    return {"root": root, "ids": ids, "logs": logs, "stdout": proc.stdout, "states": states}
 
 
-def test_expert_array_then_router_across_both_nodes(pipeline):
-    ids, logs, out = pipeline["ids"], pipeline["logs"], pipeline["root"] / "out"
+def test_whole_chain_with_router_across_both_nodes(pipeline):
+    ids, logs, out, states = pipeline["ids"], pipeline["logs"], pipeline["root"] / "out", pipeline["states"]
     assert f"router: job {ids['router']} (afterok {ids['experts']})" in pipeline["stdout"]
-    assert [j["JobState"] for j in pipeline["experts"]] == ["COMPLETED"] * 3
-    assert pipeline["router"][0]["JobState"] == "COMPLETED"
+    assert f"export: job {ids['export']} (afterok {ids['router']})" in pipeline["stdout"]
+    assert [j["JobState"] for j in states.pop("experts")] == ["COMPLETED"] * 3
+    assert {job: s[0]["JobState"] for job, s in states.items()} == dict.fromkeys(states, "COMPLETED")
+    assert (out / "hf" / "model.safetensors.index.json").is_file()  # export-hf RUN_DIR OUT
+    if "eval" in ids:
+        assert (out / "eval" / "report.json").is_file()
     for name in ("help", "harm", "honest"):
         assert (out / "stage1" / name / "expert.safetensors").is_file(), name
     assert (out / "stage2" / "router.safetensors").is_file()
@@ -93,7 +100,8 @@ def test_preempted_router_requeues_and_matches_uninterrupted(slurm_lab, pipeline
     while not (metrics.is_file() and metrics.read_text().strip()):  # training has started
         assert time.time() < deadline, f"router job {job} never started training"
         time.sleep(0.1)
-    slurm_lab.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N sends: every process of the steps
+    # what --signal=USR1@N sends near the time limit: USR1 to every process of the job's steps
+    slurm_lab.run("scancel", "--signal=USR1", job, tries=5)
     final = slurm_lab.wait(job, timeout=240, logs=logs)
     log = (logs / f"test-router-{job}.out").read_text()
     assert final[0]["JobState"] == "COMPLETED" and final[0]["Restarts"] == "1", (final, log)

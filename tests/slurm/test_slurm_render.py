@@ -58,8 +58,11 @@ def test_bad_settings_fail_before_anything_is_written(run_config, tmp_path):
     path.write_text("nodes: 2\ngpus: 8\n")
     with pytest.raises(ValueError, match="unknown Slurm setting.*gpus"):
         load_slurm_config(str(path))
-    with pytest.raises(ValueError, match="slurm.nodes"):
+    with pytest.raises(ValueError, match="slurm.nodes: 0"):
         load_slurm_config(None, nodes=0)
+    path.write_text("nodes: two\nsbatch_args: --exclusive\n")
+    with pytest.raises(ValueError, match="slurm.nodes: 'two' — an int >= 1; slurm.sbatch_args"):
+        load_slurm_config(str(path))
     tp4 = write_config(tmp_path / "tp4", run_config.parent / "model", **{"parallel.tp": 4})
     with pytest.raises(ValueError, match="does not divide world size"):  # 1 process per expert task
         render(tp4, load_slurm_config(None, nodes=2), tmp_path / "r")

@@ -16,7 +16,7 @@ from trinityx_ds.calibration import calibration_report, fit_temperature
 from trinityx_ds.calibration.fit import fit_routing, read_temperatures, write_temperatures
 from trinityx_ds.eval import suites
 from trinityx_ds.eval.report import compare, compare_markdown, write_report
-from trinityx_ds.eval.runner import _named, add_eval_arguments
+from trinityx_ds.eval.runner import _check, _named, add_eval_arguments
 from trinityx_ds.eval.variants import router_overrides, variant_config
 from trinityx_ds.model.mocae import MoCaEConfig
 
@@ -165,10 +165,13 @@ def test_routing_report_and_figures(tmp_path):
     summary, details = suites.routing_report(RoutingStub(), stats, labels.tolist(), val.tolist(), tmp_path)
     assert summary["n_val"] == 20 and summary["n_test"] == 40 and len(details) == 60
     assert summary["routed"] == calibration_report(probs.mean(0)[~val], labels[~val])
-    share = torch.tensor(summary["share"]["layer"])
+    share = torch.tensor(summary["top1_share_by_layer"])
     assert share.shape == (2, 3) and share.sum(1).tolist() == pytest.approx([1.0, 1.0])
     assert summary["figures"] == ["reliability.png", "routing_share.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in summary["figures"])
+    uniform = [{**s, "logits_LE": [[0.0] * 3] * 2} for s in stats]  # zero router weights: nothing to fit
+    summary, _ = suites.routing_report(RoutingStub(), uniform, labels.tolist(), val.tolist(), tmp_path)
+    assert "constant" in summary["fit_skipped"] and "after" not in summary
 
 
 def test_generate_with_hf_classifier_and_http_judges(tmp_path):
@@ -229,5 +232,11 @@ def test_cli_arguments():
     args = parser.parse_args(["eval", "--checkpoint", "run", "--hh", "a.jsonl", "--hh", "b.jsonl",
                               "--write-temperature"])
     assert args.eval_command is None and args.hh == ["a.jsonl", "b.jsonl"] and args.write_temperature == "global"
+    with pytest.raises(ValueError, match="FORMAT=PATH"):
+        _check(parser.parse_args(["eval", "--checkpoint", "m", "--suite", "generate", "--prompts", "p.json"]))
+    with pytest.raises(ValueError, match="only with --variant trinityx"):
+        _check(parser.parse_args(["eval", "--checkpoint", "m", "--suite", "routing", "--write-temperature"]))
+    args = parser.parse_args(["eval", "--checkpoint", "m", "--suite", "generate", "--prompts", "alpaca=p.json"])
+    assert _check(args) == ["generate"] and args.variant == "backbone"  # a plain model's default
     args = parser.parse_args(["eval", "compare", "x", "y", "--out", "cmp"])
     assert args.eval_command == "compare" and args.folders == ["x", "y"]

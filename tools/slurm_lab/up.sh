@@ -24,6 +24,10 @@ if [ -f "$LAB/$MARK" ] && [ -x "$LAB/bin/sinfo" ] && nodes_ready; then
   echo "slurm lab: already up ($LAB)"
   exit 0
 fi
+if [ -e "$LAB" ] && [ ! -f "$LAB/$MARK" ] && [ -n "$(ls -A "$LAB" 2>/dev/null)" ]; then
+  echo "slurm lab: $LAB exists and was not made by up.sh; pick another SLURM_LAB_DIR" >&2
+  exit 2
+fi
 "$HERE/down.sh" >/dev/null  # leftovers of a crashed or half-made lab
 
 mkdir -p "$MUNGE" "$LAB"/{state,run,log,bin,dev,spool/node1,spool/node2,tmp/node1,tmp/node2}

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 
-def _all_done(done: list[bool]) -> bool:
-    flag = torch.tensor([1 if all(done) else 0])
+def _all_done(done: list[bool], device) -> bool:
+    flag = torch.tensor([1 if all(done) else 0], device=device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -45,7 +45,7 @@ def generate_batch(model, prompts: Sequence[list[int]], *, max_new_tokens: int, 
     new: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * len(prompts)
     g = torch.Generator().manual_seed(seed)
-    while not _all_done(done):
+    while not _all_done(done, model.embedding.word_embeddings.weight.device):
         logits_BV = next_token_logits(model, seqs, pad).cpu()
         if temperature > 0:
             tokens = torch.multinomial((logits_BV / temperature).softmax(-1), 1, generator=g)[:, 0]

@@ -24,8 +24,7 @@ class EvalLM:
     dims: object
     variant: str
     moe: object | None  # the variant's MoCaEConfig
-    cfg: object | None  # the run's RunConfig (None for a plain model)
-    run_dir: Path | None
+    cfg: object | None  # the run's RunConfig (output.dir = the run folder; None for a plain model)
     chat_template: str
     max_len: int
     batch_size: int = 8
@@ -36,11 +35,12 @@ class EvalLM:
 
     def generate(self, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
-        """Text of each prompt's answer (prompts rendered as in loglik, cut on the left to fit)."""
+        """Text of each prompt's answer (prompts rendered as in loglik, cut on the left when prompt and
+        answer would not fit the model's positions)."""
         from trinityx_ds.data.render import render_text
         from trinityx_ds.eval.generate import generate_batch
 
-        tok, keep = self.tokenizer, max(self.max_len - max_new_tokens, 1)
+        tok, keep = self.tokenizer, max(self.arch.max_position_embeddings - max_new_tokens, 1)
         items = [(i, tok(render_text(tok, p, self.chat_template, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"][-keep:]) for i, p in enumerate(prompts)]
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -150,5 +150,5 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(model_path, cfg.model.tokenizer if cfg else None),
                                         local_files_only=True)
     default_len = cfg.data.max_seq_len if cfg else min(arch.max_position_embeddings, 1024)
-    return EvalLM(model, blocks, tok, arch, dims, variant, moe, cfg, run_dir,
+    return EvalLM(model, blocks, tok, arch, dims, variant, moe, cfg,
                   cfg.data.chat_template if cfg else "auto", max_len or default_len, batch_size)

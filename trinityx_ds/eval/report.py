@@ -50,7 +50,8 @@ def render_markdown(report: dict) -> str:
     if "hh_preference" in s:
         lines += ["## HH-RLHF preference (log p(chosen) > log p(rejected))", "",
                   "| set | accuracy | mean margin (nats) | pairs |", "|---|---|---|---|"]
-        lines += [f"| {k} | {_f(v['accuracy'])} | {_f(v['mean_margin'])} | {v['n']} |" for k, v in s["hh_preference"].items()]
+        lines += [f"| {k} | {_f(v['accuracy'])} | {_f(v['mean_margin'])} | {v['n']} |"
+                  for k, v in s["hh_preference"].items()]
         lines.append("")
     if "routing" in s:
         r = s["routing"]

@@ -20,8 +20,8 @@ def add_eval_arguments(subparsers) -> argparse.ArgumentParser:
     ev = subparsers.add_parser("eval", help="evaluate a run's variants on the HHH suites; `eval compare` tabulates",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--checkpoint", help="run output folder (stage1/, stage2/) or a plain HF / imported model folder")
-    ev.add_argument("--variant", default="trinityx",
-                    help="backbone | expert:<name> | uniform | h3fusion | trinityx [trinityx; backbone for a plain model]")
+    ev.add_argument("--variant", help="backbone | expert:<name> | uniform | h3fusion | trinityx "
+                                      "[trinityx; backbone for a plain model]")
     ev.add_argument("--suite", default="truthfulqa_mc,hh_preference,routing",
                     help=f"comma-separated among {', '.join(SUITES)} [truthfulqa_mc,hh_preference,routing]")
     ev.add_argument("--out", help="report folder [RUN/eval/<variant>; runs/eval/<model>-<variant> for a plain model]")
@@ -62,17 +62,27 @@ def _named(spec: str) -> tuple[str, str]:
 
 
 def _check(args) -> list[str]:
+    """The suites asked for; fills the default variant. Fails before any process starts."""
+    from typing import get_args
+
+    from trinityx_ds.config.schema import DataFormat
+    from trinityx_ds.eval.variants import is_run_dir
+
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"--suite: {', '.join(unknown)} — one of {', '.join(SUITES)}")
     if not args.checkpoint:
         raise ValueError("--checkpoint: required (a run output folder or a model folder)")
+    args.variant = args.variant or ("trinityx" if is_run_dir(args.checkpoint) else "backbone")
     needs = {"truthfulqa_mc": args.truthfulqa, "hh_preference": args.hh, "generate": args.prompts}
     missing = {"truthfulqa_mc": "--truthfulqa", "hh_preference": "--hh", "generate": "--prompts"}
     for s in suites:
         if s in needs and not needs[s]:
             raise ValueError(f"--suite {s}: needs {missing[s]}")
+    bad = [p for p in args.prompts if p.partition("=")[0] not in get_args(DataFormat)]
+    if bad:
+        raise ValueError(f"--prompts {bad[0]}: FORMAT=PATH, FORMAT one of {', '.join(get_args(DataFormat))}")
     if args.write_temperature and (args.variant != "trinityx" or "routing" not in suites):
         raise ValueError("--write-temperature: only with --variant trinityx and the routing suite")
     return suites
@@ -109,7 +119,7 @@ def run_eval(args) -> dict:
         run = {"truthfulqa_mc": lambda: S.truthfulqa_mc(lm, args.truthfulqa, args.limit),
                "hh_preference": lambda: S.hh_preference(lm, [_named(h) for h in args.hh], args.limit),
                "routing": lambda: S.routing(lm, out, args.limit, args.calib_fraction),
-               "generate": lambda: S.generate(lm, [tuple(p.split("=", 1)) for p in args.prompts], judge, args.limit,
+               "generate": lambda: S.generate(lm, [p.split("=", 1) for p in args.prompts], judge, args.limit,
                                               args.max_new_tokens, args.temperature, args.seed)}
         summaries, details = {}, {}
         for name in names:

@@ -99,6 +99,7 @@ def routing(lm, out_dir: Path, limit: int | None = None, calib_fraction: float =
 
 
 def routing_report(lm, stats: list[dict], labels: list[int], val: list[bool], out_dir: Path) -> tuple[dict, list[dict]]:
+    """The routing suite from per-example statistics (`EvalLM.routing`), apart so it is testable alone."""
     from trinityx_ds.calibration import calibration_report
     from trinityx_ds.calibration.fit import fit_routing
     from trinityx_ds.calibration.plots import reliability_diagram, routing_heatmap
@@ -112,15 +113,18 @@ def routing_report(lm, stats: list[dict], labels: list[int], val: list[bool], ou
     share_LE = top1_LE / top1_LE.sum(1, keepdim=True).clamp(min=1)
     summary = {"n": len(stats), "experts": names, "layers": layers,
                "routed": calibration_report(probs_NE[~val_N], labels_N[~val_N]),
-               "share": {"layer": share_LE.tolist()},
+               "top1_share_by_layer": share_LE.tolist(),
                "mean_probs_by_task": {n: probs_NE[labels_N == t].mean(0).tolist()
                                       for t, n in enumerate(names) if (labels_N == t).any()}}
-    try:
-        fit, (before, after, y) = fit_routing(logits_NLE.transpose(0, 1), labels_N, val_N, temps, priors, layers)
-        summary.update(fit)
-    except ValueError as e:
-        summary["fit_skipped"] = str(e)
-        before, after, y = probs_NE, None, labels_N
+    before, after, y = probs_NE, None, labels_N
+    if (logits_NLE == logits_NLE[..., :1]).all():
+        summary["fit_skipped"] = "the router's logits are constant (uniform routing): T changes nothing"
+    else:
+        try:
+            fit, (before, after, y) = fit_routing(logits_NLE.transpose(0, 1), labels_N, val_N, temps, priors, layers)
+            summary.update(fit)
+        except ValueError as e:  # too few held-out examples to split
+            summary["fit_skipped"] = str(e)
     if is_main():
         summary["figures"] = [reliability_diagram(before, y, Path(out_dir) / "reliability.png",
                                                   f"Router reliability ({lm.variant})", probs_after_NC=after).name,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil  # a DeepSpeed dependency
 
-_CPU_ENV = {
+CPU_ENV = {
     "DS_ACCELERATOR": "cpu",
     "CUDA_VISIBLE_DEVICES": "",
     "OMP_NUM_THREADS": "1",  # N processes share the cores; more threads each only thrash
@@ -26,7 +26,7 @@ _CPU_ENV = {
 
 def cpu_env(extra: dict | None = None) -> dict:
     """A copy of os.environ for CPU-only runs (DeepSpeed's CPU accelerator, no hub access)."""
-    return {**os.environ, **_CPU_ENV, **(extra or {})}
+    return {**os.environ, **CPU_ENV, **(extra or {})}
 
 
 def free_port() -> int:

@@ -49,8 +49,10 @@ class SlurmConfig:
     env: dict[str, str] = field(default_factory=dict)  # exported in every job
     sbatch_args: list[str] = field(default_factory=list)  # extra options, one #SBATCH line each
     export_dir: str | None = None  # default <output.dir>/hf
-    eval_suite: str = "hhh"
+    export_args: list[str] = field(default_factory=list)  # more `trinityx export-hf` options
+    eval_suite: str = "routing"  # the others need data files: pass them in eval_args
     eval_dir: str | None = None  # default <output.dir>/eval
+    eval_args: list[str] = field(default_factory=list)  # e.g. [--truthfulqa, F.csv, --limit, "100"]
 
     @property
     def procs(self) -> int:
@@ -58,16 +60,21 @@ class SlurmConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("nodes", "expert_nodes", "cpus_per_task", "signal_seconds"):
-            if getattr(self, name) < 1:
-                out.append(f"slurm.{name}: {getattr(self, name)!r} — an int >= 1")
-        if self.gpus_per_node < 0:
-            out.append(f"slurm.gpus_per_node: {self.gpus_per_node!r} — an int >= 0")
-        if self.procs_per_node is not None and self.procs_per_node < 1:
-            out.append(f"slurm.procs_per_node: {self.procs_per_node!r} — an int >= 1 or null")
+        for name, low in (("nodes", 1), ("expert_nodes", 1), ("cpus_per_task", 1), ("signal_seconds", 1),
+                          ("gpus_per_node", 0), ("procs_per_node", 1), ("port", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("procs_per_node", "port"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                out.append(f"slurm.{name}: {value!r} — an int >= {low}")
+        for name in ("sbatch_args", "export_args", "eval_args"):
+            if not isinstance(getattr(self, name), list):
+                out.append(f"slurm.{name}: {getattr(self, name)!r} — a list of strings")
+        if not isinstance(self.env, dict):
+            out.append(f"slurm.env: {self.env!r} — a mapping NAME: value")
         if self.launcher not in ("torchrun", "srun"):
             out.append(f"slurm.launcher: {self.launcher!r} — torchrun or srun")
-        if not re.fullmatch(r"[\d:-]+|UNLIMITED|INFINITE", self.time):
+        if not re.fullmatch(r"[\d:-]+|UNLIMITED|INFINITE", str(self.time)):
             out.append(f"slurm.time: {self.time!r} — a Slurm time such as 24:00:00 or 2-00:00:00")
         return out
 
@@ -113,7 +120,7 @@ def render_text(text: str, values: dict[str, str]) -> str:
 
 
 def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log_dir: Path) -> dict[str, str]:
-    from trinityx_ds.launch.local import _CPU_ENV
+    from trinityx_ds.launch.local import CPU_ENV
 
     run_dir = Path(run_cfg.output.dir).resolve()
     gpus = str(slurm.gpus_per_node) if slurm.gpus_per_node else ""
@@ -129,11 +136,13 @@ def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log
         "PORT_OR_AUTO": str(slurm.port) if slurm.port else "$((20000 + SLURM_JOB_ID % 40000))",
         "CONTAINER_IMAGE": slurm.container_image or "", "CONTAINER_MOUNTS": slurm.container_mounts or "",
         "ENV_EXPORTS": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in slurm.env.items()),
-        "CPU_ENV": " ".join(f"{k}={shlex.quote(v)}" for k, v in _CPU_ENV.items()),
+        "CPU_ENV": " ".join(f"{k}={shlex.quote(v)}" for k, v in CPU_ENV.items()),
         "EXTRA_SBATCH": "\n".join(f"#SBATCH {a}" for a in slurm.sbatch_args),
         "EXPERTS": " ".join(run_cfg.experts.names), "LAST_EXPERT": str(len(run_cfg.experts.names) - 1),
         "EXPORT_DIR": str(Path(slurm.export_dir or run_dir / "hf").resolve()),
         "EVAL_SUITE": slurm.eval_suite, "EVAL_DIR": str(Path(slurm.eval_dir or run_dir / "eval").resolve()),
+        "EXPORT_ARGS": " ".join(map(shlex.quote, map(str, slurm.export_args))),
+        "EVAL_ARGS": " ".join(map(shlex.quote, map(str, slurm.eval_args))),
     }
 
 
@@ -151,10 +160,12 @@ class Rendered:
 def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | None = None,
            templates: Path = TEMPLATES) -> Rendered:
     """Writes launch.sh, one .sbatch per job and submit.sh into `out_dir` (default
-    <output.dir>/slurm). Checks the run config against each job's world
-    size first, so a layout that cannot tile the job fails here, not on the cluster."""
+    <output.dir>/slurm). Checks the run config against each job's world size first, so a
+    layout that cannot tile the job fails here, not on the cluster."""
     from trinityx_ds.config import load_config
 
+    if not (templates / "launch.sh").is_file():
+        raise FileNotFoundError(f"{templates}: the sbatch templates are not there (they ship with the source tree)")
     run_config = Path(run_config).resolve()
     load_config(str(run_config), world_size=slurm.expert_nodes * slurm.procs)
     run_cfg = load_config(str(run_config), world_size=slurm.nodes * slurm.procs)
@@ -222,8 +233,9 @@ def submit(scripts: dict[str, Path], jobs: tuple[str, ...] = JOBS) -> dict[str, 
                 done = ", ".join(f"{job} {jid}" for job, jid in ids.items())
                 raise SubmitError(f"{e}; cancelled the jobs already submitted ({done})") from None
         raise
-    if ids:
-        subprocess.run(["scontrol", "release", next(iter(ids.values()))], check=True, capture_output=True)
+    first = next(iter(ids.values()), None)
+    if first and subprocess.run(["scontrol", "release", first], capture_output=True).returncode != 0:
+        raise SubmitError(f"all jobs submitted, but the first ({first}) is still held: run `scontrol release {first}`")
     return ids
 
 
@@ -256,15 +268,14 @@ def cmd_slurm(args) -> int:
     flags = ("partition", "account", "qos", "time", "nodes", "expert_nodes", "gpus_per_node", "procs_per_node",
              "cpus_per_task", "python", "log_dir", "signal_seconds", "container_image", "launcher")
     slurm = load_slurm_config(args.slurm, **{k: getattr(args, k) for k in flags})
+    jobs = tuple(j.strip() for j in getattr(args, "jobs", "").split(",") if j.strip())
+    if args.slurm_command == "submit" and (not jobs or set(jobs) - set(JOBS)):
+        raise ValueError(f"--jobs: {args.jobs!r} — a comma-separated subset of {','.join(JOBS)}")
     out = render(args.config, slurm, args.out)
     if args.slurm_command == "render":
         print(f"rendered {', '.join(p.name for p in out.scripts.values())} into {out.dir} "
               f"(submit.sh submits them; logs go to {out.log_dir})")
         return 0
-    jobs = tuple(j.strip() for j in args.jobs.split(",") if j.strip())
-    bad = [j for j in jobs if j not in JOBS]
-    if bad or not jobs:
-        raise ValueError(f"--jobs: {args.jobs!r} — a comma-separated subset of {','.join(JOBS)}")
     try:
         ids = submit(out.scripts, jobs)
     except SubmitError as e:

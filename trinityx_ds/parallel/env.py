@@ -111,6 +111,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         MASTER_ADDR=denv.master_addr,
         MASTER_PORT=str(denv.master_port),
     )
+    if torch.cuda.is_available():  # one GPU per local rank, before NCCL picks cuda:0 for everyone
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend)
     return denv

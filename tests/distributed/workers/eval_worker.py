@@ -24,7 +24,7 @@ if mode == "cli":
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trinityx_ds.eval.lm import load_lm  # noqa: E402
-from trinityx_ds.eval.loglik import Request, encode  # noqa: E402
+from trinityx_ds.eval.loglik import Request, encode, sequence_logprob  # noqa: E402
 from trinityx_ds.parallel.groups import destroy_parallel  # noqa: E402
 
 run_dir, hf_dir = sys.argv[2], sys.argv[3]
@@ -34,6 +34,7 @@ requests = [Request([{"role": "user", "content": "Give three tips for staying he
             Request([{"role": "user", "content": "Name a colour."}], "Blue")]
 plain = load_lm(hf_dir, "backbone", batch_size=2)
 ours = plain.logprobs(requests)
+single = sequence_logprob(plain.model, plain.tokenizer, *requests[1], max_len=plain.max_len)
 gen_ours = plain.generate([r.prompt for r in requests], max_new_tokens=6)
 
 hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -57,6 +58,7 @@ for name in ("expert:help", "uniform", "h3fusion"):
     variants[name] = {"ll": lm.logprobs(requests),
                       "router": [[round(b.router.temperature, 6), b.router.weight.abs().sum().item(),
                                   b.router.log_importance.tolist(), b.router.top_k] for b in lm.blocks]}
-write_result({"variants": variants, "ours": ours, "ref": ref, "gen_ours": gen_ours, "gen_ref": gen_ref, "run_backbone": run_backbone,
+write_result({"variants": variants, "ours": ours, "ref": ref, "gen_ours": gen_ours, "gen_ref": gen_ref,
+              "run_backbone": run_backbone, "single": single,
               "temperatures": trinityx.router_state()[1]})
 destroy_parallel()
