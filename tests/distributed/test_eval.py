@@ -32,7 +32,8 @@ def _numbers(report: dict) -> dict:
     s = report["suites"]
     r = s["routing"]
     return {"tqa": s["truthfulqa_mc"], "hh": s["hh_preference"], "gen": s["generate"],
-            "routing": {k: r[k] for k in ("routed", "before", "after", "temperature", "per_layer", "top1_share_by_layer")}}
+            "routing": {k: r[k] for k in ("routed", "before", "after", "temperature", "per_layer",
+                                          "top1_share_by_layer")}}
 
 
 def test_suites_on_real_samples_dp2_equals_dp1_and_temperature_written(trained, tmp_path):

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from trinityx_ds.convert.llama import LlamaAdapter
 from trinityx_ds.convert.sources import CheckpointError, MissingTensor, SafetensorsSource, UnshardedSource
 from trinityx_ds.model.arch import ModelArch
-from trinityx_ds.model.backbone import DTYPES
 
 META = "trinityx_meta.json"
 FORMAT = "trinityx-backbone"
@@ -58,6 +57,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int, dtype: str = "fp
     Written into a temporary sibling folder and renamed at the end, so a crash leaves no
     half-written checkpoint behind. Peak memory is one rank's shard.
     """
+    from trinityx_ds.model.backbone import DTYPES  # megatron: imported only when converting
+
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch = ModelArch.from_hf_dir(hf_dir)
     adapter = LlamaAdapter(arch, tp)

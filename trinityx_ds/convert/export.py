@@ -497,7 +497,7 @@ def import_trinityx(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, overwr
     `tp`), OUT/stage1/<expert>/expert.safetensors, OUT/stage2/router.safetensors (the layout of a
     training output dir) and OUT/config.yaml, a run config whose data.tasks paths are placeholders."""
     from trinityx_ds.config import config_from_dict, save_config
-    from trinityx_ds.convert.backbone_ckpt import DTYPES
+    from trinityx_ds.model.backbone import DTYPES
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.exists() and not overwrite:
@@ -539,7 +539,7 @@ def import_trinityx(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, overwr
 def _import_backbone(s: ExportSource, hf_dir: Path, out: Path, tp: int, dtype: str) -> None:
     """import_hf on a view of the folder: a base config.json and an index naming the original shard
     files, so the backbone is re-sliced without copying it first."""
-    from trinityx_ds.convert.backbone_ckpt import DTYPES
+    from trinityx_ds.model.backbone import DTYPES
 
     with tempfile.TemporaryDirectory(dir=out.parent) as view:
         view = Path(view)
