@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(exp)
     exp.set_defaults(fn=cmd_export)
 
+    from trinityx_ds.eval.runner import add_eval_arguments
     from trinityx_ds.launch.slurm import add_slurm_arguments
 
+    add_eval_arguments(sub)
     add_slurm_arguments(sub)
 
     plan = sub.add_parser("plan", help="per-GPU memory and speed of a layout, or the fastest layout that fits")
