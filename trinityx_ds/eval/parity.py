@@ -13,6 +13,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+TOL = 1e-4
+
+
+def parity_ok(r: dict) -> bool:
+    """The verdict on one `backbone_parity` result.
+
+    Logits, loss and re-mapped logits must agree with transformers to TOL, or, for deep real
+    models, to transformers' own fp32 rounding error on the same input (its fp32 logits against
+    its fp64 logits): no fp32 implementation can be asked to agree more closely than that.
+    SmolLM2-135M (30 layers, logits up to 34) differs from transformers by 1.5e-4 at TP=2 while
+    transformers' own fp32 logits are 2.5e-4 away from fp64.
+    """
+    tol = max(TOL, r["ref_fp32_error"])
+    return (r["logits"] <= tol and r["loss"] <= tol and r["mapped_logits"] <= tol
+            and r["emb_grad"] <= tol * max(1.0, r["emb_grad_scale"]) and r["padded_rows_grad"] == 0.0
+            and not r["missing"] and not r["unexpected"] and r["mapped_exact"])
+
 
 def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> dict:
     """Max abs differences of logits, loss, input-embedding gradient and re-mapped logits."""
@@ -58,17 +75,21 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     missing = [m for m in missing if not (arch.tie_word_embeddings and m == "lm_head.weight")]
     with torch.no_grad():
         mapped_logits = fresh(ids).logits
+    mapped_exact = all(torch.equal(mapped[k], v) for k, v in ref.state_dict().items() if k in mapped)
+    with torch.no_grad():  # transformers' own fp32 rounding error: the floor any fp32 parity can reach
+        ref_fp32_error = (ref_logits.double() - ref.double()(ids).logits).abs().max().item()
     return {
         "model": str(folder), "tp": tp, "params": sum(p.numel() for p in ref.parameters()),
         "logits": (logits - ref_logits).abs().max().item(),
         "logits_scale": ref_logits.abs().max().item(),
+        "ref_fp32_error": ref_fp32_error,
         "loss": abs(loss.item() - ref_loss.item()),
         "emb_grad": (emb_grad[: hi - lo] - ref_emb_grad).abs().max().item(),
         "emb_grad_scale": ref_emb_grad.abs().max().item(),
         "padded_rows_grad": emb_grad[hi - lo:].abs().max().item() if hi - lo < rows else 0.0,
         "mapped_logits": (mapped_logits - ref_logits).abs().max().item(),
         "missing": missing, "unexpected": list(unexpected),
-        "mapped_exact": all(torch.equal(mapped[k], v) for k, v in ref.state_dict().items() if k in mapped),
+        "mapped_exact": mapped_exact,
     }
 
 
