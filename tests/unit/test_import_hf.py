@@ -59,3 +59,20 @@ def test_cli_refuses_to_overwrite_and_names_missing_weights(tmp_path, models, ca
     (empty / "config.json").write_text((models["gqa"] / "config.json").read_text())
     assert main(["import-hf", str(empty), str(tmp_path / "x")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gqa", "padded"])
+def test_view_names_are_the_streamed_names_and_others_are_refused_without_reading(tmp_path, models, name):
+    from trinityx_ds.convert.sources import ChainSource, DictSource, MissingTensor, UnshardedSource
+
+    ckpt = ShardedCheckpoint(import_hf(models[name], tmp_path / "ckpt", tp=2))
+    adapter = LlamaAdapter(ckpt.arch, 2)
+    assert sorted(adapter.hf_names()) == sorted(n for n, _ in adapter.unshard(ckpt.shard))
+    reads = []
+    counted = UnshardedSource(adapter, lambda r, n: reads.append(n) or ckpt.shard(r, n))
+    lora = torch.ones(2, 3)
+    chain = ChainSource([counted, DictSource({"model.layers.0.mlp.experts.help.lora_A": lora})])
+    assert chain.read("model.layers.0.mlp.experts.help.lora_A") is lora and reads == []
+    with pytest.raises(MissingTensor):
+        counted.shape("model.layers.0.mlp.nothing")
+    assert reads == []

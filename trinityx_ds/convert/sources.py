@@ -89,14 +89,19 @@ class SafetensorsSource:
 
 class UnshardedSource:
     """HF view of a TP-sharded checkpoint: each HF tensor is rebuilt from its shards on demand
-    (one at a time, cached until the next name), then sliced."""
+    (one at a time, cached until the next name), then sliced. A name the adapter does not produce
+    is refused at once: streaming the whole model to find that out made every lookup of an expert
+    tensor in a ChainSource cost two passes over the backbone."""
 
     def __init__(self, adapter, shard):
         self._stream = None
         self._adapter, self._shard = adapter, shard
+        self._names = frozenset(adapter.hf_names())
         self._cache: dict[str, torch.Tensor] = {}
 
     def _full(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise MissingTensor(f"tensor {name!r} is not produced by the checkpoint's adapter")
         if name not in self._cache:
             self._cache.clear()
             # The adapter yields HF tensors in a fixed order; restart the stream when asked out of order.
@@ -108,7 +113,7 @@ class UnshardedSource:
                         self._cache[name] = tensor
                         return tensor
                 self._stream = None
-            raise MissingTensor(f"tensor {name!r} is not produced by the checkpoint's adapter")
+            raise AssertionError(f"{name!r} is in the adapter's names but not in its stream")
         return self._cache[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
