@@ -46,8 +46,10 @@ def write_config(root: Path, model_dir: Path | None = None, **sections) -> Path:
 
 
 def write_random_experts(cfg_path: Path, seed: int = 3, std: float = 0.2) -> None:
-    """Stage-1 outputs with non-zero LoRA deltas, without running stage 1."""
+    """Stage-1 outputs without running stage 1: non-zero LoRA deltas, or (full experts) the
+    backbone FFN plus noise of `std` / 10."""
     from trinityx_ds.config import load_config
+    from trinityx_ds.convert.sources import SafetensorsSource
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.experts import lora_init_tensors
     from trinityx_ds.model.mocae import MoCaEConfig
@@ -55,14 +57,23 @@ def write_random_experts(cfg_path: Path, seed: int = 3, std: float = 0.2) -> Non
 
     cfg = load_config(cfg_path)
     arch = ModelArch.from_hf_dir(cfg.model.hf_path)
+    backbone = SafetensorsSource(cfg.model.hf_path)
     g = torch.Generator().manual_seed(seed)
     for name in cfg.experts.names:
         moe = MoCaEConfig.from_run_config(cfg)
         moe.expert_names = [name]
-        tensors = lora_init_tensors(arch, moe, seed)
-        for k, v in tensors.items():
-            if k.endswith("lora_B.weight"):
-                tensors[k] = torch.randn(v.shape, generator=g) * std
+        if moe.kind == "full":
+            tensors = {}
+            for i in moe.layer_ids(arch.num_layers):
+                for t in ("gate_proj", "up_proj", "down_proj"):
+                    base = backbone.read(f"model.layers.{i}.mlp.{t}.weight")
+                    tensors[f"model.layers.{i}.mlp.experts.{name}.{t}.weight"] = \
+                        base + torch.randn(base.shape, generator=g) * std / 10
+        else:
+            tensors = lora_init_tensors(arch, moe, seed)
+            for k, v in tensors.items():
+                if k.endswith("lora_B.weight"):
+                    tensors[k] = torch.randn(v.shape, generator=g) * std
         path = expert_file(cfg, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path))

@@ -42,11 +42,37 @@ def test_router_zero3_tp2_equals_plain_single_process(run_dist, tmp_path, model_
     write_random_experts(ds_cfg)
     ref = run_dist(WORKER, 1, "router_plain", str(ref_cfg), "2")
     got = run_dist(WORKER, 4, "router_ds", str(ds_cfg), timeout=300)  # TP=2 x DP=2: ZeRO-3 partitions over DP
+    _same_run(ref, got, micro_batches=5)
+
+
+def _same_run(ref: dict, got: dict, micro_batches: int) -> None:
     assert got["zero_stage"] == 3 and got["partitioned"]
     assert len(got["losses"]) == 5 and ref["losses"][-1] < ref["losses"][0]
     assert max(abs(a - b) for a, b in zip(ref["losses"], got["losses"])) <= 1e-5, (ref["losses"], got["losses"])
     for name, w in ref["router"].items():
         assert torch.allclose(torch.tensor(got["router"][name]), torch.tensor(w), atol=1e-5), name
+    # one routing EMA for the whole job, whatever tokens each data-parallel rank saw
+    assert all(e == got["ema_per_rank"][0] for e in got["ema_per_rank"]), got["ema_per_rank"]
+    assert all(n == micro_batches for n in got["ema_updates"])  # one update per layer and micro-batch
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.02])
+def test_router_and_full_experts_ep3_zero3_equal_plain_single_process(run_dist, tmp_path, model_dir, clip):
+    """Stage 2 as the design chose it: ZeRO-3 engine over the router, `full` experts placed by
+    EP=3 outside the engine and trained with their own optimizer (gradients summed over the
+    ranks that sent tokens, divided by the DP size; clipped by their global norm over the EP
+    ranks), tokens by all-to-all."""
+    common = {"experts": {"kind": "full"}, "train.train_experts_in_stage2": True,
+              "train.stage2": {"steps": 5, "lr": 0.5, "micro_batch": 2, "grad_accum": 2, "optimizer": "sgd",
+                               "grad_clip": clip},
+              "router": {"top_k": 2, "losses": {"kl_prev": 0.0}}}
+    ref_cfg = write_config(tmp_path / "ref", model_dir, **common)
+    write_random_experts(ref_cfg)
+    ds_cfg = write_config(tmp_path / "ds", model_dir, **common, **{"parallel.ep": 3, "parallel.zero_stage": 3})
+    write_random_experts(ds_cfg)
+    ref = run_dist(WORKER, 1, "router_plain", str(ref_cfg), "3")
+    got = run_dist(WORKER, 3, "router_ds", str(ds_cfg), timeout=300)
+    _same_run(ref, got, micro_batches=5 * 2)
 
 
 def _launch(cfg: Path, fault: str | None = None):

@@ -118,7 +118,9 @@ class MoCaEBlock(nn.Module):
         E = cfg.num_experts
         self.router = CalibratedRouter(hidden, E, temperature=cfg.temperature, temperature_mode=cfg.temperature_mode,
                                        importance=cfg.importance, top_k=cfg.top_k, renormalize=cfg.renormalize)
-        self.routing_ema = RoutingEMA(1, E, decay=cfg.loss_weights.ema_decay)
+        dp_group = (parallel_state.get_data_parallel_group()
+                    if parallel_state.get_data_parallel_world_size() > 1 else None)
+        self.routing_ema = RoutingEMA(1, E, decay=cfg.loss_weights.ema_decay, group=dp_group)
         dtype = base_mlp.linear_fc1.weight.dtype
         if cfg.kind == "lora":
             self.linear_fc1, self.linear_fc2 = base_mlp.linear_fc1, base_mlp.linear_fc2

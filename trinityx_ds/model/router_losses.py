@@ -115,15 +115,17 @@ class RoutingEMA(nn.Module):
 
     Buffers (so checkpoints carry them and a resumed run continues identically): ema_LE and
     updates_L, the number of batches folded in per layer (0 = no EMA yet). Updates and the
-    "first step" check stay on the device: no host synchronisation. Each rank folds in its own
-    batches; all-reduce pbar before `update` for one EMA shared by data-parallel ranks.
+    "first step" check stay on the device: no host synchronisation. With `group` (the
+    data-parallel group) each update folds in the token-weighted mean over the group's ranks, so
+    every rank holds the same EMA: DeepSpeed saves buffers from data-parallel rank 0 only, and a
+    resumed run must continue what every rank had.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, decay: float = 0.9):
+    def __init__(self, num_layers: int, num_experts: int, decay: float = 0.9, group=None):
         super().__init__()
         if not 0 <= decay < 1:
             raise ValueError(f"decay={decay} must be in [0, 1)")
-        self.decay = decay
+        self.decay, self.group = decay, group
         self.register_buffer("ema_LE", torch.zeros(num_layers, num_experts))
         self.register_buffer("updates_L", torch.zeros(num_layers, dtype=torch.long))
 
@@ -133,10 +135,17 @@ class RoutingEMA(nn.Module):
         return self.ema_LE[layer].clone(), self.updates_L[layer] > 0
 
     @torch.no_grad()
-    def update(self, layer: int, pbar_E: torch.Tensor) -> None:
-        """Fold in a batch mean; the first one initialises the EMA; an all-masked one (pbar = 0)
-        is skipped."""
+    def update(self, layer: int, pbar_E: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Fold in a batch mean over `tokens` valid tokens; the first one initialises the EMA; an
+        all-masked one (pbar = 0, on every rank of the group) is skipped."""
         pbar_E = pbar_E.detach().to(self.ema_LE)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            n = (tokens if tokens is not None else torch.ones(())).to(pbar_E).reshape(1)
+            sums = torch.cat([pbar_E * n, n])
+            dist.all_reduce(sums, group=self.group)
+            pbar_E = sums[:-1] / sums[-1].clamp_min(1)
         seen = pbar_E.sum() > 0
         first = self.updates_L[layer] == 0
         blended_E = torch.where(first, pbar_E, self.decay * self.ema_LE[layer] + (1 - self.decay) * pbar_E)
@@ -184,6 +193,6 @@ def router_losses(
         if weight != 0:
             total = total + weight * result[name]
     if ema is not None:
-        ema.update(layer, pbar_E)
+        ema.update(layer, pbar_E, _valid(mask_T, probs_TE).sum())
     result["total"] = total
     return result

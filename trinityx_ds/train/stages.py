@@ -143,9 +143,12 @@ class StageRun:
         params = [p for e in self.external_experts for p in e.parameters() if p.requires_grad]
         if not params:
             return None
-        from trinityx_ds.train.engine import make_optimizer
+        from trinityx_ds.train.engine import lr_lambda, make_optimizer
 
-        return make_optimizer(params, self.stage_cfg)
+        opt = make_optimizer(params, self.stage_cfg)
+        # the engine's schedule, stepped with it: the experts follow the router's learning rate
+        self.expert_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.stage_cfg))
+        return opt
 
     def _datasets(self):
         from trinityx_ds.data.dataset import build_task_datasets, mixture
@@ -270,19 +273,36 @@ class StageRun:
                 stats[key] = stats.get(key, 0.0) + share / grad_accum
 
     def _step_external(self, opt) -> None:
-        """Experts outside the engine: gradients averaged over the expert-data-parallel group,
-        clipped on their own, then an optimizer step."""
+        """Experts outside the engine, made to match what the engine does for its own parameters.
+
+        Each owner's gradient already sums the contributions of every rank of its EP group (the
+        all-to-all's backward brings them home); summing over the expert's replicas (the
+        expert-data-parallel group, or the DP group without EP) then covers all DP ranks, and
+        dividing by the DP size gives the gradient of the mean of the ranks' losses, as DeepSpeed
+        does for the router. Clipping uses the global norm: shards are summed over the TP group
+        and, with EP, over the distinct experts of the EP group.
+        """
         from deepspeed.utils import groups
+        from megatron.core import parallel_state as ps
 
         params = [p for e in self.external_experts for p in e.parameters() if p.grad is not None]
-        group = groups._get_expert_data_parallel_group(self.dims.ep_group_name) if self.dims.ep > 1 else None
-        size = dist.get_world_size(group)
+        if self.dims.ep > 1:
+            replicas = groups._get_expert_data_parallel_group(self.dims.ep_group_name)
+        else:
+            replicas = ps.get_data_parallel_group()
         for p in params:
-            dist.all_reduce(p.grad, group=group)
-            p.grad /= size
+            dist.all_reduce(p.grad, group=replicas)
+            p.grad /= self.dims.dp
         if self.stage_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.stage_cfg.grad_clip)
+            sq = torch.stack([p.grad.float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
+            dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+            if self.dims.ep > 1:
+                dist.all_reduce(sq, group=groups._get_expert_parallel_group(self.dims.ep_group_name))
+            scale = (self.stage_cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            for p in params:
+                p.grad.mul_(scale)
         opt.step()
+        self.expert_sched.step()
         opt.zero_grad(set_to_none=True)
 
     def _external_file(self, tag_dir: Path) -> Path:
@@ -293,7 +313,8 @@ class StageRun:
             if self.external_experts and expert_opt is not None:
                 tag_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({"experts": [e.state_dict() for e in self.external_experts],
-                            "optimizer": expert_opt.state_dict()}, self._external_file(tag_dir))
+                            "optimizer": expert_opt.state_dict(), "scheduler": self.expert_sched.state_dict()},
+                           self._external_file(tag_dir))
 
         state = {"step": step, "data": batches.state_dict(), "stage": self.stage, "expert": self.expert}
         checkpoint.save(engine, ckpt_dir, step, state, self.cfg.train.keep_last, extra_files=extra)
@@ -311,6 +332,7 @@ class StageRun:
         for experts, sd in zip(self.external_experts, state["experts"]):
             experts.load_state_dict(sd)
         expert_opt.load_state_dict(state["optimizer"])
+        self.expert_sched.load_state_dict(state["scheduler"])
 
     # ------------------------------------------------------------------ outputs
     def _finish(self, engine, log, step: int) -> dict:

@@ -2,8 +2,9 @@
 
 cli   : `trinityx train EXTRA --config CONFIG` as a user runs it (EXTRA: experts|router [--only X]).
 router_ds : stage 2 through DeepSpeed; reports its ZeRO stage, whether parameters are partitioned,
-            the losses and the final router tensors.
-router_plain : the same stage 2 on one process without DeepSpeed (torch SGD), as the reference.
+            the losses, the final router tensors and every rank's routing EMA.
+router_plain : the same stage 2 on one process without DeepSpeed (torch SGD, experts included
+            when the run trains them), as the reference.
 """
 import json
 import sys
@@ -36,6 +37,10 @@ if mode == "router_ds":
                                 for p in run.model.parameters())
     losses = [json.loads(line)["train/loss"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
+    emas = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(emas, [b.routing_ema.ema_LE.tolist() for b in run.blocks])
+    result["ema_per_rank"] = emas
+    result["ema_updates"] = [int(b.routing_ema.updates_L.sum()) for b in run.blocks]
 else:
     from trinityx_ds.data.dataset import Batches
     from trinityx_ds.model.backbone import masked_mean_loss
@@ -43,27 +48,33 @@ else:
     from trinityx_ds.train.engine import lr_lambda
     from trinityx_ds.train.stages import _local_examples
 
-    # DeepSpeed averages the data-parallel ranks' gradients of their own mean losses: the
-    # reference takes the same global batch in `dp` chunks, each weighted 1/dp.
+    # DeepSpeed averages the data-parallel ranks' gradients of their own mean losses, each rank's
+    # the mean of its grad_accum micro-batches: the reference takes the same global batch in
+    # dp x grad_accum chunks of micro_batch rows, each weighted 1/(dp x grad_accum).
     dp = int(sys.argv[3])
     sc = cfg.train.stage2
+    chunks = dp * sc.grad_accum
     train, _ = run._datasets()
-    opt = torch.optim.SGD(run.trainable, lr=sc.lr)
+    experts = [p for e in run.external_experts for p in e.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(run.trainable + experts, lr=sc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sc))
     pad = run.tokenizer.pad_token_id
-    batches = Batches(train, sc.micro_batch * dp, cfg.seed, pad)
-    set_router_loss_scale(1.0 / dp)
+    batches = Batches(train, sc.micro_batch * chunks, cfg.seed, pad)
+    set_router_loss_scale(1.0 / chunks)
     losses = []
     for _ in range(sc.steps):
         big = next(batches)
         step_loss = 0.0
-        for r in range(dp):
-            batch = {k: v[r * sc.micro_batch:(r + 1) * sc.micro_batch] for k, v in big.items()}
+        for c in range(chunks):
+            batch = {k: v[c * sc.micro_batch:(c + 1) * sc.micro_batch] for k, v in big.items()}
             local, task_N = _local_examples(batch)
             set_routing_context(run.blocks, RoutingContext.from_batch(batch["labels"], local, task_N))
             loss = masked_mean_loss(run.model(batch["input_ids"], batch["labels"]), batch["labels"])
-            (loss / dp).backward()
-            step_loss += loss.item() / dp
+            (loss / chunks).backward()
+            step_loss += loss.item() / chunks
+        if sc.grad_clip > 0:  # DeepSpeed clips the engine's parameters; the experts clip on their own
+            torch.nn.utils.clip_grad_norm_(run.trainable, sc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(experts, sc.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad()
