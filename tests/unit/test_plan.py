@@ -274,3 +274,16 @@ def test_mocae_plan_from_the_run_config():
     moe = MoCaEPlan.from_mocae_config(cfg)
     assert (moe.kind, moe.num_experts, moe.top_k, moe.layers, moe.lora_rank) == ("full", 3, 3, (0, 5), 4)
     assert moe.router_params(64) == 3 * 64 + 1 + 64  # weight, learnable log-temperature, post-mix norm
+
+
+def test_stage1_plans_the_one_expert_it_builds():
+    """Stage 1 trains one expert per run without EP: its memory holds that expert alone."""
+    arch, cluster = load_arch("llama-2-70b")[1], Cluster(nodes=8)
+    full, lay = MoCaEPlan(kind="full", num_experts=4), Layout(tp=8, ep=2, zero=3, act_ckpt=True)
+    one = per_rank_params(arch, 8, 1, 0, replace(full, num_experts=1, top_k=1), ep=1)
+    trained = trainable_params(arch, 8, 1, 0, full, 1)["dense"]
+    assert trained == one["experts"] == 80 * 3 * 8192 * 28672 // 8
+    mem = stage_memory(arch, full, lay, cluster, 1)
+    assert mem.term("weights (frozen)").value == pytest.approx(2 * (sum(one.values()) - trained) / 8)
+    assert "EP all-to-all" not in {t.name for t in stage_throughput(arch, full, lay, cluster, 1).comm}
+    assert "EP all-to-all" in {t.name for t in stage_throughput(arch, full, lay, cluster, 2).comm}

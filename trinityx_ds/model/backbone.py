@@ -2,6 +2,8 @@
 Llama-family architecture numbers, with the padded vocabulary masked out of logits and losses."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -16,8 +18,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
                        sequence_parallel: bool = False, activation_checkpointing: bool = False,
-                       init_weights: bool = True) -> TransformerConfig:
-    """A TransformerConfig that computes exactly what transformers' Llama/Mistral/Qwen2 compute."""
+                       init_weights: bool = True, cpu_init: bool = False) -> TransformerConfig:
+    """A TransformerConfig that computes exactly what transformers' Llama/Mistral/Qwen2 compute.
+
+    cpu_init: megatron's CPU-initialisation path even with a GPU; it allocates on the default
+    device, so it is the path that honours `torch.device("meta")`.
+    """
     torch_dtype = DTYPES[dtype]
     recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1} \
         if activation_checkpointing else {}
@@ -43,7 +49,7 @@ def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str 
         pipeline_dtype=torch_dtype,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=cpu_init or not torch.cuda.is_available(),
         perform_initialization=init_weights,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -134,13 +140,18 @@ class Backbone(GPTModel):
 
 def build_backbone(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
                    sequence_parallel: bool = False, activation_checkpointing: bool = False,
-                   init_weights: bool = True) -> Backbone:
-    """Builds this rank's part of the backbone; megatron's parallel state must be initialised."""
+                   init_weights: bool = True, meta: bool = False) -> Backbone:
+    """Builds this rank's part of the backbone; megatron's parallel state must be initialised.
+
+    meta: shapes only, nothing allocated (a 70B layout checked on a laptop, plan/verify.py).
+    """
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
-                                activation_checkpointing=activation_checkpointing, init_weights=init_weights)
-    return Backbone(arch, config,
-                    pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-                    post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+                                activation_checkpointing=activation_checkpointing,
+                                init_weights=init_weights and not meta, cpu_init=meta)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return Backbone(arch, config,
+                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True))
 
 
 def masked_mean_loss(token_loss_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

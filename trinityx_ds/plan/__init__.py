@@ -6,16 +6,17 @@ a 70B model on 128 GPUs takes well under a second on a laptop.
 from trinityx_ds.plan.cli import add_plan_arguments, cmd_plan, format_plan
 from trinityx_ds.plan.layout import Cluster, Layout, Term, ZeroBuffers, layout_problems
 from trinityx_ds.plan.memory import Memory, activations, layer_activations, model_states, stage_memory
-from trinityx_ds.plan.params import (MoCaEPlan, backbone_params, largest_module, per_rank_params,
+from trinityx_ds.plan.params import (MoCaEPlan, backbone_params, largest_module, per_rank_params, stage_moe,
                                      trainable_params)
 from trinityx_ds.plan.presets import PRESETS, UnknownModel, load_arch
 from trinityx_ds.plan.recommend import Plan, Recommendation, StagePlan, plan_layout, recommend
 from trinityx_ds.plan.throughput import Throughput, flops_per_token, stage_throughput
+from trinityx_ds.plan.verify import RankCount, verify_layout
 
 __all__ = [
-    "PRESETS", "Cluster", "Layout", "Memory", "MoCaEPlan", "Plan", "Recommendation", "StagePlan", "Term",
+    "PRESETS", "Cluster", "Layout", "Memory", "MoCaEPlan", "Plan", "RankCount", "Recommendation", "StagePlan", "Term",
     "Throughput", "UnknownModel", "ZeroBuffers", "activations", "add_plan_arguments", "backbone_params",
     "cmd_plan", "flops_per_token", "format_plan", "largest_module", "layer_activations", "layout_problems",
     "load_arch", "model_states", "per_rank_params", "plan_layout", "recommend", "stage_memory",
-    "stage_throughput", "trainable_params",
+    "stage_moe", "stage_throughput", "trainable_params", "verify_layout",
 ]

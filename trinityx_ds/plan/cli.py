@@ -1,6 +1,11 @@
 """`trinityx plan`: will a layout fit, how fast will it go; or the fastest layout that fits.
 
-Exit codes: 0 fits; 2 bad input (unknown model, impossible layout); 3 does not fit.
+The layout comes from flags, from a run config (`--config RUN.yaml`: what that run would do),
+or is searched. `--verify` then builds the real model of every rank of the layout on the meta
+device and checks the per-rank parameter counts (plan/verify.py).
+
+Exit codes: 0 fits; 2 bad input (unknown model, impossible layout); 3 does not fit; 4 the built
+model disagrees with the plan.
 """
 from __future__ import annotations
 
@@ -11,15 +16,26 @@ from dataclasses import asdict, replace
 
 from trinityx_ds.model.arch import ArchError
 from trinityx_ds.plan.layout import GIB, Cluster, Layout, layout_problems
-from trinityx_ds.plan.params import MoCaEPlan, backbone_params, per_rank_params
+from trinityx_ds.plan.params import MoCaEPlan, backbone_params, per_rank_params, stage_moe
 from trinityx_ds.plan.presets import PRESETS, load_arch
 from trinityx_ds.plan.recommend import Plan, plan_layout, recommend
 
 LAYOUT_FLAGS = ("tp", "pp", "ep", "zero")  # any of these given: check that one layout
+# what a run config decides; None = not given on the command line (the value is the default)
+RUN_FLAGS = {"tp": None, "pp": None, "ep": None, "zero": None, "offload": None, "act_ckpt": None,
+             "micro_batch": None, "grad_accum": None, "seq_len": 4096, "sequence_parallel": False, "experts": "lora",
+             "lora_rank": 8, "num_experts": 3, "top_k": 1, "train_experts_in_stage2": False}
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}) or HF config.json / folder")
+    parser.add_argument("--model", default=None,
+                        help=f"preset ({', '.join(PRESETS)}) or HF config.json / folder [--config's model.hf_path]")
+    parser.add_argument("--config", default=None,
+                        help="a run config (YAML): plan the layout, batch, checkpointing, offload, sequence length "
+                             "and MoCaE blocks that run uses (its layout and MoCaE flags are then refused)")
+    parser.add_argument("--verify", action="store_true",
+                        help="build every (TP, PP, EP) rank of the layout on the meta device and check its "
+                             "parameter counts against the plan")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--top", type=int, default=5, help="alternatives listed when recommending [5]")
     c = parser.add_argument_group("cluster")
@@ -43,15 +59,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch", type=int, default=None)
     g.add_argument("--grad-accum", type=int, default=None, help="default: global batch / (micro-batch x dp)")
     g.add_argument("--global-batch", type=int, default=128, help="sequences per optimizer step [128]")
-    g.add_argument("--seq-len", type=int, default=4096)
+    g.add_argument("--seq-len", type=int, default=None, help="[4096]")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--attention", choices=("eager", "flash"), default="eager",
                    help="eager: megatron's local-spec attention (materialises s x s scores) [eager]")
     m = parser.add_argument_group("MoCaE")
-    m.add_argument("--experts", choices=("lora", "full"), default="lora")
-    m.add_argument("--lora-rank", type=int, default=8)
-    m.add_argument("--num-experts", type=int, default=3)
-    m.add_argument("--top-k", type=int, default=1)
+    m.add_argument("--experts", choices=("lora", "full"), default=None, help="[lora]")
+    m.add_argument("--lora-rank", type=int, default=None, help="[8]")
+    m.add_argument("--num-experts", type=int, default=None, help="[3]")
+    m.add_argument("--top-k", type=int, default=None, help="[1]")
     m.add_argument("--train-experts-in-stage2", action="store_true")
     m.add_argument("--stage", choices=("1", "2", "both"), default="both")
 
@@ -62,15 +78,48 @@ def _fixed(args) -> dict:
     return {k: v for k, v in names.items() if v is not None}
 
 
+def _apply_run_config(args, stages: tuple[int, ...], world: int) -> None:
+    """Fills the layout and MoCaE arguments from `--config`, as that run would use them."""
+    from trinityx_ds.config import load_config
+    from trinityx_ds.config.schema import ConfigError
+
+    given = [f"--{k.replace('_', '-')}" for k, default in RUN_FLAGS.items() if getattr(args, k) not in (None, default)]
+    if given:
+        raise ValueError(f"--config sets the layout and the MoCaE blocks: drop {', '.join(given)}")
+    try:
+        cfg = load_config(args.config, check_paths=False, world_size=world)
+    except ConfigError as e:
+        raise ValueError(f"{args.config}: " + "; ".join(e.problems)) from None
+    batch = {(st.micro_batch, st.grad_accum) for s, st in ((1, cfg.train.stage1), (2, cfg.train.stage2)) if s in stages}
+    if len(batch) > 1:
+        raise ValueError(f"{args.config}: train.stage1 and train.stage2 differ in micro_batch / grad_accum: "
+                         "plan them one at a time (--stage 1, --stage 2)")
+    (args.micro_batch, args.grad_accum), = batch
+    p, moe = cfg.parallel, MoCaEPlan.from_run_config(cfg)
+    args.tp, args.pp, args.ep, args.zero, args.offload = p.tp, p.pp, p.ep, p.zero_stage, p.offload == "cpu"
+    args.act_ckpt, args.seq_len = cfg.model.activation_checkpointing, cfg.data.max_seq_len
+    args.sequence_parallel, args.moe = cfg.model.sequence_parallel, moe
+    if args.model is None:
+        args.model = cfg.model.hf_path or cfg.model.checkpoint
+
+
 def cmd_plan(args) -> int:
     try:
-        name, arch = load_arch(args.model)
-        moe = MoCaEPlan(kind=args.experts, num_experts=args.num_experts, lora_rank=args.lora_rank,
-                        top_k=args.top_k, train_experts_in_stage2=args.train_experts_in_stage2)
         stages = (1, 2) if args.stage == "both" else (int(args.stage),)
         cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
                           context_gib=args.context_gib, margin=args.margin, peak_tflops=args.gpu_peak_tflops,
                           mfu=args.mfu, nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
+        if args.config:
+            _apply_run_config(args, stages, cluster.world)
+        else:
+            for k, default in RUN_FLAGS.items():
+                setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
+            args.moe = MoCaEPlan(kind=args.experts, num_experts=args.num_experts, lora_rank=args.lora_rank,
+                                 top_k=args.top_k, train_experts_in_stage2=args.train_experts_in_stage2)
+        if args.model is None:
+            raise ValueError("--model: required (a preset or an HF config), or --config with model.hf_path")
+        name, arch = load_arch(args.model)
+        moe = args.moe
         base = Layout(seq_len=args.seq_len, sequence_parallel=args.sequence_parallel, attention=args.attention)
         hardware = {k: v for k, v in asdict(cluster).items() if k not in ("nodes", "gpus_per_node", "gpu_mem_gib")}
         search = dict(moe=moe, seq_len=args.seq_len, global_batch=args.global_batch, stages=stages, top=args.top,
@@ -102,11 +151,29 @@ def _given_layout(args, base: Layout, cluster: Cluster) -> Layout:
 
 def _report(args, plan: Plan, others: list[Plan], mode: str, considered: int | None) -> int:
     refused = None if plan.fits else plan.refusal()
+    checked = None
+    if args.verify:
+        from trinityx_ds.plan.verify import verify_layout
+
+        lay = plan.layout
+        checked = verify_layout(plan.arch, plan.moe, lay.tp, lay.pp, lay.ep, [s.stage for s in plan.stages])
     if args.json:
-        print(json.dumps({"mode": mode, "considered": considered, "refused": refused, "plan": plan.to_dict(),
-                          "alternatives": [p.to_dict() for p in others]}, indent=2))
+        out = {"mode": mode, "considered": considered, "refused": refused, "plan": plan.to_dict(),
+               "alternatives": [p.to_dict() for p in others]}
+        if checked is not None:
+            out["verify"] = [asdict(c) | {"ok": c.ok} for c in checked]
+        print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan, others, mode, considered))
+        if checked is not None:
+            print(f"\nverify: the real model built on the meta device, {len(checked)} (stage, TP, PP, EP) ranks, "
+                  "parameters per group (plan/params.py) planned vs built")
+            print("\n".join(f"  {c.describe()}" for c in checked))
+    if checked is not None and not all(c.ok for c in checked):
+        bad = [c for c in checked if not c.ok]
+        print(f"trinityx plan: the built model disagrees with the plan on {len(bad)} rank(s), first: "
+              f"{bad[0].describe()}", file=sys.stderr)
+        return 4
     if refused:
         print(f"trinityx plan: refused, {refused}", file=sys.stderr)
         return 3
@@ -128,15 +195,16 @@ def format_plan(plan: Plan, others: list[Plan], mode: str, considered: int | Non
                  else f"NO layout fits ({considered} considered); the closest")
     else:
         title = "layout as given" + ("" if plan.fits else ": DOES NOT FIT")
-    worst = st[0].memory.pp_rank
-    rank = per_rank_params(arch, lay.tp, lay.pp, worst, moe, lay.ep)
     lines = [f"{plan.model} on {cl.nodes} node(s) x {cl.gpus_per_node} GPUs x {cl.gpu_mem_gib:g} GiB = "
              f"{cl.world} GPUs; {moe_txt}",
              f"{title}: {lay.describe(cl.world)}",
-             f"parameters: backbone {backbone_params(arch):,}; per GPU (pp rank {worst}): "
-             + ", ".join(f"{k} {v:,}" for k, v in rank.items()),
-             "trainable (whole model): " + ", ".join(f"stage {s.stage} {s.trainable:,}" for s in st),
-             "", f"{'memory per GPU, GiB':<34}{head}   formula (inputs)"]
+             f"parameters: backbone {backbone_params(arch):,}; per GPU (worst pipeline stage):"]
+    for s in st:
+        rank = per_rank_params(arch, lay.tp, lay.pp, s.memory.pp_rank, *stage_moe(moe, s.stage, lay.ep))
+        lines.append(f"  stage {s.stage} (pp rank {s.memory.pp_rank}): "
+                     + ", ".join(f"{k} {v:,}" for k, v in rank.items()))
+    lines += ["trainable (whole model): " + ", ".join(f"stage {s.stage} {s.trainable:,}" for s in st),
+              "", f"{'memory per GPU, GiB':<34}{head}   formula (inputs)"]
     for i, term in enumerate(st[0].memory.terms):
         lines.append(row(term.name, [s.memory.terms[i].value / GIB for s in st], ".2f", term.formula))
         lines += [row("", [], "", f"{'':>{10 * len(st)}}stage {s.stage}: {s.memory.terms[i].formula}")

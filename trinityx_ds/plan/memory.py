@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from trinityx_ds.model.arch import ModelArch, padded_vocab_size
 from trinityx_ds.plan.layout import GIB, Cluster, Layout, Term, ZeroBuffers
-from trinityx_ds.plan.params import MoCaEPlan, largest_module, per_rank_params, stage_layers, trainable_params
+from trinityx_ds.plan.params import MoCaEPlan, largest_module, stage_layers, stage_moe, zero_parts
 
 
 @dataclass(frozen=True)
@@ -168,20 +168,15 @@ def _buffer_terms(arch: ModelArch, moe: MoCaEPlan, lay: Layout, rank_params: int
 
 def rank_memory(arch: ModelArch, moe: MoCaEPlan, lay: Layout, cluster: Cluster, stage: int, pp_rank: int,
                 zb: ZeroBuffers = ZeroBuffers()) -> Memory:
-    dp = lay.dp(cluster.world)
-    groups = per_rank_params(arch, lay.tp, lay.pp, pp_rank, moe, lay.ep)
-    train = trainable_params(arch, lay.tp, lay.pp, pp_rank, moe, stage, lay.ep)
-    n_exp = groups["experts"] if moe.kind == "full" else 0
-    parts = [(train["dense"], sum(groups.values()) - n_exp - train["dense"], dp),
-             (train["experts"], n_exp - train["experts"], dp // lay.ep)]
-    terms, cpu = _state_terms(parts, lay)
+    parts = zero_parts(arch, moe, lay.tp, lay.pp, pp_rank, lay.ep, lay.dp(cluster.world), stage)
+    terms, cpu = _state_terms([(t, n - t, d) for t, n, d in parts], lay)
     terms.append(Term("activations", *activations(arch, lay, moe, stage, pp_rank)))
     if pp_rank == lay.pp - 1:
         vp = padded_vocab_size(arch.vocab_size, lay.tp) // lay.tp
         sb = lay.seq_len * lay.micro_batch
         terms.append(Term("logits + loss", 10 * sb * vp + 4 * sb * arch.hidden_size,
                           f"(2 bf16 + 4 fp32 + 4 softmax) B x s b V/t ({sb} x {vp}) + final norm 4 s b h"))
-    terms += _buffer_terms(arch, moe, lay, sum(groups.values()), zb)
+    terms += _buffer_terms(arch, stage_moe(moe, stage, lay.ep)[0], lay, sum(n for _, n, _ in parts), zb)
     tensors = sum(t.value for t in terms)
     terms += [Term("CUDA context + NCCL", cluster.context_gib * GIB, f"{cluster.context_gib} GiB per process"),
               Term("fragmentation margin", cluster.margin * tensors, f"{cluster.margin:.0%} of the tensors above")]

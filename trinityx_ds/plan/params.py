@@ -11,10 +11,12 @@ MoCaE, per chosen layer (model/mocae.py, model/experts.py): router E x H fp32 (+
 learnable log-temperature, +H post-mix norm), replicated over TP; LoRA experts, all E on every
 rank, per target: gate/up A [r, H] replicated + B [F/tp, r], down A [r, F/tp] + B [H, r]
 replicated; full experts replace the dense FFN: E/ep experts per EP rank, each 3 H F / tp.
+Each stage builds its own blocks (`stage_moe`): stage 1 one expert, stage 2 all of them.
+`plan/verify.py` builds the real model on the meta device and checks these counts exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from trinityx_ds.model.arch import ModelArch, padded_vocab_size
@@ -47,6 +49,16 @@ class MoCaEPlan:
                    learnable_temperature=cfg.temperature_mode == "learnable",
                    normalize_output=cfg.normalize_output, train_experts_in_stage2=train_experts_in_stage2)
 
+    @classmethod
+    def from_run_config(cls, cfg) -> MoCaEPlan:
+        """From a run config's `experts`, `router` and `train` sections (`config.schema.RunConfig`)."""
+        e, r = cfg.experts, cfg.router
+        return cls(kind=e.kind, num_experts=len(e.names), lora_rank=e.lora.rank, lora_targets=tuple(e.lora.targets),
+                   top_k=len(e.names) if r.top_k == "all" else r.top_k,
+                   layers=None if e.layers == "all" else tuple(e.layers),
+                   learnable_temperature=r.temperature_mode == "learnable", normalize_output=r.normalize_output,
+                   train_experts_in_stage2=cfg.train.train_experts_in_stage2)
+
     def chosen(self, num_layers: int) -> set[int]:
         return set(range(num_layers)) if self.layers is None else set(self.layers)
 
@@ -61,6 +73,17 @@ class MoCaEPlan:
     def lora_params(self, hidden: int, ffn_local: int) -> int:
         """One expert's LoRA on one TP rank: r (H + F/tp) per target."""
         return len(self.lora_targets) * self.lora_rank * (hidden + ffn_local)
+
+
+def stage_moe(moe: MoCaEPlan, stage: int, ep: int) -> tuple[MoCaEPlan, int]:
+    """The MoCaE blocks one stage builds, and their EP size.
+
+    Stage 1 trains one expert per run (train/stages.py): its blocks hold that expert alone, with a
+    one-expert router and no expert parallelism. Stage 2 builds every expert, placed by EP.
+    """
+    if stage == 1:
+        return replace(moe, num_experts=1, top_k=1), 1
+    return moe, ep
 
 
 def stage_layers(arch: ModelArch, pp: int, pp_rank: int) -> range:
@@ -126,21 +149,31 @@ def trainable_params(arch: ModelArch, tp: int, pp: int, pp_rank: int, moe: MoCaE
                      ep: int = 1) -> dict[str, int]:
     """Trainable parameters on one rank, split by ZeRO partition group (dense: DP, experts: DP/EP).
 
-    Stage 1 trains one expert per run on the frozen backbone (the run builds its MoCaE blocks
-    with that single expert): its LoRA deltas, or one full FFN, per chosen layer.
-    Stage 2 trains the router, plus the experts with `train_experts_in_stage2`.
+    Stage 1 trains its one expert (LoRA deltas, or one full FFN, per chosen layer) inside the
+    ZeRO engine. Stage 2 trains the router, plus the experts with `train_experts_in_stage2`;
+    full experts are placed by EP there (the "experts" group).
     """
+    moe, ep = stage_moe(moe, stage, ep)
     chosen = len(moe.chosen(arch.num_layers) & set(stage_layers(arch, pp, pp_rank)))
     experts = chosen * expert_params(arch, tp, moe, ep)
     if stage == 1:
-        if moe.kind == "full":
-            return {"dense": chosen * ffn_params(arch, tp), "experts": 0}
-        return {"dense": experts // moe.num_experts, "experts": 0}
+        return {"dense": experts, "experts": 0}
     router = chosen * moe.router_params(arch.hidden_size)
     trained = experts if moe.train_experts_in_stage2 else 0
     if moe.kind == "full":
         return {"dense": router, "experts": trained}
     return {"dense": router + trained, "experts": 0}
+
+
+def zero_parts(arch: ModelArch, moe: MoCaEPlan, tp: int, pp: int, pp_rank: int, ep: int, dp: int,
+               stage: int) -> list[tuple[int, int, int]]:
+    """(trainable, all, partition group size) parameters of one rank, per ZeRO partition: what
+    the engine partitions over DP, and stage 2's EP-placed full experts over DP / EP."""
+    moe_s, ep_s = stage_moe(moe, stage, ep)
+    groups = per_rank_params(arch, tp, pp, pp_rank, moe_s, ep_s)
+    train = trainable_params(arch, tp, pp, pp_rank, moe, stage, ep)
+    placed = groups["experts"] if moe.kind == "full" and stage == 2 else 0
+    return [(train["dense"], sum(groups.values()) - placed, dp), (train["experts"], placed, dp // ep_s)]
 
 
 def largest_module(arch: ModelArch, tp: int, moe: MoCaEPlan | None, ep: int = 1) -> int:

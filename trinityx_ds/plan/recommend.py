@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.plan.layout import GIB, Cluster, Layout, layout_problems
 from trinityx_ds.plan.memory import Memory, stage_memory
-from trinityx_ds.plan.params import MoCaEPlan, backbone_params, per_rank_params, trainable_params
+from trinityx_ds.plan.params import MoCaEPlan, backbone_params, per_rank_params, stage_moe, trainable_params
 from trinityx_ds.plan.presets import load_arch
 from trinityx_ds.plan.throughput import Throughput, stage_throughput
 
@@ -59,8 +59,9 @@ class Plan:
             "moe": asdict(self.moe),
             "params": {
                 "backbone": backbone_params(self.arch),
-                "per_rank": {f"pp_rank_{r}": per_rank_params(self.arch, lay.tp, lay.pp, r, self.moe, lay.ep)
-                             for r in range(lay.pp)},
+                "per_rank": {f"stage_{s.stage}": {
+                    f"pp_rank_{r}": per_rank_params(self.arch, lay.tp, lay.pp, r, *stage_moe(self.moe, s.stage, lay.ep))
+                    for r in range(lay.pp)} for s in self.stages},
             },
             "fits": self.fits,
             "step_s_all_stages": self.step_s,

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.plan.layout import Cluster, Layout, Term
-from trinityx_ds.plan.params import (MoCaEPlan, attention_params, ffn_params, per_rank_params, stage_layers,
-                                     trainable_params)
+from trinityx_ds.plan.params import MoCaEPlan, attention_params, ffn_params, stage_layers, stage_moe, zero_parts
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class Throughput:
 def flops_per_token(arch: ModelArch, moe: MoCaEPlan, stage: int, seq_len: int, act_ckpt: bool) -> tuple[float, float]:
     """(executed, standard MFU) FLOPs per token of one training stage (module docstring)."""
     H, F, L = arch.hidden_size, arch.intermediate_size, arch.num_layers
+    moe = stage_moe(moe, stage, 1)[0]
     chosen, k = moe.chosen(L), moe.routed(stage)
     lowest = min(chosen, default=L)
     scores = 4 * seq_len * arch.num_heads * arch.head_dim  # forward FLOPs per token per layer
@@ -111,18 +111,16 @@ def _comm(arch: ModelArch, moe: MoCaEPlan, lay: Layout, cluster: Cluster, stage:
         out.append(Term("TP all-reduce", m * calls * _ring(lay.tp, act, b, allreduce=True),
                         f"{m} micro-batches x {calls} all-reduces x 2({lay.tp}-1)/{lay.tp} x {act / 2**20:.0f} MiB "
                         f"/ {b_txt}"))
-    if lay.ep > 1 and moe.kind == "full":
-        b, b_txt = bw(lay.tp * lay.ep)
-        out.append(Term("EP all-to-all", m * passes * 2 * len(chosen) * _ring(lay.ep, k * act, b),
-                        f"{m} x {passes} passes x 2 x {len(chosen)} layers x ({lay.ep}-1)/{lay.ep} x {k} x "
+    ep = stage_moe(moe, stage, lay.ep)[1]
+    if ep > 1 and moe.kind == "full":
+        b, b_txt = bw(lay.tp * ep)
+        out.append(Term("EP all-to-all", m * passes * 2 * len(chosen) * _ring(ep, k * act, b),
+                        f"{m} x {passes} passes x 2 x {len(chosen)} layers x ({ep}-1)/{ep} x {k} x "
                         f"{act / 2**20:.0f} MiB / {b_txt}"))
     if lay.pp > 1:
         b, b_txt = bw(cluster.world)
         out.append(Term("PP send/recv", m * 2 * act / b, f"{m} x 2 x {act / 2**20:.0f} MiB / {b_txt}"))
-    groups = per_rank_params(arch, lay.tp, lay.pp, pp_rank, moe, lay.ep)
-    train = trainable_params(arch, lay.tp, lay.pp, pp_rank, moe, stage, lay.ep)
-    n_exp = groups["experts"] if moe.kind == "full" else 0
-    parts = [(train["dense"], sum(groups.values()) - n_exp, dp), (train["experts"], n_exp, dp // lay.ep)]
+    parts = zero_parts(arch, moe, lay.tp, lay.pp, pp_rank, lay.ep, dp, stage)
     b, b_txt = bw(lay.tp * dp)
     if lay.zero == 3:
         z3 = sum(m * (passes * _ring(d, 2 * n, b) + _ring(d, 2 * t, b)) for t, n, d in parts)
