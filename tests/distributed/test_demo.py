@@ -43,3 +43,11 @@ def test_demo_runs_the_pipeline(tmp_path):
     assert report["n"] > 0 and 0 <= report["ece"] <= 1 and set(report["per_task_accuracy"]) == {"help", "harm", "honest"}
     lines = (stage2 / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 4 and "router/entropy" in json.loads(lines[0])
+    last = stage2 / "checkpoints" / (stage2 / "checkpoints" / "latest").read_text()
+    assert last.name == "step00000004" and (last / "COMPLETE").is_file() and (last / "config.yaml").is_file()
+    assert len(list(last.glob("*mp_rank_0[01]_model_states.pt"))) == 2  # TP=2: one file per TP rank
+    assert json.loads((last / "trinityx_state.json").read_text())["step"] == 4
+    # the HF export, loaded back by transformers in the demo itself
+    hf = json.loads((out / "hf" / "config.json").read_text())
+    assert hf["architectures"] == ["TrinityXForCausalLM"] and hf["mocae"]["expert_names"] == ["help", "harm", "honest"]
+    assert "TrinityXForCausalLM: 'Give one tip" in proc.stdout

@@ -35,7 +35,7 @@ def render_text(tokenizer, messages: list[dict], chat_template: str = "auto",
     return "".join(parts)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # templates write their own BOS
 
 
@@ -46,7 +46,7 @@ def _tokenize_prefixes(tokenizer, texts: list[str]) -> tuple[list[int], list[int
     tokens or newlines at turn boundaries, so this is the usual case); otherwise, when a tokenizer
     merges across a boundary, tokenises the pieces between prefixes apart so boundaries stay exact.
     """
-    ids, prefixes = _encode(tokenizer, texts[-1]), [_encode(tokenizer, t) for t in texts[:-1]]
+    ids, prefixes = encode(tokenizer, texts[-1]), [encode(tokenizer, t) for t in texts[:-1]]
     if all(ids[:len(p)] == p for p in prefixes):
         return ids, [len(p) for p in prefixes]
     ids, counts, prev = [], [], ""
@@ -54,7 +54,7 @@ def _tokenize_prefixes(tokenizer, texts: list[str]) -> tuple[list[int], list[int
         if not text.startswith(prev):
             raise ValueError("the chat template renders earlier turns differently as the conversation grows; "
                              "set data.chat_template: default")
-        ids += _encode(tokenizer, text[len(prev):])
+        ids += encode(tokenizer, text[len(prev):])
         counts.append(len(ids))
         prev = text
     return ids, counts[:-1]
