@@ -8,7 +8,7 @@ import sys
 def _config_validate(args) -> int:
     from trinityx_ds.config import cmd_validate
 
-    return cmd_validate(args.file, world_size=args.world_size)
+    return cmd_validate(args.file, world_size=args.world_size, check_paths=not args.skip_paths)
 
 
 def _import_hf(args) -> int:
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = cfg_sub.add_parser("validate", help="check a run config; one line per problem")
     val.add_argument("file")
     val.add_argument("--world-size", type=int, default=None, help="check the parallel layout against N processes")
+    val.add_argument("--skip-paths", action="store_true",
+                     help="do not require the input files to exist (a recipe before its model is downloaded)")
     val.set_defaults(fn=_config_validate)
 
     imp = sub.add_parser("import-hf", help="convert a local HF folder into a TP-sharded starting checkpoint")

@@ -187,16 +187,20 @@ def save_config(cfg: RunConfig, path: str) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
-def cmd_validate(path: str, world_size: int | None = None) -> int:
-    """`trinityx config validate`: 0 and a summary when the file is usable, else 2 and its problems."""
+def cmd_validate(path: str, world_size: int | None = None, check_paths: bool = True) -> int:
+    """`trinityx config validate`: 0 and a summary when the file is usable, else 2 and its problems.
+
+    check_paths=False checks everything but the existence of input files: a recipe before its
+    model and data are in place (the model's shape is still checked when its folder exists).
+    """
     try:
-        cfg = load_config(path, world_size=world_size)
+        cfg = load_config(path, world_size=world_size, check_paths=check_paths)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
         return 2
     p = cfg.parallel
-    print(f"OK: {path}")
+    print(f"OK: {path}" + ("" if check_paths else " (input files not checked)"))
     print(f"  experts: {', '.join(cfg.experts.names)} ({cfg.experts.kind}); "
           f"tp={p.tp} pp={p.pp} ep={p.ep} dp={p.dp if p.dp is not None else 'from world size'}")
     return 0
