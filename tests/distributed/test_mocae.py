@@ -52,7 +52,15 @@ def test_expert_parallel_equals_single_process(run_dist, tiny, tmp_path, ep, exp
     per = experts // ep
     for r, info in enumerate(res["per_rank"]):  # each rank holds only its own experts
         assert info["held"] == list(range(r * per, (r + 1) * per))
-    assert len({info["expert_params"] for info in res["per_rank"]}) == 1
+    _holds_only_its_experts(res["per_rank"], per, tp=1)
+
+
+def _holds_only_its_experts(per_rank: list[dict], per: int, tp: int) -> None:
+    """Every expert tensor of each rank, under any name, adds up to `per` experts' TP shards."""
+    for info in per_rank:
+        layers, H, F = info["arch"]
+        assert info["all_expert_numel"] == info["expert_params"] == layers * per * 3 * H * F // tp, info
+        assert info["expert_shapes"] == sorted([[2 * F // tp, H], [H, F // tp]]), info  # fc1 (gate|up), fc2
 
 
 def test_tp2_ep2_equals_tp1_ep1(run_dist, tiny, tmp_path):
@@ -62,6 +70,7 @@ def test_tp2_ep2_equals_tp1_ep1(run_dist, tiny, tmp_path):
     assert res["grad_names_equal"] and res["n_grads"] > 0
     assert res["logits_diff"] <= 1e-5 and res["max_grad_diff"] <= 1e-5
     assert [i["held"] for i in res["per_rank"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    _holds_only_its_experts(res["per_rank"], per=2, tp=2)
 
 
 def test_lora_tp2_equals_tp1(run_dist, tiny, tmp_path):

@@ -159,6 +159,11 @@ elif mode in ("parallel", "starved"):
                 result["logits_diff"] = (logits_all - ref["logits"]).abs().max().item()
                 result["loss_diff"] = abs(losses[0] - ref["loss"])
     per_rank = [None] * dims.world_size
-    dist.all_gather_object(per_rank, {"held": held, "expert_params": result["expert_params"], "tp_rank": dims.tp_rank})
+    every_expert = {n: list(p.shape) for n, p in model.named_parameters() if ".experts." in n}
+    dist.all_gather_object(per_rank, {"held": held, "expert_params": result["expert_params"], "tp_rank": dims.tp_rank,
+                                      "all_expert_numel": sum(p.numel() for n, p in model.named_parameters()
+                                                              if ".experts." in n),
+                                      "expert_shapes": sorted({tuple(v) for v in every_expert.values()}),
+                                      "arch": [arch.num_layers, arch.hidden_size, arch.intermediate_size]})
     result["per_rank"] = per_rank
     write_result(result)
