@@ -73,6 +73,21 @@ def test_alpaca_jsonl_and_json_list():
     assert len(load(FIX / "alpaca_tiny.jsonl", "alpaca", max_rows=5)) == 5
 
 
+def test_hub_sources_go_through_datasets_load_dataset(tmp_path, monkeypatch):
+    """`hub:NAME` is what a user with a network writes; `datasets.load_dataset` also takes a local
+    data folder for NAME, which runs the very same path here with the hub switched off."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "alpaca_hub"
+    folder.mkdir()
+    rows = [json.loads(line) for line in (FIX / "alpaca_tiny.jsonl").read_text().splitlines()]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n")
+    (folder / "test.jsonl").write_text(json.dumps(rows[6]) + "\n")
+    recs = load(f"hub:{folder}", "alpaca", split="train")
+    assert [r["messages"] for r in recs] == [r["messages"] for r in load(FIX / "alpaca_tiny.jsonl", "alpaca")[:6]]
+    assert recs[5]["source"] == f"hub:{folder}[train]:5"
+    assert len(load(f"hub:{folder}", "alpaca", split="test")) == 1
+
+
 def test_self_instruct_one_record_per_instance():
     recs = load(FIX / "self_instruct_tiny.jsonl", "self_instruct")
     assert len(recs) == 5 and lines_of(recs) == [1, 2, 2, 3, 4]
