@@ -257,11 +257,14 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_last: int = 2
     log_every: int = 1
+    peak_tflops: float | None = None  # per GPU, bf16 dense, for train/mfu; None: from the GPU's name
 
     def problems(self, at: str) -> list[str]:
         out = self.stage1.problems(f"{at}.stage1") + self.stage2.problems(f"{at}.stage2")
         for name in ("checkpoint_every", "keep_last", "log_every"):
             _need(out, getattr(self, name) >= 1, f"{at}.{name}", getattr(self, name), "an int >= 1")
+        _need(out, self.peak_tflops is None or self.peak_tflops > 0, f"{at}.peak_tflops", self.peak_tflops,
+              "the GPU's peak TFLOP/s (> 0, bf16 dense), or null to take it from the GPU's name")
         return out
 
 

@@ -32,6 +32,17 @@ from trinityx_ds.plan.layout import Cluster, Layout, Term
 from trinityx_ds.plan.params import MoCaEPlan, attention_params, ffn_params, stage_layers, stage_moe, zero_parts
 
 
+# bf16 dense peak TFLOP/s per GPU (NVIDIA data sheets), by a substring of torch.cuda.get_device_name();
+# first match wins, so the PCIe / NVL variants come before the SXM name they contain
+PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0))
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense peak of a GPU by its CUDA device name; None for a GPU not in the table."""
+    return next((peak for key, peak in PEAK_TFLOPS_BF16 if key in device_name), None)
+
+
 @dataclass(frozen=True)
 class Throughput:
     flops_per_token: float  # executed

@@ -1,9 +1,48 @@
 """What a run reports, on rank 0 only: TensorBoard scalars, the same as JSON lines, a progress bar."""
 from __future__ import annotations
 
+import functools
 import json
 import time
+import warnings
 from pathlib import Path
+
+from trinityx_ds.plan.params import MoCaEPlan
+from trinityx_ds.plan.throughput import flops_per_token, gpu_peak_tflops
+
+PROGRESS = ("train/loss", "train/tokens_per_s", "train/mfu", "train/lr")  # shown on the progress bar
+
+
+@functools.cache
+def peak_tflops(configured: float | None) -> float | None:
+    """`train.peak_tflops`, else the bf16 dense peak of this process's GPU by its name; None on CPU
+    (and, with a warning, for a GPU the table does not know)."""
+    if configured is not None:
+        return configured
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = gpu_peak_tflops(name)
+    if peak is None:
+        warnings.warn(f"train.peak_tflops: not set, and {name!r} is not in the peak table "
+                      "(plan/throughput.py): train/mfu is not logged", stacklevel=2)
+    return peak
+
+
+def step_flops(cfg, arch, moe_cfg, stage: int, tokens_per_s: float, seq_len: int, world: int) -> dict[str, float]:
+    """`train/tflops_per_gpu` of a step and, where the GPU's peak is known, `train/mfu`.
+
+    Model FLOPs per token as the planner counts them (`flops_per_token`: 6 N_active + 12 L H s,
+    Megatron's and torchtitan's MFU count; recomputation and the weight gradients frozen weights
+    skip are not counted), over `tokens_per_s` of the whole job (padding included) on `world` GPUs.
+    """
+    moe = MoCaEPlan.from_mocae_config(moe_cfg, cfg.train.train_experts_in_stage2)
+    tflops = tokens_per_s * flops_per_token(arch, moe, stage, seq_len, cfg.model.activation_checkpointing)[1] \
+        / world / 1e12
+    peak = peak_tflops(cfg.train.peak_tflops)
+    return {"train/tflops_per_gpu": tflops} | ({"train/mfu": tflops / peak} if peak else {})
 
 
 class MetricsLogger:
@@ -34,8 +73,7 @@ class MetricsLogger:
         self.jsonl.flush()
         if progress:
             self.bar.update(1)
-            shown = {k.split("/", 1)[-1]: f"{v:.4g}" for k, v in scalars.items()
-                     if k in ("train/loss", "train/tokens_per_s", "train/lr")}
+            shown = {k.split("/", 1)[-1]: f"{v:.4g}" for k, v in scalars.items() if k in PROGRESS}
             self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:

@@ -163,7 +163,7 @@ class StageRun:
         from trinityx_ds.model.backbone import masked_mean_loss
         from trinityx_ds.model.mocae import RoutingContext, set_router_loss_scale, set_routing_context
         from trinityx_ds.train.engine import initialize
-        from trinityx_ds.train.metrics import MetricsLogger
+        from trinityx_ds.train.metrics import MetricsLogger, step_flops
 
         cfg, sc, dims = self.cfg, self.stage_cfg, self.dims
         train, self.task_sets = self._datasets()
@@ -194,6 +194,8 @@ class StageRun:
                                      set_routing_context)
             step += 1
             stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(time.time() - t0, 1e-9)
+            stats |= step_flops(cfg, self.arch, self.moe, self.stage, stats["train/tokens_per_s"],
+                                batch["input_ids"].shape[1], dims.world_size)
             stats["train/lr"] = engine.get_lr()[0]
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
