@@ -70,7 +70,8 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
             "harm": [{"path": str(data / "beavertails/artkit_beavertails_sample.csv"), "format": "beavertails"},
                      {"path": str(split["hh_train"]), "format": "hh_rlhf", "max_rows": args.harm_rows}],
             "honest": [{"path": str(split["truthfulqa_train"]), "format": "truthfulqa"}]},
-            "max_seq_len": args.max_seq_len, "heldout_fraction": 0.1},
+            # HH-RLHF's harmless-base test file holds dialogues whose turns do not alternate
+            "max_seq_len": args.max_seq_len, "heldout_fraction": 0.1, "on_malformed": "skip"},
         "train": {"stage1": {"steps": args.steps1, "lr": 5e-4, "micro_batch": 4,
                              "warmup_steps": min(5, args.steps1 - 1)},
                   "stage2": {"steps": args.steps2, "lr": 1e-2, "micro_batch": 4,
