@@ -55,7 +55,7 @@ def run_variant(key: str, args) -> dict:
     stage = {"a": 0, "b": 1, "c": 2}[key]
     moe = None if stage == 0 else MoCaEConfig(lora_rank=args.lora_rank, top_k=1)
     if stage == 1:
-        moe.expert_names = moe.expert_names[:1]  # stage 1 builds the one expert it trains, as StageRun does
+        moe = moe.one_expert(moe.expert_names[0])  # stage 1 builds the one expert it trains, as StageRun does
     run = RunConfig()
     run.model.dtype, run.model.activation_checkpointing = args.dtype, args.act_ckpt
     run.parallel.zero_stage = args.zero

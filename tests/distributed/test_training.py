@@ -24,7 +24,9 @@ def model_dir(tmp_path_factory):
 def test_expert_training_zero_1_2_3_agree(run_dist, tmp_path, model_dir):
     losses = {}
     for zero in (1, 2, 3):
-        cfg = write_config(tmp_path / f"z{zero}", model_dir, **{"parallel.zero_stage": zero})
+        # importance weighs experts against each other in stage 2; stage 1 (one expert) ignores it
+        cfg = write_config(tmp_path / f"z{zero}", model_dir, **{"parallel.zero_stage": zero,
+                                                                 "router.importance": [2.0, 1.0, 1.0]})
         run_dist(WORKER, 2, "cli", str(cfg), "experts --only help")
         losses[zero] = [m["train/loss"] for m in metrics(tmp_path / f"z{zero}/out/stage1/help/metrics.jsonl")]
     assert len(losses[1]) == 5

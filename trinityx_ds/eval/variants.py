@@ -30,7 +30,7 @@ def variant_config(moe, variant: str):
     if kind == "expert":
         if name not in moe.expert_names:
             raise ValueError(f"--variant {variant}: no expert {name!r}; the run has {', '.join(moe.expert_names)}")
-        return dataclasses.replace(moe, expert_names=[name], top_k=1)
+        return moe.one_expert(name)
     if variant == "uniform":
         return dataclasses.replace(moe, top_k=moe.num_experts, temperature=1.0, temperature_mode="fixed",
                                    importance=None)

@@ -10,7 +10,7 @@ the `RoutingContext` the training loop sets before each forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from megatron.core import parallel_state
@@ -45,6 +45,11 @@ class MoCaEConfig:
 
     def layer_ids(self, num_layers: int) -> list[int]:
         return list(range(num_layers)) if self.layers == "all" else sorted(self.layers)
+
+    def one_expert(self, name: str) -> "MoCaEConfig":
+        """The block of one expert alone (stage 1 trains it; eval scores it): every token goes to
+        it, so the routing settings that weigh experts against each other do not apply."""
+        return replace(self, expert_names=[name], top_k=1, importance=None)
 
     @classmethod
     def from_run_config(cls, cfg) -> "MoCaEConfig":

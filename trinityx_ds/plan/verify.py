@@ -75,9 +75,7 @@ def mocae_config(moe: MoCaEPlan, stage: int):
                       lora_targets=tuple(moe.lora_targets), top_k=moe.top_k,
                       temperature_mode="learnable" if moe.learnable_temperature else "fixed",
                       normalize_output=moe.normalize_output)
-    if stage == 1:
-        cfg.expert_names, cfg.top_k = cfg.expert_names[:1], 1
-    return cfg
+    return cfg.one_expert(cfg.expert_names[0]) if stage == 1 else cfg
 
 
 @contextlib.contextmanager
