@@ -259,11 +259,11 @@ def test_layout_rules_and_full_experts_with_ep():
     full = MoCaEPlan(kind="full", num_experts=4, top_k=2)
     plan = plan_layout("llama-2-70b", arch, full, Layout(tp=8, ep=4, zero=3, act_ckpt=True), cluster)
     assert {t.name for t in plan.stages[1].throughput.comm} >= {"EP all-to-all", "ZeRO-3 gather/reduce"}
-    # experts partitioned over DP/EP = 2 ranks, the rest over DP = 8
+    # the engine's part partitioned over DP = 8; the EP-placed experts live outside it, whole
     frozen = plan.stages[1].memory.term("weights (frozen)").value
     rank = per_rank_params(arch, 8, 1, 0, full, ep=4)
     assert frozen == pytest.approx(2 * (sum(rank.values()) - rank["experts"] - rank["router"]) / 8
-                                   + 2 * rank["experts"] / 2)
+                                   + 2 * rank["experts"])
 
 
 def test_mocae_plan_from_the_run_config():

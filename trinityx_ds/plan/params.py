@@ -167,13 +167,14 @@ def trainable_params(arch: ModelArch, tp: int, pp: int, pp_rank: int, moe: MoCaE
 
 def zero_parts(arch: ModelArch, moe: MoCaEPlan, tp: int, pp: int, pp_rank: int, ep: int, dp: int,
                stage: int) -> list[tuple[int, int, int]]:
-    """(trainable, all, partition group size) parameters of one rank, per ZeRO partition: what
-    the engine partitions over DP, and stage 2's EP-placed full experts over DP / EP."""
+    """(trainable, all, partition group size) parameters of one rank: what the engine partitions
+    over DP, and stage 2's EP-placed full experts, which live outside the engine (docs/DESIGN.md)
+    and so are not partitioned at all: each rank keeps its own experts whole."""
     moe_s, ep_s = stage_moe(moe, stage, ep)
     groups = per_rank_params(arch, tp, pp, pp_rank, moe_s, ep_s)
     train = trainable_params(arch, tp, pp, pp_rank, moe, stage, ep)
     placed = groups["experts"] if moe.kind == "full" and stage == 2 else 0
-    return [(train["dense"], sum(groups.values()) - placed, dp), (train["experts"], placed, dp // ep_s)]
+    return [(train["dense"], sum(groups.values()) - placed, dp), (train["experts"], placed, 1)]
 
 
 def largest_module(arch: ModelArch, tp: int, moe: MoCaEPlan | None, ep: int = 1) -> int:
