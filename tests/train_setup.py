@@ -8,6 +8,11 @@ from safetensors.torch import save_file
 from trinityx_ds.model.tiny import make_tiny_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "trinityx_ds" / "fixtures" / "data"
+# write_config overrides: four `full` experts (the fourth on the self-instruct fixture), trained in stage 2
+FOUR_FULL_EXPERTS = {"experts": {"kind": "full", "names": ["help", "harm", "honest", "instruct"]},
+                     "data.tasks.instruct": [{"path": str(FIXTURES / "self_instruct_tiny.jsonl"),
+                                              "format": "self_instruct"}],
+                     "train.train_experts_in_stage2": True}
 
 
 def write_config(root: Path, model_dir: Path | None = None, **sections) -> Path:

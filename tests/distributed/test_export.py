@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests import dist
 from tests.dist import ROOT
 from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.sources import SafetensorsSource
 from trinityx_ds.model.tiny import make_tiny_model
 
 WORKER = Path(__file__).parent / "workers" / "export_worker.py"
@@ -80,3 +83,78 @@ def test_trained_run_export_end_to_end(run_dist, tiny, tmp_path):
     check_trinityx(hf_eval(out, run / "reference.pt", tmp_path), remote=False)
     card = (out / "README.md").read_text()
     assert "help, harm, honest" in card and "## Calibration" in card and "ECE" in card
+
+
+def _train_stage2(root: Path, tiny: str, steps: int) -> Path:
+    """Stage 2 at TP=2 x EP=2 (4 processes, DP=2), ZeRO-3, four `full` experts trained with the
+    router (SGD), a checkpoint every 2 steps; writes reference.pt from the live training model.
+    warmup_steps 1 makes the first two steps' learning rates independent of `steps`."""
+    from tests.train_setup import FOUR_FULL_EXPERTS, write_config, write_random_experts
+
+    cfg = write_config(root, Path(tiny), **FOUR_FULL_EXPERTS, **{
+        "parallel": {"tp": 2, "ep": 2, "zero_stage": 3}, "router": {"top_k": 1, "normalize_output": True},
+        "output": {"tensorboard": False},
+        "train.stage2": {"steps": steps, "warmup_steps": 1, "lr": 0.5, "optimizer": "sgd", "grad_clip": 0.0,
+                         "micro_batch": 2},
+        "train.checkpoint_every": 2, "train.keep_last": 3})
+    write_random_experts(cfg)
+    dist.run_dist(WORKER, 4, "train", str(cfg), "2", timeout=300)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def trained_4_experts(tiny, tmp_path_factory):
+    return _train_stage2(tmp_path_factory.mktemp("ckpt"), tiny, steps=4)
+
+
+def test_zero3_tp2_ep2_checkpoint_exports_the_live_model(trained_4_experts, tmp_path):
+    """export-hf of a training checkpoint (the run's checkpoints/ folder: its latest tag), not of
+    the stage outputs: transformers computes the live training model's logits; every expert
+    tensor of the checkpoint is in the export, unchanged."""
+    from safetensors.torch import load_file
+
+    run = trained_4_experts
+    out = export_hf(run / "stage2" / "checkpoints", tmp_path / "hf", max_shard_bytes=300_000)
+    copy = SafetensorsSource(run / "stage2" / "checkpoints" / "step00000004" / "universal")
+    held = {k for k in copy.keys() if ".mlp.experts." in k and not k.startswith("optimizer.")}
+    exported = SafetensorsSource(out)
+    assert len(held) == 2 * 4 * 3 and {k for k in exported.keys() if ".mlp.experts." in k} == held
+    assert all(torch.equal(exported.read(k), copy.read(k)) for k in held)
+    # the trained experts moved away from their stage-1 files (which export from outputs used to read)
+    stage1 = load_file(run / "stage1" / "instruct" / "expert.safetensors")
+    assert all(not torch.equal(stage1[k], exported.read(k)) for k in stage1)
+    check_trinityx(hf_eval(out, run / "reference.pt", tmp_path), remote=False)
+    check_trinityx(hf_eval(out, run / "reference.pt", tmp_path, remote=True), remote=True)
+
+
+def test_mid_run_checkpoint_exports_as_the_stage_outputs_of_its_step(trained_4_experts, tiny, tmp_path):
+    """The step-2 tag of the 4-step run equals, tensor for tensor, the stage outputs of the same
+    run stopped at step 2 (identical first two steps), exported from its output dir."""
+    short = _train_stage2(tmp_path / "short", tiny, steps=2)
+    mid = export_hf(trained_4_experts / "stage2" / "checkpoints" / "step00000002", tmp_path / "mid")
+    outputs = export_hf(short, tmp_path / "outputs")
+    a, b = SafetensorsSource(mid), SafetensorsSource(outputs)
+    assert sorted(a.keys()) == sorted(b.keys()) and sum(".mlp.experts." in k for k in a.keys()) == 2 * 4 * 3
+    assert all(torch.equal(a.read(k), b.read(k)) for k in a.keys())
+    final = SafetensorsSource(trained_4_experts / "stage2" / "checkpoints" / "step00000004" / "universal")
+    assert not torch.equal(final.read("model.layers.0.mlp.router.weight"), a.read("model.layers.0.mlp.router.weight"))
+
+
+def test_stage1_tp2_checkpoint_exports_its_expert(tiny, tmp_path):
+    """A stage-1 checkpoint at TP=2, ZeRO-1 (one DeepSpeed zero_to_fp32 refuses): its tag exports
+    as the one-expert model stage 1 trains, holding the expert stage 1 wrote, bit for bit."""
+    from safetensors.torch import load_file
+
+    from tests.train_setup import write_config
+
+    cfg = write_config(tmp_path / "s1", Path(tiny), **{"parallel": {"tp": 2, "zero_stage": 1},
+                                                      "train.stage1": {"steps": 2, "micro_batch": 2}})
+    dist.run_dist(Path(__file__).parent / "workers" / "train_worker.py", 2, "cli", str(cfg), "experts --only help")
+    stage1 = tmp_path / "s1" / "out" / "stage1" / "help"
+    out = export_hf(stage1 / "checkpoints", tmp_path / "hf")
+    expert, exported = load_file(stage1 / "expert.safetensors"), SafetensorsSource(out)
+    assert len(expert) == 2 * 3 * 2 and {k for k in exported.keys() if ".mlp.experts." in k} == set(expert)
+    assert all(torch.equal(exported.read(k), v) for k, v in expert.items())
+    assert json.loads((out / "config.json").read_text())["mocae"]["expert_names"] == ["help"]
+    dense = export_hf(stage1 / "checkpoints" / "step00000002", tmp_path / "dense", fmt="dense", expert="help")
+    assert json.loads((dense / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

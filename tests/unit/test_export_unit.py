@@ -215,6 +215,48 @@ def test_bad_inputs_fail_in_one_line_naming_file_and_tensor(tmp_path, tiny):
     assert (export_hf(run, tmp_path / "hf", overwrite=True) / "config.json").is_file()
 
 
+def test_checkpoint_export_reads_the_universal_copy_and_refuses_incomplete_ones(tmp_path, tiny):
+    """A stage-2 tag whose universal copy holds the router (and its optimizer moments, which are
+    training state): the experts come from their stage-1 files, and the export equals the one of
+    the stage outputs. The distributed tests write such tags by training."""
+    import shutil
+
+    from trinityx_ds.train.universal import write
+
+    run = make_run(tmp_path, tiny)
+    router = load_file(run / "stage2" / "router.safetensors")
+    ckpt = run / "stage2" / "checkpoints"
+    tag = ckpt / "step00000003"
+    tag.mkdir(parents=True)
+    copy = {**router, **{f"optimizer.exp_avg.{k}": torch.ones_like(v) for k, v in router.items()}}
+    write(tag, iter(copy.items()), rank=0, max_shard_bytes=100_000)
+    shutil.copy(run / "config.yaml", tag / "config.yaml")
+    (tag / "trinityx_state.json").write_text(json.dumps({"step": 3, "stage": 2, "expert": None}))
+    (ckpt / "latest").write_text(tag.name)
+
+    with pytest.raises(CheckpointError) as e:
+        export_hf(tag, tmp_path / "hf")
+    assert _one_line(e) == f"{tag}: incomplete checkpoint (no COMPLETE marker: its save was interrupted)"
+    with pytest.raises(CheckpointError) as e:
+        export_hf(ckpt, tmp_path / "hf")
+    assert _one_line(e) == f"{ckpt / 'latest'}: names no complete checkpoint (no COMPLETE marker)"
+    (tag / "COMPLETE").write_text("")
+
+    a, b = SafetensorsSource(export_hf(ckpt, tmp_path / "hf")), SafetensorsSource(export_hf(run, tmp_path / "out"))
+    assert sorted(a.keys()) == sorted(b.keys()) and not any(k.startswith("optimizer.") for k in a.keys())
+    assert all(torch.equal(a.read(k), b.read(k)) for k in a.keys())
+
+    harm = run / "stage1" / "harm" / "expert.safetensors"
+    harm.unlink()
+    with pytest.raises(CheckpointError) as e:
+        export_hf(tag, tmp_path / "hf2")
+    assert _one_line(e) == f"{harm}: no such file"
+    shutil.rmtree(tag / "universal")
+    with pytest.raises(CheckpointError) as e:
+        export_hf(tag, tmp_path / "hf2")
+    assert _one_line(e) == f"{tag / 'universal'}: no universal copy (model.safetensors.index.json) in this checkpoint"
+
+
 def test_cli_wrapper(tmp_path, tiny, capsys):
     import runpy
 

@@ -7,7 +7,9 @@ otherwise `ExportRefused` names the setting that prevents it).
 
 Everything is read through HF-named tensor sources one tensor at a time and written in
 safetensors shards of at most `max_shard_bytes`, one shard in memory at a time, into a temporary
-folder renamed at the end. Inputs: a training output dir (`output.dir` of a run), a TrinityX HF
+folder renamed at the end. Inputs: a training output dir (`output.dir` of a run: its stage
+outputs), a training checkpoint of any layout (a run's `checkpoints/` folder, meaning its latest
+complete tag, or one `step%08d` tag: its universal copy, see train/universal.py), a TrinityX HF
 folder, or an import-hf checkpoint (backbone only: a plain model).
 """
 from __future__ import annotations
@@ -130,28 +132,83 @@ def _run_config_path(run: Path, config: str | Path | None) -> Path:
                           "(not a training output dir; pass the run config with --config)")
 
 
-def _from_run(run: Path, config: str | Path | None) -> ExportSource:
-    from trinityx_ds.config import load_config
-    from trinityx_ds.model.mocae import MoCaEConfig
-    from trinityx_ds.train.stages import expert_file, open_source_origin
+def _assemble(cfg, cfg_path: Path, moe, sources: list, where: dict[str, str], homes: dict[str, Path],
+              validation: dict | None) -> ExportSource:
+    """The export source of a run: MoCaE `sources` (first wins) over the run's backbone."""
+    from trinityx_ds.train.stages import open_source_origin
 
-    cfg_path = _run_config_path(run, config)
-    cfg = load_config(str(cfg_path), check_paths=False)
-    if cfg.train.train_experts_in_stage2:
-        raise ExportRefused("train.train_experts_in_stage2: true — stage 2's trained experts live only in its "
-                            "DeepSpeed checkpoint; the stage-1 expert files would export stale experts")
-    cfg.output.dir = str(run)  # the run may have moved since it was trained
     model_path = cfg.model.checkpoint or cfg.model.hf_path
     arch, backbone = open_source(model_path)
-    moe = MoCaEConfig.from_run_config(cfg)
-    homes = {"router": run / "stage2" / "router.safetensors", **{n: expert_file(cfg, n) for n in moe.expert_names}}
-    sources, where = _files(list(homes.values()))  # stage 2's router first, as StageRun has no router source
     tok = [Path(open_source_origin(model_path)), Path(model_path)]
     tok += [Path(cfg.model.tokenizer)] if cfg.model.tokenizer else []
     tok.append(cfg_path.parent / "tokenizer")
+    return ExportSource(arch, ChainSource(sources + [backbone]), Path(model_path), moe, where, tok, validation,
+                        {k: str(v) for k, v in homes.items()})
+
+
+def _from_run(run: Path, config: str | Path | None) -> ExportSource:
+    """A run's stage outputs: stage 2's router (and experts, when it trains them), else stage 1's."""
+    from trinityx_ds.config import load_config
+    from trinityx_ds.model.mocae import MoCaEConfig
+    from trinityx_ds.train.stages import expert_file, stage2_expert_file
+
+    cfg_path = _run_config_path(run, config)
+    cfg = load_config(str(cfg_path), check_paths=False)
+    cfg.output.dir = str(run)  # the run may have moved since it was trained
+    moe = MoCaEConfig.from_run_config(cfg)
+    final = stage2_expert_file if cfg.train.train_experts_in_stage2 else expert_file
+    homes = {"router": run / "stage2" / "router.safetensors", **{n: final(cfg, n) for n in moe.expert_names}}
+    sources, where = _files(list(homes.values()))  # stage 2's router first, as StageRun has no router source
     val = run / "stage2" / "validation.json"
-    return ExportSource(arch, ChainSource(sources + [backbone]), Path(model_path), moe, where, tok,
-                        json.loads(val.read_text()) if val.is_file() else None, {k: str(v) for k, v in homes.items()})
+    return _assemble(cfg, cfg_path, moe, sources, where, homes, json.loads(val.read_text()) if val.is_file() else None)
+
+
+def _checkpoint_tag(path: Path) -> Path | None:
+    """The tag dir a training checkpoint path means (a `checkpoints/` folder: its latest complete
+    tag), or None when `path` is no training checkpoint."""
+    from trinityx_ds.train.checkpoint import COMPLETE, STATE, latest_tag
+    from trinityx_ds.train.universal import FOLDER
+
+    if (path / "latest").is_file():
+        tag = latest_tag(path)
+        if tag is None:
+            raise CheckpointError(f"{path / 'latest'}: names no complete checkpoint (no {COMPLETE} marker)")
+        return path / tag
+    if (path / STATE).is_file() or (path / FOLDER).is_dir():
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker: its save was interrupted)")
+        return path
+    return None
+
+
+def _from_checkpoint(tag_dir: Path, config: str | Path | None) -> ExportSource:
+    """A training checkpoint of any layout, through its universal copy: the stage's trained tensors
+    (stage 1: its one expert; stage 2: the router, and the experts when it trains them), the other
+    experts from their stage-1 files, the frozen backbone from the run config's model source."""
+    from trinityx_ds.config import load_config
+    from trinityx_ds.model.mocae import MoCaEConfig
+    from trinityx_ds.train.checkpoint import STATE
+    from trinityx_ds.train.gather import OPTIMIZER
+    from trinityx_ds.train.stages import expert_file
+    from trinityx_ds.train.universal import open_copy
+
+    tag_dir = tag_dir.resolve()
+    cfg_path = Path(config) if config is not None else tag_dir / "config.yaml"
+    cfg = load_config(str(cfg_path), check_paths=False)
+    state = json.loads((tag_dir / STATE).read_text())
+    # <run>/stage2/checkpoints/<tag> or <run>/stage1/<expert>/checkpoints/<tag>: the run may have moved
+    cfg.output.dir = str(tag_dir.parents[2] if state["stage"] == 2 else tag_dir.parents[3])
+    moe = MoCaEConfig.from_run_config(cfg)
+    if state["stage"] == 1:  # as stage 1 trained it: one expert, every token to it
+        moe = moe.one_expert(state["expert"])
+    held = open_copy(tag_dir)
+    where = {k: str(held.folder / f) for k, f in held.weight_map.items()
+             if not k.startswith(OPTIMIZER) and ".mlp.routing_ema." not in k}  # training state, not the model
+    frozen = [n for n in moe.expert_names if not any(f".mlp.experts.{n}." in k for k in where)]
+    homes = {"router": held.folder,
+             **{n: expert_file(cfg, n) if n in frozen else held.folder for n in moe.expert_names}}
+    sources, files = _files([expert_file(cfg, n) for n in frozen])
+    return _assemble(cfg, cfg_path, moe, [held] + sources, {**where, **files}, homes, None)
 
 
 def _from_trinityx_folder(folder: Path, cfg: dict) -> ExportSource:
@@ -168,7 +225,8 @@ def _from_trinityx_folder(folder: Path, cfg: dict) -> ExportSource:
 
 
 def open_export_source(path: str | Path, config: str | Path | None = None) -> ExportSource:
-    """A training output dir, a TrinityX HF folder, or a backbone (import-hf checkpoint, HF folder)."""
+    """A training output dir, a training checkpoint, a TrinityX HF folder, or a backbone (import-hf
+    checkpoint, HF folder)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder")
@@ -178,6 +236,8 @@ def open_export_source(path: str | Path, config: str | Path | None = None) -> Ex
     elif (path / META).is_file() or cfg_file.is_file():
         arch, src = open_source(path)
         s = ExportSource(arch, src, path, tokenizer_dirs=[path])
+    elif (tag := _checkpoint_tag(path)) is not None:
+        s = _from_checkpoint(tag, config)
     else:
         s = _from_run(path, config)
     s.layout = {k: tuple(v.shape) for k, v in _meta_model(_trinityx_config(s) if s.moe else _base_config(s)).items()}
@@ -564,12 +624,15 @@ def _bytes(text: str) -> int:
 
 
 def add_export_arguments(p) -> None:
-    p.add_argument("run", help="training output dir (output.dir), TrinityX HF folder, or import-hf checkpoint")
+    p.add_argument("run", help="training output dir (output.dir), training checkpoint (a run's checkpoints/ folder "
+                              "= its latest complete tag, or a step%%08d tag dir; any TP/EP/ZeRO layout), "
+                              "TrinityX HF folder, or import-hf checkpoint")
     p.add_argument("out", help="HF folder to write")
     p.add_argument("--format", choices=FORMATS, default="trinityx",
                    help="trinityx (MoCaE model), dense (one expert merged), mixtral (where exact)")
     p.add_argument("--expert", default=None, help="the expert of --format dense")
-    p.add_argument("--config", default=None, help="run config (default: the one saved with stage 2's checkpoint)")
+    p.add_argument("--config", default=None, help="run config (default: the one saved with the checkpoint, or with "
+                                                  "stage 2's latest checkpoint for an output dir)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard [5GB]")
     p.add_argument("--overwrite", action="store_true")
 

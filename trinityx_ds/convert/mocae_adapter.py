@@ -6,6 +6,7 @@ HF-side names (per layer i, expert name n):
   model.layers.i.mlp.experts.n.{gate_proj,up_proj,down_proj}.lora_A.weight / .lora_B.weight  (lora)
   model.layers.i.mlp.experts.n.{gate_proj,up_proj,down_proj}.weight                         (full)
   model.layers.i.mlp.post_norm.weight
+  model.layers.i.mlp.routing_ema.{ema_LE,updates_L}   (training state only: checkpoints' universal copies)
 The base FFN of LoRA experts keeps Llama's names (model.layers.i.mlp.gate_proj.weight, ...).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ class MoCaEAdapter:
         pre = self.hf_prefix(layer)
         if rest.startswith("router.") and rest.split(".", 1)[1] in _ROUTER:
             return src.read(pre + rest)
-        if rest == "post_norm.weight":
+        if rest == "post_norm.weight" or rest.startswith("routing_ema."):
             return src.read(pre + rest)
         lora = re.fullmatch(r"experts\.(gate_proj|up_proj|down_proj)_(A|B)", rest)
         if lora:
@@ -71,7 +72,7 @@ class MoCaEAdapter:
         pre, mpre, ranks = self.hf_prefix(layer), f"decoder.layers.{layer}.mlp.", range(self.tp)
         for name in names:
             rest = name[len(mpre):]
-            if rest.startswith("router.") or rest == "post_norm.weight":
+            if rest.startswith(("router.", "routing_ema.")) or rest == "post_norm.weight":
                 yield pre + rest, shard(0, name)
                 continue
             lora = re.fullmatch(r"experts\.(gate_proj|up_proj|down_proj)_(A|B)", rest)

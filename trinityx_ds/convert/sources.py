@@ -161,3 +161,17 @@ class ChainSource:
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         return self._owner(name).read(name, dim, start, stop)
+
+
+class PrefixedSource:
+    """The tensors of `src` named `prefix` + NAME, read as NAME: an optimizer moment of a universal
+    checkpoint copy ("optimizer.exp_avg." + HF name) re-sliced by the adapter like its parameter."""
+
+    def __init__(self, src, prefix: str):
+        self.src, self.prefix = src, prefix
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.src.shape(self.prefix + name)
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        return self.src.read(self.prefix + name, dim, start, stop)

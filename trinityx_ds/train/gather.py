@@ -1,34 +1,74 @@
-"""Gathering sharded weights (ZeRO-3 partitions, TP shards, EP-placed experts) into HF-named
-full tensors on rank 0: what stage outputs and exports are written from."""
+"""Gathering sharded tensors (ZeRO partitions, TP shards, EP-placed experts) into HF-named full
+tensors on rank 0, one MoCaE layer at a time: what stage outputs and the universal copy of a
+checkpoint are written from."""
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
+OPTIMIZER = "optimizer."  # the optimizer moment `key` of tensor X is written as "optimizer.<key>.X"
+
+
+def mocae_named_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of `model` by megatron name, plus the experts a module holds
+    outside its module tree (stage 2's EP-placed `full` experts, StageRun._place_experts) under the
+    names they would have inside it, so the adapter maps them like any other expert."""
+    out = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")]
+    for name, module in model.named_modules():
+        held = module.__dict__.get("experts")
+        if isinstance(held, torch.nn.Module):
+            out += [(f"{name}.experts.{n}", t) for n, t in held.state_dict(keep_vars=True).items()
+                    if not n.endswith("_extra_state")]
+    return out
+
+
+def gather_layers(model, moe_cfg, arch, dims, include: Callable[[str], bool],
+                  values: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) on global rank 0, one MoCaE layer in memory at a time; nothing on the
+    other ranks. Collective over the whole job: every rank must exhaust it.
+
+    `values(name, tensor)` gives, for each megatron tensor of this rank that passes `include`, its
+    TP shard whole over the data-parallel ranks by kind: "" is the value, any other kind (an
+    optimizer moment) comes out as OPTIMIZER + kind + "." + HF name. Ranks call it in the same
+    order, so it may run collectives over the data-parallel group."""
+    from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
+
+    adapter = MoCaEAdapter(moe_cfg, dims.tp)
+    named = [(n, t) for n, t in mocae_named_tensors(model) if include(n)]
+    for layer in moe_cfg.layer_ids(arch.num_layers):
+        pre, mine = f"decoder.layers.{layer}.", {}
+        for n, t in named:
+            if n.startswith(pre):
+                for kind, value in values(n, t).items():
+                    mine.setdefault(kind, {})[n] = value
+        every = [None] * dims.world_size if dims.rank == 0 else None
+        dist.gather_object((dims.tp_rank, mine), every, dst=0)
+        if dims.rank != 0:
+            continue
+        for kind in sorted({k for _, m in every for k in m}):
+            parts = [(tp_rank, m.get(kind, {})) for tp_rank, m in every]
+            names = sorted({n for tp_rank, m in parts if tp_rank == 0 for n in m})
+            prefix = f"{OPTIMIZER}{kind}." if kind else ""
+            for hf_name, tensor in adapter.unshard(layer, partial(_shard, parts), names):
+                yield prefix + hf_name, tensor
+
+
+def _shard(parts: list[tuple[int, dict]], tp_rank: int, name: str) -> torch.Tensor:
+    """TP rank `tp_rank`'s shard of `name` among the ranks' (tp rank, tensors) (with EP, the one EP
+    rank that holds the expert)."""
+    return next(m[name] for r, m in parts if r == tp_rank and name in m)
+
 
 def gather_mocae_tensors(model, moe_cfg, arch, dims, include) -> dict[str, torch.Tensor]:
     """HF-named full tensors (on global rank 0; {} elsewhere) of the MoCaE tensors whose megatron
-    name passes `include(name)`. Collective over the whole job."""
+    name passes `include(name)`, as the model holds them (ZeRO-3 partitions gathered). Collective."""
     import deepspeed
-    from megatron.core import parallel_state as ps
 
-    from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
+    def value(name, tensor):
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):  # a no-op unless ZeRO-3's
+            return {"": tensor.detach().clone()}
 
-    named = [(n, t) for n, t in model.state_dict(keep_vars=True).items()
-             if include(n) and not n.endswith("_extra_state")]
-    params = [t for _, t in named if isinstance(t, torch.nn.Parameter)]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        mine = {n: t.detach().clone() for n, t in named}
-    every = [None] * dims.world_size
-    dist.all_gather_object(every, (ps.get_tensor_model_parallel_rank(), mine))
-    if dims.rank != 0:
-        return {}
-
-    def shard(r, name):
-        return next(m[name] for tr, m in every if tr == r and name in m)
-
-    adapter, out = MoCaEAdapter(moe_cfg, dims.tp), {}
-    names = sorted({n for tr, m in every if tr == 0 for n in m})
-    for layer in moe_cfg.layer_ids(arch.num_layers):
-        out.update(adapter.unshard(layer, shard, [n for n in names if n.startswith(f"decoder.layers.{layer}.")]))
-    return out
+    return dict(gather_layers(model, moe_cfg, arch, dims, include, value))

@@ -8,6 +8,7 @@ trained. Every rank runs the same collectives whatever the routing.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trinityx_ds.train import checkpoint
+from trinityx_ds.train import checkpoint, universal
 
 FOREIGN_OK = (".mlp.router.", ".mlp.post_norm.", ".mlp.experts.local.")  # initialised, not loaded
 
@@ -27,6 +28,21 @@ def stage_dir(cfg, stage: int, expert: str | None = None) -> Path:
 
 def expert_file(cfg, name: str) -> Path:
     return stage_dir(cfg, 1, name) / "expert.safetensors"
+
+
+def stage2_expert_file(cfg, name: str) -> Path:
+    """Expert `name` as stage 2 leaves it when it trains experts (train.train_experts_in_stage2)."""
+    return stage_dir(cfg, 2) / "experts" / f"{name}.safetensors"
+
+
+def _save_output(tensors: dict, path: Path) -> None:
+    """A stage output, renamed into place when whole: a reader never sees a torn file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 class _Preemption:
@@ -92,7 +108,13 @@ class StageRun:
         self.moe = moe
         self.model, self.blocks = build_model(self.arch, self.dims, moe, dtype=cfg.model.dtype,
                                               activation_checkpointing=cfg.model.activation_checkpointing)
-        sources = [backbone_src]
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.layout = checkpoint.layout(self.dims, cfg.parallel.zero_stage)
+        self.resume = checkpoint.latest(self.ckpt_dir)
+        # resumed at another layout: the trained tensors come from the checkpoint's universal copy
+        self.universal = (universal.open_copy(self.ckpt_dir / self.resume[0]) if self.resume is not None
+                          and not checkpoint.same_layout(self.resume[1], self.layout) else None)
+        sources = [backbone_src] if self.universal is None else [self.universal, backbone_src]
         if stage == 1 and moe.kind == "lora":
             sources.append(DictSource(lora_init_tensors(self.arch, moe, cfg.seed)))
         if stage == 2:
@@ -171,18 +193,23 @@ class StageRun:
         expert_opt = self._expert_optimizer()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batches = Batches(train, sc.micro_batch * sc.grad_accum, cfg.seed, pad_id, rank=dims.dp_rank, world=dims.dp)
-        ckpt_dir = self.dir / "checkpoints"
+        ckpt_dir = self.ckpt_dir
         start = 0
-        resumed = checkpoint.load(engine, ckpt_dir)
-        if resumed is not None:
-            tag, state = resumed
+        if self.resume is not None:
+            tag, state = self.resume
+            if self.universal is None:
+                checkpoint.load(engine, ckpt_dir, tag)
+                self._load_external(ckpt_dir / tag, expert_opt)
+            else:
+                self._load_universal(engine, expert_opt, state)
             batches.load_state_dict(state["data"])
             start = state["step"]
-            self._load_external(ckpt_dir / tag, expert_opt)
         log = MetricsLogger(self.dir, sc.steps, start, enabled=dims.rank == 0, tensorboard=cfg.output.tensorboard,
                             desc=f"stage {self.stage}{' ' + self.expert if self.expert else ''}")
-        if resumed is not None and dims.rank == 0:
-            log.bar.write(f"resumed from {ckpt_dir / resumed[0]} at step {start}")
+        if self.resume is not None and dims.rank == 0:
+            saved = self.resume[1].get("layout")
+            log.bar.write(f"resumed from {ckpt_dir / self.resume[0]} at step {start}"
+                          + (f" (resharded from {saved} to {self.layout})" if self.universal is not None else ""))
         set_router_loss_scale(1.0 / sc.grad_accum)
         preempt = _Preemption()
         step, saved_at, stopped = start, None, False
@@ -318,8 +345,10 @@ class StageRun:
                             "optimizer": expert_opt.state_dict(), "scheduler": self.expert_sched.state_dict()},
                            self._external_file(tag_dir))
 
-        state = {"step": step, "data": batches.state_dict(), "stage": self.stage, "expert": self.expert}
-        checkpoint.save(engine, ckpt_dir, step, state, self.cfg.train.keep_last, extra_files=extra)
+        state = {"step": step, "data": batches.state_dict(), "stage": self.stage, "expert": self.expert,
+                 "layout": self.layout, "universal": self._universal_meta(engine, expert_opt)}
+        checkpoint.save(engine, ckpt_dir, step, state, self.cfg.train.keep_last, extra_files=extra,
+                        universal=lambda tag_dir: self._write_universal(engine, expert_opt, tag_dir))
         if self.dims.rank == 0:
             from trinityx_ds.config import save_config
 
@@ -336,30 +365,112 @@ class StageRun:
         expert_opt.load_state_dict(state["optimizer"])
         self.expert_sched.load_state_dict(state["scheduler"])
 
+    # ------------------------------------------------------------------ universal copy
+    def _in_universal(self, name: str) -> bool:
+        """The stage's MoCaE tensors; stage 2's experts only when it trains them (stage 1's files
+        hold them otherwise)."""
+        if ".mlp.experts." in name:
+            return self.stage == 1 or self.cfg.train.train_experts_in_stage2
+        return any(k in name for k in (".mlp.router.", ".mlp.post_norm.", ".mlp.routing_ema."))
+
+    def _optimizers(self, engine, expert_opt) -> dict:
+        """The optimizers and their schedules by name: the engine's, and the EP-placed experts'."""
+        out = {"engine": (engine.optimizer, engine.lr_scheduler)}
+        if expert_opt is not None:
+            out["experts"] = (expert_opt, self.expert_sched)
+        return out
+
+    def _universal_meta(self, engine, expert_opt) -> dict:
+        """What the universal copy's tensors do not hold: optimizer counters, schedules, DeepSpeed's
+        step counters (JSON, in trinityx_state.json)."""
+        opts = self._optimizers(engine, expert_opt)
+        return {"optimizers": {k: universal.optimizer_summary(o) for k, (o, _) in opts.items()},
+                "schedulers": {k: s.state_dict() for k, (_, s) in opts.items()},
+                "counters": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps")}}
+
+    def _write_universal(self, engine, expert_opt, tag_dir: Path) -> None:
+        """Collective: the stage's MoCaE tensors (trainable ones as DeepSpeed's fp32 masters) and
+        their optimizer moments, gathered layer by layer to rank 0 and written as TAG/universal."""
+        import deepspeed
+
+        from trinityx_ds.convert.export import DEFAULT_SHARD_BYTES
+        from trinityx_ds.train.gather import gather_layers
+
+        external = {id(p) for e in self.external_experts for p in e.parameters()}
+        opts = {k: (o, universal.optimizer_summary(o)["moments"]) for k, (o, _) in
+                self._optimizers(engine, expert_opt).items()}
+
+        def values(name, t):
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                opt, moments = opts["experts" if id(t) in external else "engine"]
+                return {"": universal.full(t, opt), **{k: universal.full(t, opt, k) for k in moments}}
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):  # a no-op unless ZeRO-3's
+                return {"": t.detach().clone()}
+
+        tensors = gather_layers(self.model, self.moe, self.arch, self.dims, self._in_universal, values)
+        universal.write(tag_dir, tensors, self.dims.rank, DEFAULT_SHARD_BYTES)
+
+    def _load_universal(self, engine, expert_opt, state: dict) -> None:
+        """Resume at another layout. The universal copy's tensors were loaded with the weights
+        (__init__), re-sliced for this TP/EP by the adapter; here DeepSpeed's fp32 masters, the
+        optimizer moments and counters, the schedules and the engine's step counters follow."""
+        from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
+        from trinityx_ds.convert.sources import PrefixedSource
+        from trinityx_ds.train.gather import OPTIMIZER, mocae_named_tensors
+
+        saved, src, rank = state["universal"], self.universal, self.dims.tp_rank
+        adapter = MoCaEAdapter(self.moe, self.dims.tp)
+        opts = self._optimizers(engine, expert_opt)
+        for key, (opt, sched) in opts.items():
+            universal.materialise(opt, saved["optimizers"][key])
+            sched.load_state_dict(saved["schedulers"][key])
+            for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+                group["lr"] = lr
+        external = {id(p) for e in self.external_experts for p in e.parameters()}
+        for name, t in mocae_named_tensors(self.model):
+            if ".mlp.routing_ema." in name:  # a buffer the weights loader leaves alone
+                with torch.no_grad():
+                    t.copy_(adapter.shard(name, src, rank))
+            elif self._in_universal(name) and isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                key = "experts" if id(t) in external else "engine"
+                opt = opts[key][0]
+                universal.set_full(t, opt, adapter.shard(name, src, rank))
+                for m in saved["optimizers"][key]["moments"]:
+                    universal.set_full(t, opt, adapter.shard(name, PrefixedSource(src, f"{OPTIMIZER}{m}."), rank), m)
+        for k, v in saved["counters"].items():
+            setattr(engine, k, v)
+
     # ------------------------------------------------------------------ outputs
     def _finish(self, engine, log, step: int) -> dict:
-        from safetensors.torch import save_file
-
         from trinityx_ds.train.gather import gather_mocae_tensors
 
         if self.stage == 1:
             tensors = gather_mocae_tensors(self.model, self.moe, self.arch, self.dims,
                                            lambda n: ".mlp.experts." in n)
             if self.dims.rank == 0:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(expert_file(self.cfg, self.expert)))
+                _save_output(tensors, expert_file(self.cfg, self.expert))
             dist.barrier()
             return {"expert_file": str(expert_file(self.cfg, self.expert)), "tensors": len(tensors)}
         from trinityx_ds.train.validate import routing_report
 
         report = routing_report(self, engine)
+        trained = self.cfg.train.train_experts_in_stage2
         tensors = gather_mocae_tensors(self.model, self.moe, self.arch, self.dims,
-                                       lambda n: ".mlp.router." in n or ".mlp.post_norm." in n)
+                                       lambda n: ".mlp.router." in n or ".mlp.post_norm." in n
+                                       or (trained and ".mlp.experts." in n))
+        out = {"router_file": str(self.dir / "router.safetensors"), "validation": report}
+        if trained:
+            out["expert_files"] = [str(stage2_expert_file(self.cfg, n)) for n in self.moe.expert_names]
         if self.dims.rank == 0:
             log.log(step, {"val/routing_accuracy": report["accuracy"], "val/routing_ece": report["ece"],
                            "val/routing_brier": report["brier"]}, progress=False)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.dir / "router.safetensors"))
+            _save_output({k: v for k, v in tensors.items() if ".mlp.experts." not in k},
+                         self.dir / "router.safetensors")
+            for name in self.moe.expert_names if trained else ():
+                _save_output({k: v for k, v in tensors.items() if f".mlp.experts.{name}." in k},
+                             stage2_expert_file(self.cfg, name))
         dist.barrier()
-        return {"router_file": str(self.dir / "router.safetensors"), "validation": report}
+        return out
 
 
 def open_source_origin(path: str) -> str:

@@ -5,6 +5,9 @@ build TINY RUN OPTS   (torchrun) a MoCaE model at OPTS' TP/EP from seeded HF-spa
                       config.yaml, gathered from the model's own shards) and RUN/reference.pt.
 rebuild RUN           (torchrun) the model of a trained run, read as StageRun reads it, plus the
                       router of stage 2; writes RUN/reference.pt.
+train CONFIG FORCE    (torchrun) stage 2 of CONFIG as `trinityx train router` runs it; then the
+                      live training model (ZeRO partitions, TP shards, EP-placed experts as
+                      trained) writes OUT/reference.pt, OUT = the config's output.dir.
 hf FOLDER REF OPTS    (plain python, HF_HUB_OFFLINE) loads FOLDER with AutoModelForCausalLM, as
                       a user would: registered through `import trinityx_ds`, or with
                       trust_remote_code in a process that never imports trinityx_ds; prints the
@@ -144,8 +147,23 @@ def rebuild(run: Path) -> None:
     write_result({})
 
 
+def train(config: str, force: int) -> None:
+    from trinityx_ds.config import load_config
+    from trinityx_ds.train.stages import StageRun
+
+    run = StageRun(load_config(config), 2)
+    summary = run.run()
+    run.model.eval()
+    ref = references(run.model, run.blocks, run.arch, force)
+    if run.dims.rank == 0:
+        torch.save(ref, Path(run.cfg.output.dir) / "reference.pt")
+    write_result({"step": summary["step"]})
+
+
 if mode == "build":
     build(sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4]))
+elif mode == "train":
+    train(sys.argv[2], int(sys.argv[3]))
 else:
     rebuild(Path(sys.argv[2]))
 destroy_parallel()
