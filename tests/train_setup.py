@@ -65,8 +65,7 @@ def write_random_experts(cfg_path: Path, seed: int = 3, std: float = 0.2) -> Non
     backbone = SafetensorsSource(cfg.model.hf_path)
     g = torch.Generator().manual_seed(seed)
     for name in cfg.experts.names:
-        moe = MoCaEConfig.from_run_config(cfg)
-        moe.expert_names = [name]
+        moe = MoCaEConfig.from_run_config(cfg).one_expert(name)
         if moe.kind == "full":
             tensors = {}
             for i in moe.layer_ids(arch.num_layers):

@@ -104,7 +104,7 @@ class StageRun:
         self.arch.check_seq_len(cfg.data.max_seq_len)
         moe = MoCaEConfig.from_run_config(cfg)
         if stage == 1:
-            moe.expert_names, moe.top_k = [expert], 1
+            moe = moe.one_expert(expert)
         self.moe = moe
         self.model, self.blocks = build_model(self.arch, self.dims, moe, dtype=cfg.model.dtype,
                                               activation_checkpointing=cfg.model.activation_checkpointing)
