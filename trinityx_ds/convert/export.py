@@ -150,14 +150,14 @@ def _from_run(run: Path, config: str | Path | None) -> ExportSource:
     """A run's stage outputs: stage 2's router (and experts, when it trains them), else stage 1's."""
     from trinityx_ds.config import load_config
     from trinityx_ds.model.mocae import MoCaEConfig
-    from trinityx_ds.train.stages import expert_file, stage2_expert_file
+    from trinityx_ds.train.stages import final_expert_file
 
     cfg_path = _run_config_path(run, config)
     cfg = load_config(str(cfg_path), check_paths=False)
     cfg.output.dir = str(run)  # the run may have moved since it was trained
     moe = MoCaEConfig.from_run_config(cfg)
-    final = stage2_expert_file if cfg.train.train_experts_in_stage2 else expert_file
-    homes = {"router": run / "stage2" / "router.safetensors", **{n: final(cfg, n) for n in moe.expert_names}}
+    homes = {"router": run / "stage2" / "router.safetensors",
+             **{n: final_expert_file(cfg, n) for n in moe.expert_names}}
     sources, where = _files(list(homes.values()))  # stage 2's router first, as StageRun has no router source
     val = run / "stage2" / "validation.json"
     return _assemble(cfg, cfg_path, moe, sources, where, homes, json.loads(val.read_text()) if val.is_file() else None)

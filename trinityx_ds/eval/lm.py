@@ -114,7 +114,7 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
     from trinityx_ds.model.build import build_model
     from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context
     from trinityx_ds.parallel.groups import init_parallel
-    from trinityx_ds.train.stages import expert_file, stage_dir
+    from trinityx_ds.train.stages import final_expert_file, stage_dir
 
     run_dir = Path(checkpoint) if variants.is_run_dir(checkpoint) else None
     cfg = None
@@ -132,9 +132,10 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
     sources = [DictSource(variants.router_overrides(moe, variant, arch.num_layers, arch.hidden_size)), backbone_src]
     if moe is not None:
         for name in moe.expert_names:
-            if not expert_file(cfg, name).is_file():
-                raise FileNotFoundError(f"{expert_file(cfg, name)}: expert {name!r} not trained yet")
-            sources.append(SafetensorsSource.from_file(expert_file(cfg, name)))
+            path = final_expert_file(cfg, name)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: expert {name!r} not trained yet")
+            sources.append(SafetensorsSource.from_file(path))
         router = stage_dir(cfg, 2) / "router.safetensors"
         if variant in ("h3fusion", "trinityx") and not router.is_file():
             raise FileNotFoundError(f"{router}: no trained router (run `trinityx train router` first)")

@@ -35,6 +35,14 @@ def stage2_expert_file(cfg, name: str) -> Path:
     return stage_dir(cfg, 2) / "experts" / f"{name}.safetensors"
 
 
+def final_expert_file(cfg, name: str) -> Path:
+    """Expert `name` as the run last trained it (what export and evaluation read): stage 2's copy
+    when stage 2 trains experts and has finished (its router file, written last, is there), else
+    stage 1's."""
+    done = (stage_dir(cfg, 2) / "router.safetensors").is_file()
+    return stage2_expert_file(cfg, name) if cfg.train.train_experts_in_stage2 and done else expert_file(cfg, name)
+
+
 def _save_output(tensors: dict, path: Path) -> None:
     """A stage output, renamed into place when whole: a reader never sees a torn file."""
     from safetensors.torch import save_file
@@ -464,11 +472,12 @@ class StageRun:
         if self.dims.rank == 0:
             log.log(step, {"val/routing_accuracy": report["accuracy"], "val/routing_ece": report["ece"],
                            "val/routing_brier": report["brier"]}, progress=False)
-            _save_output({k: v for k, v in tensors.items() if ".mlp.experts." not in k},
-                         self.dir / "router.safetensors")
             for name in self.moe.expert_names if trained else ():
                 _save_output({k: v for k, v in tensors.items() if f".mlp.experts.{name}." in k},
                              stage2_expert_file(self.cfg, name))
+            # last: its presence says stage 2 is complete (final_expert_file relies on it)
+            _save_output({k: v for k, v in tensors.items() if ".mlp.experts." not in k},
+                         self.dir / "router.safetensors")
         dist.barrier()
         return out
 
