@@ -73,8 +73,9 @@ def test_tp2_ep2_equals_tp1_ep1(run_dist, tiny, tmp_path):
     _holds_only_its_experts(res["per_rank"], per=2, tp=2)
 
 
-def test_lora_tp2_equals_tp1(run_dist, tiny, tmp_path):
-    opts = {"kind": "lora", "experts": 3, "top_k": 2}
+@pytest.mark.parametrize("top_k,renormalize", [(2, True), (1, False)])  # top-1: the weight scales [T, H]
+def test_lora_tp2_equals_tp1(run_dist, tiny, tmp_path, top_k, renormalize):
+    opts = {"kind": "lora", "experts": 3, "top_k": top_k, "renormalize": renormalize}
     ref = _reference(run_dist, tiny, tmp_path, opts, global_dp=1)
     res = run_dist(WORKER, 2, "parallel", tiny, json.dumps({**opts, "tp": 2, "compare": ref}))
     assert res["grad_names_equal"] and res["n_grads"] > 0

@@ -73,7 +73,9 @@ class LoRAExperts(nn.Module):
 
         Slot by slot (each token has exactly one expert per top-k slot), everything is a dense
         matmul: the low-rank activations of all experts are computed once ([T, E*r]) and masked to
-        the slot's expert, so no gather/scatter of [T, F] activations is needed.
+        the slot's expert, so no gather/scatter of [T, F] activations is needed. The [T, F] work
+        beyond the base FFN is kept to the low-rank updates, each fused into one addmm; with one
+        slot, the routing weight scales the [T, H] output instead of the [T, F] activations.
         """
         T, K = topk_idx_TK.shape
         E, r = self.num_experts, self.rank
@@ -84,28 +86,35 @@ class LoRAExperts(nn.Module):
         low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(x_low @ self._stacked_A(t).t())
                for t in ("gate_proj", "up_proj") if t in self.targets}
         B = {t: self._stacked_B(t) for t in self.targets}
-        # mixing weights meet TP-sharded activations (and the down path's pre-reduce partial sums):
-        # their gradient is partial on each rank, summed by the copy region's backward
-        weight_mix_TK = tensor_parallel.copy_to_tensor_model_parallel_region(topk_weight_TK.to(x_TH.dtype))
-        mix_TF, down_low = 0, 0
+        # One slot: the weight multiplies the reduced [T, H] output, replicated across TP (its
+        # gradient is whole on every rank). Several: it meets TP-sharded activations (and the down
+        # path's pre-reduce partial sums), so its gradient is partial per rank, summed by the copy
+        # region's backward.
+        weight_TK = topk_weight_TK.to(x_TH.dtype)
+        weight_mix_TK = None if K == 1 else tensor_parallel.copy_to_tensor_model_parallel_region(weight_TK)
+        mix_TF = down_low = None
         for k in range(K):
             onehot_TEr = F.one_hot(topk_idx_TK[:, k], E).to(x_TH.dtype).repeat_interleave(r, dim=1)
             g, u = gate_TF, up_TF
             if "gate_proj" in low:
-                g = g + self.scale * (low["gate_proj"] * onehot_TEr) @ B["gate_proj"]
+                g = torch.addmm(g, low["gate_proj"] * onehot_TEr, B["gate_proj"], alpha=self.scale)
             if "up_proj" in low:
-                u = u + self.scale * (low["up_proj"] * onehot_TEr) @ B["up_proj"]
+                u = torch.addmm(u, low["up_proj"] * onehot_TEr, B["up_proj"], alpha=self.scale)
             a_TF = F.silu(g) * u
-            mix_TF = mix_TF + weight_mix_TK[:, k, None] * a_TF
             if "down_proj" in self.targets:
-                partial = self.dropout(a_TF) @ self._stacked_A("down_proj").t()
-                down_low = down_low + (weight_mix_TK[:, k, None] * onehot_TEr) * partial
+                partial = (self.dropout(a_TF) @ self._stacked_A("down_proj").t()) * onehot_TEr
+                if weight_mix_TK is not None:
+                    partial = weight_mix_TK[:, k, None] * partial
+                down_low = partial if down_low is None else down_low + partial
+            if weight_mix_TK is not None:
+                a_TF = weight_mix_TK[:, k, None] * a_TF
+            mix_TF = a_TF if mix_TF is None else mix_TF + a_TF
         y_TH, _ = mlp.linear_fc2(mix_TF.unsqueeze(1))
         y_TH = y_TH.squeeze(1)
-        if "down_proj" in self.targets:
+        if down_low is not None:
             down_low = tensor_parallel.reduce_from_tensor_model_parallel_region(down_low)
-            y_TH = y_TH + self.scale * down_low @ B["down_proj"]
-        return y_TH
+            y_TH = torch.addmm(y_TH, down_low, B["down_proj"], alpha=self.scale)
+        return y_TH * weight_TK if K == 1 else y_TH
 
 
 class FullExperts(nn.Module):

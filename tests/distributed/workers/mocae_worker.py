@@ -95,7 +95,7 @@ elif mode == "math":
 elif mode in ("parallel", "starved"):
     cfg = MoCaEConfig(kind=opt.get("kind", "full"), top_k=opt.get("top_k", 2),
                       expert_names=[f"e{i}" for i in range(opt.get("experts", 3))],
-                      importance=opt.get("importance"))
+                      importance=opt.get("importance"), renormalize=opt.get("renormalize", True))
     model, blocks = make(cfg, mocae_source(folder, cfg, seed=2, router_std=0.0 if mode == "starved" else 0.5))
     trainable = {n: p for n, p in model.named_parameters() if ".mlp.router." in n or ".mlp.experts." in n}
     for n, p in model.named_parameters():
