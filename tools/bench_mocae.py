@@ -7,7 +7,8 @@ the same architecture:
   (a) backbone alone                      (b) MoCaE lora, top-1 (TrinityX inference)
   (c) MoCaE full, top-1                   (d) dense mixing of 3 full experts
   (e) H3Fusion-style: top-2 of 3 full experts, uncalibrated linear router (T=1, no priors)
-Prints ratios to (a) and of (b) to (e); ratios are the figures to quote on CPU.
+Prints ratios to (a) and of (b) to (e); ratios are the figures to quote on CPU. glibc's malloc is
+set to keep freed memory, as a GPU's caching allocator does (`--glibc-default` to compare).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ VARIANTS = {
     "d": ("dense mix of 3 full experts", dict(kind="full", top_k="all")),
     "e": ("H3Fusion-style top-2 of 3 full", dict(kind="full", top_k=2, temperature=1.0)),
 }
+MALLOC_CACHING = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
 ARCHS = {
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="variants run round-robin this many times; medians [3]")
+    ap.add_argument("--glibc-default", action="store_true", help="keep glibc's malloc thresholds (see main)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
@@ -85,7 +88,11 @@ def main() -> None:
     from trinityx_ds.launch.local import cpu_env
 
     runs: dict[str, list[dict]] = {key: [] for key in VARIANTS}
-    env = cpu_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600)})
+    # glibc returns every large freed tensor to the OS and faults it back in on the next forward,
+    # which charges each variant for its temporaries' page faults; a GPU's caching allocator keeps
+    # them. Raising glibc's thresholds keeps them here too (every variant alike).
+    env = cpu_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600),
+                   **({} if args.glibc_default else MALLOC_CACHING)})
     for _ in range(args.rounds):  # round-robin, so a noisy neighbour hits every variant alike
         for key in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "--variant", key, "--model", args.model, "--batch",
@@ -96,7 +103,8 @@ def main() -> None:
                   "latency_s": statistics.median(x["latency_s"] for x in r),
                   "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in r)} for key, r in runs.items()}
     a, b, e = rows["a"], rows["b"], rows["e"]
-    print(f"model={args.model} batch={args.batch} seq={args.seq} threads={os.environ.get('BENCH_THREADS', '2')}")
+    print(f"model={args.model} batch={args.batch} seq={args.seq} threads={os.environ.get('BENCH_THREADS', '2')} "
+          f"malloc={'glibc default' if args.glibc_default else 'caching'}")
     print(f"{'variant':<36} {'params':>13} {'x(a)':>6} {'fwd s':>8} {'x(a)':>6} {'peak RSS MiB':>13} {'x(a)':>6}")
     for key, (name, _) in VARIANTS.items():
         r = rows[key]
