@@ -8,11 +8,11 @@ DeepSpeed engine from `train/engine.py`, bf16, ZeRO-1 on one rank):
   (a) the backbone alone, every parameter trainable (the reference)
   (b) MoCaE stage 1: one LoRA expert in every layer trains, the backbone is frozen
   (c) MoCaE stage 2: the calibrated router over 3 LoRA experts trains (router losses on)
-The trainable parameters are chosen by `StageRun`'s own rule. Each variant runs in a process of
-its own (its peak memory is its own) on random weights of a generated ~1B Llama (hidden 2048,
-16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000; nothing downloaded) and a fixed random
-batch, so the step itself is measured, not the data pipeline. MFU counts model FLOPs as the
-planner does (6 N_active + 12 L H s per token) over the GPU's bf16 dense peak; the ratio of each
+The trainable parameters are chosen by the stages' own rule (`select_trainable`). Each variant runs
+in a process of its own (its peak memory is its own) on random weights of a generated ~1B Llama
+(hidden 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000; nothing downloaded) and a
+fixed random batch, so the step itself is measured, not the data pipeline. MFU counts model FLOPs as
+the planner does (6 N_active + 12 L H s per token) over the GPU's bf16 dense peak; the ratio of each
 variant to (a) is the figure to quote. Targets: (a) MFU >= 40%; (b) within 10% of (a)'s tokens/s.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ import resource
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +47,7 @@ def run_variant(key: str, args) -> dict:
     from trinityx_ds.plan import PRESETS, MoCaEPlan, flops_per_token
     from trinityx_ds.train.engine import initialize
     from trinityx_ds.train.metrics import peak_tflops
-    from trinityx_ds.train.stages import StageRun
+    from trinityx_ds.train.stages import select_trainable
 
     gpu = args.device == "cuda"
     arch = ModelArch.from_hf_dict(PRESETS["tiny-llama"] if args.tiny else BENCH_1B)
@@ -75,8 +74,7 @@ def run_variant(key: str, args) -> dict:
         if stage == 0:
             trainable = list(model.parameters())
         else:  # the parameters StageRun trains in that stage, chosen by its own rule
-            view = types.SimpleNamespace(stage=stage, model=model, moe=moe, external_experts=[], cfg=run)
-            trainable = StageRun._select_trainable(view)
+            trainable = select_trainable(model, stage, run.train.train_experts_in_stage2)
         engine = initialize(model, trainable, run, step_cfg, dims.dp)
         set_router_loss_scale(1.0 / args.grad_accum)
         g = torch.Generator().manual_seed(0)

@@ -43,6 +43,24 @@ def final_expert_file(cfg, name: str) -> Path:
     return stage2_expert_file(cfg, name) if cfg.train.train_experts_in_stage2 and done else expert_file(cfg, name)
 
 
+def select_trainable(model, stage: int, train_experts_in_stage2: bool,
+                     external_experts=()) -> list[torch.nn.Parameter]:
+    """What a stage trains: stage 1 its expert; stage 2 the router (and post-mix norm), plus the
+    experts when the run says so. Sets requires_grad on every parameter; returns the engine's
+    (the experts held outside the engine train with their own optimizer)."""
+    keep = (".mlp.experts.",) if stage == 1 else \
+        (".mlp.router.", ".mlp.post_norm.") + ((".mlp.experts.",) if train_experts_in_stage2 else ())
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in keep))
+        if p.requires_grad:
+            trainable.append(p)
+    for experts in external_experts:
+        for p in experts.parameters():
+            p.requires_grad_(train_experts_in_stage2)
+    return trainable
+
+
 def _save_output(tensors: dict, path: Path) -> None:
     """A stage output, renamed into place when whole: a reader never sees a torn file."""
     from safetensors.torch import save_file
@@ -136,7 +154,8 @@ class StageRun:
         if unexpected:
             raise ValueError(f"{model_path}: no weights for {unexpected[:5]}")
         self.external_experts = self._place_experts()
-        self.trainable = self._select_trainable()
+        self.trainable = select_trainable(self.model, stage, cfg.train.train_experts_in_stage2,
+                                          self.external_experts)
         tok_dir = cfg.model.tokenizer or (model_path if Path(model_path, "tokenizer_config.json").is_file()
                                           else open_source_origin(model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -152,22 +171,6 @@ class StageRun:
             object.__setattr__(block, "experts", experts)
             out.append(experts)
         return out
-
-    def _select_trainable(self) -> list[torch.nn.Parameter]:
-        if self.stage == 1:
-            keep = (".mlp.experts.",)
-        else:
-            keep = (".mlp.router.", ".mlp.post_norm.") + ((".mlp.experts.",) if self.cfg.train.train_experts_in_stage2
-                                                          and self.moe.kind == "lora" else ())
-        trainable = []
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(any(k in name for k in keep))
-            if p.requires_grad:
-                trainable.append(p)
-        for experts in self.external_experts:
-            for p in experts.parameters():
-                p.requires_grad_(self.cfg.train.train_experts_in_stage2)
-        return trainable
 
     def _expert_optimizer(self):
         params = [p for e in self.external_experts for p in e.parameters() if p.requires_grad]
