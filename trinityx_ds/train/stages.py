@@ -154,6 +154,7 @@ class StageRun:
         if unexpected:
             raise ValueError(f"{model_path}: no weights for {unexpected[:5]}")
         self.external_experts = self._place_experts()
+        self._external_ids = {id(p) for e in self.external_experts for p in e.parameters()}
         self.trainable = select_trainable(self.model, stage, cfg.train.train_experts_in_stage2,
                                           self.external_experts)
         tok_dir = cfg.model.tokenizer or (model_path if Path(model_path, "tokenizer_config.json").is_file()
@@ -391,6 +392,10 @@ class StageRun:
             out["experts"] = (expert_opt, self.expert_sched)
         return out
 
+    def _optimizer_of(self, p: torch.Tensor) -> str:
+        """The `_optimizers` key of the optimizer that steps trainable parameter `p`."""
+        return "experts" if id(p) in self._external_ids else "engine"
+
     def _universal_meta(self, engine, expert_opt) -> dict:
         """What the universal copy's tensors do not hold: optimizer counters, schedules, DeepSpeed's
         step counters (JSON, in trinityx_state.json)."""
@@ -407,13 +412,12 @@ class StageRun:
         from trinityx_ds.convert.export import DEFAULT_SHARD_BYTES
         from trinityx_ds.train.gather import gather_layers
 
-        external = {id(p) for e in self.external_experts for p in e.parameters()}
         opts = {k: (o, universal.optimizer_summary(o)["moments"]) for k, (o, _) in
                 self._optimizers(engine, expert_opt).items()}
 
         def values(name, t):
             if isinstance(t, torch.nn.Parameter) and t.requires_grad:
-                opt, moments = opts["experts" if id(t) in external else "engine"]
+                opt, moments = opts[self._optimizer_of(t)]
                 return {"": universal.full(t, opt), **{k: universal.full(t, opt, k) for k in moments}}
             with deepspeed.zero.GatheredParameters([t], modifier_rank=None):  # a no-op unless ZeRO-3's
                 return {"": t.detach().clone()}
@@ -437,13 +441,12 @@ class StageRun:
             sched.load_state_dict(saved["schedulers"][key])
             for group, lr in zip(opt.param_groups, sched.get_last_lr()):
                 group["lr"] = lr
-        external = {id(p) for e in self.external_experts for p in e.parameters()}
         for name, t in mocae_named_tensors(self.model):
             if ".mlp.routing_ema." in name:  # a buffer the weights loader leaves alone
                 with torch.no_grad():
                     t.copy_(adapter.shard(name, src, rank))
             elif self._in_universal(name) and isinstance(t, torch.nn.Parameter) and t.requires_grad:
-                key = "experts" if id(t) in external else "engine"
+                key = self._optimizer_of(t)
                 opt = opts[key][0]
                 universal.set_full(t, opt, adapter.shard(name, src, rank))
                 for m in saved["optimizers"][key]["moments"]:
