@@ -2,7 +2,7 @@
 tensors, so models of any TP/EP layout load exactly the same function."""
 import torch
 
-from trinityx_ds.convert.sources import DictSource, SafetensorsSource
+from trinityx_ds.storage.sources import DictSource, SafetensorsSource
 from trinityx_ds.model.arch import ModelArch
 
 

@@ -54,7 +54,7 @@ def write_random_experts(cfg_path: Path, seed: int = 3, std: float = 0.2) -> Non
     """Stage-1 outputs without running stage 1: non-zero LoRA deltas, or (full experts) the
     backbone FFN plus noise of `std` / 10."""
     from trinityx_ds.config import load_config
-    from trinityx_ds.convert.sources import SafetensorsSource
+    from trinityx_ds.storage.sources import SafetensorsSource
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.experts import lora_init_tensors
     from trinityx_ds.model.mocae import MoCaEConfig

@@ -13,7 +13,7 @@ import torch
 from tests import dist
 from tests.dist import ROOT
 from trinityx_ds.convert.export import export_hf
-from trinityx_ds.convert.sources import SafetensorsSource
+from trinityx_ds.storage.sources import SafetensorsSource
 from trinityx_ds.model.tiny import make_tiny_model
 
 WORKER = Path(__file__).parent / "workers" / "export_worker.py"

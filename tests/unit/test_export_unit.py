@@ -20,7 +20,7 @@ from tests.train_setup import write_config
 from trinityx_ds.convert import export
 from trinityx_ds.convert.export import ExportRefused, export_hf, import_trinityx
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
-from trinityx_ds.convert.sources import CheckpointError, SafetensorsSource
+from trinityx_ds.storage.sources import CheckpointError, SafetensorsSource
 from trinityx_ds.model.mocae import MoCaEConfig
 from trinityx_ds.model.tiny import make_tiny_model
 
@@ -137,7 +137,7 @@ def test_mixtral_refused_where_not_exact(tmp_path, tiny, setting, kw):
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_import_then_export_is_bit_identical(tmp_path, tiny, kind):
     from trinityx_ds.config import load_config
-    from trinityx_ds.convert.backbone_ckpt import read_meta
+    from trinityx_ds.model.weights import read_meta
 
     run = make_run(tmp_path, tiny, kind=kind, importance=[1.0, 2.0, 0.5], norm=True)
     first = export_hf(run, tmp_path / "hf", max_shard_bytes=200_000)

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from trinityx_ds.cli import main
-from trinityx_ds.convert.backbone_ckpt import ShardedCheckpoint, import_hf, shard_file
-from trinityx_ds.convert.llama import LlamaAdapter
-from trinityx_ds.convert.sources import SafetensorsSource
+from trinityx_ds.convert.backbone_ckpt import import_hf
+from trinityx_ds.model.weights import ShardedCheckpoint, shard_file
+from trinityx_ds.model.llama_adapter import LlamaAdapter
+from trinityx_ds.storage.sources import SafetensorsSource
 from trinityx_ds.model.tiny import make_tiny_model
 
 
@@ -63,7 +64,7 @@ def test_cli_refuses_to_overwrite_and_names_missing_weights(tmp_path, models, ca
 
 @pytest.mark.parametrize("name", ["gqa", "padded"])
 def test_view_names_are_the_streamed_names_and_others_are_refused_without_reading(tmp_path, models, name):
-    from trinityx_ds.convert.sources import ChainSource, DictSource, MissingTensor, UnshardedSource
+    from trinityx_ds.storage.sources import ChainSource, DictSource, MissingTensor, UnshardedSource
 
     ckpt = ShardedCheckpoint(import_hf(models[name], tmp_path / "ckpt", tp=2))
     adapter = LlamaAdapter(ckpt.arch, 2)

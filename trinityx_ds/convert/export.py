@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trinityx_ds.convert.backbone_ckpt import META, copy_tokenizer, import_hf, open_source
-from trinityx_ds.convert.sources import ChainSource, CheckpointError, MissingTensor, SafetensorsSource
+from trinityx_ds.convert.backbone_ckpt import copy_tokenizer, import_hf
+from trinityx_ds.model.weights import META, open_source
+from trinityx_ds.storage.sources import ChainSource, CheckpointError, MissingTensor, SafetensorsSource
 from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.storage.shards import DEFAULT_SHARD_BYTES, ShardWriter, parse_bytes
 
 FORMATS = ("trinityx", "dense", "mixtral")
-DEFAULT_SHARD_BYTES = 5 * 1024**3
 HF_MODEL_DIR = Path(__file__).parent / "hf_model"
 VALIDATION = "validation.json"  # stage 2's calibration report, kept with TrinityX exports
 MODEL_FILES = ("configuration_trinityx.py", "modeling_trinityx.py")
@@ -82,7 +83,7 @@ class ExportSource:
             src = stack.pop()
             stack += getattr(src, "sources", [])
             if isinstance(src, SafetensorsSource):
-                src._handles.clear()  # SafetensorsSource reopens lazily; it has no public close()
+                src.close()
 
     def read(self, name: str) -> torch.Tensor:
         self.reads.add(name)
@@ -367,49 +368,6 @@ def _mixtral_refusal(s: ExportSource) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- writing
-class ShardWriter:
-    """Safetensors shards of at most `max_bytes` (a larger tensor goes alone), one in memory."""
-
-    def __init__(self, folder: Path, max_bytes: int, on_flush=None):
-        self.folder, self.max_bytes, self.on_flush = folder, max_bytes, on_flush
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = self.total_bytes = 0
-        self.shards: list[list[str]] = []
-        self.names: set[str] = set()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.names:
-            raise ValueError(f"tensor {name!r} written twice")
-        self.names.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-        if self.on_flush is not None:
-            self.on_flush()
-
-    def close(self) -> dict[str, str]:
-        """Names shards model-0000i-of-0000N and writes model.safetensors.index.json; the weight map."""
-        if self.pending:
-            self._flush()
-        n, weight_map = len(self.shards), {}
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"shard-{i:05d}.safetensors", self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return weight_map
-
-
 def _router_summary(s: ExportSource) -> list[str]:
     lines = []
     for layer in s.moe.layer_ids(s.arch.num_layers):
@@ -615,14 +573,6 @@ def _import_backbone(s: ExportSource, hf_dir: Path, out: Path, tp: int, dtype: s
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def _bytes(text: str) -> int:
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
-    for u, k in units.items():
-        if text.upper().endswith(u):
-            return int(float(text[: -len(u)]) * k)
-    return int(text)
-
-
 def add_export_arguments(p) -> None:
     p.add_argument("run", help="training output dir (output.dir), training checkpoint (a run's checkpoints/ folder "
                               "= its latest complete tag, or a step%%08d tag dir; any TP/EP/ZeRO layout), "
@@ -639,7 +589,7 @@ def add_export_arguments(p) -> None:
 
 def cmd_export(args) -> int:
     out = export_hf(args.run, args.out, fmt=args.format, expert=args.expert, overwrite=args.overwrite,
-                    max_shard_bytes=_bytes(args.max_shard_size), config=args.config)
+                    max_shard_bytes=parse_bytes(args.max_shard_size), config=args.config)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     print(f"exported {args.run} -> {out} ({args.format}, {len(set(index['weight_map'].values()))} shards, "
           f"{index['metadata']['total_size'] / 1e6:.1f} MB)")

@@ -109,8 +109,8 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
     from transformers import AutoTokenizer
 
     from trinityx_ds.config import load_config
-    from trinityx_ds.convert.backbone_ckpt import load_weights, open_source
-    from trinityx_ds.convert.sources import ChainSource, DictSource, SafetensorsSource
+    from trinityx_ds.model.weights import load_weights, open_source
+    from trinityx_ds.storage.sources import ChainSource, DictSource, SafetensorsSource
     from trinityx_ds.model.build import build_model
     from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context
     from trinityx_ds.parallel.groups import init_parallel

@@ -36,8 +36,8 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
-    from trinityx_ds.convert.backbone_ckpt import META, load_weights, open_source, read_meta
-    from trinityx_ds.convert.llama import LlamaAdapter
+    from trinityx_ds.model.weights import META, load_weights, open_source, read_meta
+    from trinityx_ds.model.llama_adapter import LlamaAdapter
     from trinityx_ds.model.backbone import build_backbone, masked_mean_loss
 
     arch, src = open_source(folder)

@@ -34,7 +34,7 @@ def gather_layers(model, moe_cfg, arch, dims, include: Callable[[str], bool],
     TP shard whole over the data-parallel ranks by kind: "" is the value, any other kind (an
     optimizer moment) comes out as OPTIMIZER + kind + "." + HF name. Ranks call it in the same
     order, so it may run collectives over the data-parallel group."""
-    from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
+    from trinityx_ds.model.mocae_adapter import MoCaEAdapter
 
     adapter = MoCaEAdapter(moe_cfg, dims.tp)
     named = [(n, t) for n, t in mocae_named_tensors(model) if include(n)]

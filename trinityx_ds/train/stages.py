@@ -108,8 +108,8 @@ class StageRun:
     def __init__(self, cfg, stage: int, expert: str | None = None):
         from transformers import AutoTokenizer
 
-        from trinityx_ds.convert.backbone_ckpt import load_weights, open_source
-        from trinityx_ds.convert.sources import ChainSource, DictSource, SafetensorsSource
+        from trinityx_ds.model.weights import load_weights, open_source
+        from trinityx_ds.storage.sources import ChainSource, DictSource, SafetensorsSource
         from trinityx_ds.model.build import build_model
         from trinityx_ds.model.experts import lora_init_tensors
         from trinityx_ds.model.mocae import MoCaEConfig
@@ -409,7 +409,7 @@ class StageRun:
         their optimizer moments, gathered layer by layer to rank 0 and written as TAG/universal."""
         import deepspeed
 
-        from trinityx_ds.convert.export import DEFAULT_SHARD_BYTES
+        from trinityx_ds.storage.shards import DEFAULT_SHARD_BYTES
         from trinityx_ds.train.gather import gather_layers
 
         opts = {k: (o, universal.optimizer_summary(o)["moments"]) for k, (o, _) in
@@ -429,8 +429,8 @@ class StageRun:
         """Resume at another layout. The universal copy's tensors were loaded with the weights
         (__init__), re-sliced for this TP/EP by the adapter; here DeepSpeed's fp32 masters, the
         optimizer moments and counters, the schedules and the engine's step counters follow."""
-        from trinityx_ds.convert.mocae_adapter import MoCaEAdapter
-        from trinityx_ds.convert.sources import PrefixedSource
+        from trinityx_ds.model.mocae_adapter import MoCaEAdapter
+        from trinityx_ds.storage.sources import PrefixedSource
         from trinityx_ds.train.gather import OPTIMIZER, mocae_named_tensors
 
         saved, src, rank = state["universal"], self.universal, self.dims.tp_rank
@@ -490,7 +490,7 @@ class StageRun:
 
 def open_source_origin(path: str) -> str:
     """The HF folder an imported checkpoint came from (where its tokenizer lives)."""
-    from trinityx_ds.convert.backbone_ckpt import META, read_meta
+    from trinityx_ds.model.weights import META, read_meta
 
     return read_meta(path)["source"] if (Path(path) / META).is_file() else path
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from trinityx_ds.convert.sources import CheckpointError, SafetensorsSource
+from trinityx_ds.storage.shards import ShardWriter
+from trinityx_ds.storage.sources import CheckpointError, SafetensorsSource
 
 FOLDER = "universal"
 
@@ -89,8 +90,6 @@ def materialise(opt, summary: dict) -> None:
 def write(tag_dir: Path, tensors, rank: int, max_shard_bytes: int) -> None:
     """Writes `tensors` ((HF name, tensor) pairs, yielded on rank 0 only; every rank iterates them,
     as they are gathered collectively) to TAG/universal, renamed into place when whole."""
-    from trinityx_ds.convert.export import ShardWriter
-
     tmp, final = tag_dir / f"{FOLDER}.tmp", tag_dir / FOLDER
     writer = None
     if rank == 0:

@@ -65,7 +65,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from trinityx_ds.convert.backbone_ckpt import load_weights  # noqa: E402
+from trinityx_ds.model.weights import load_weights  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import RoutingContext, set_routing_context  # noqa: E402
 from trinityx_ds.parallel.groups import destroy_parallel, init_parallel  # noqa: E402
@@ -126,8 +126,8 @@ def build(tiny: str, run: Path, opt: dict) -> None:
 def rebuild(run: Path) -> None:
     """The trained run as StageRun loads it, with stage 2's router file on top."""
     from trinityx_ds.config import load_config
-    from trinityx_ds.convert.backbone_ckpt import open_source
-    from trinityx_ds.convert.sources import ChainSource, SafetensorsSource
+    from trinityx_ds.model.weights import open_source
+    from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
     from trinityx_ds.model.mocae import MoCaEConfig
     from trinityx_ds.train.checkpoint import latest_tag
     from trinityx_ds.train.stages import expert_file

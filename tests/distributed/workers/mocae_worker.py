@@ -19,8 +19,8 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
 from tests.mocae_weights import mocae_source  # noqa: E402
-from trinityx_ds.convert.backbone_ckpt import load_weights  # noqa: E402
-from trinityx_ds.convert.mocae_adapter import MoCaEAdapter  # noqa: E402
+from trinityx_ds.model.weights import load_weights  # noqa: E402
+from trinityx_ds.model.mocae_adapter import MoCaEAdapter  # noqa: E402
 from trinityx_ds.model.arch import ModelArch  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context  # noqa: E402

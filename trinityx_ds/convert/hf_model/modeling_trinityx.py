@@ -8,7 +8,7 @@ The router runs in fp32 (ties in p go to the lowest expert index, as the trainin
 sort does). LoRA experts share the base FFN:
     y = (sum_i w_i a_i) W_down^T + sum_i w_i s (a_i A_down,i^T) B_down,i^T,
     a_i = silu(x W_gate^T + s (x A_gate,i^T) B_gate,i^T) * (x W_up^T + s (x A_up,i^T) B_up,i^T).
-Parameter names are the HF-side names of trinityx_ds.convert.mocae_adapter.
+Parameter names are the HF-side names of trinityx_ds.model.mocae_adapter.
 
 Standalone (torch and transformers only): exported folders carry this file, so
 `trust_remote_code=True` works where trinityx_ds is not installed.

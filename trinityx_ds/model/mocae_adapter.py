@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from trinityx_ds.convert.llama import TensorSource, _split
+from trinityx_ds.model.llama_adapter import TensorSource, _split
 
 _MLP = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.(.+)$")
 _ROUTER = ("weight", "bias", "log_temperature", "log_importance")

@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: names the file and tensor."""
+from trinityx_ds.storage.layout import CheckpointError
 
 
 class MissingTensor(CheckpointError):
@@ -72,6 +70,11 @@ class SafetensorsSource:
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def close(self) -> None:
+        """Unmaps the files read so far; the next read reopens them (tensors read keep their own
+        mapping)."""
+        self._handles.clear()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())

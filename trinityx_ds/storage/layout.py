@@ -1,0 +1,203 @@
+"""Where a run keeps its files. This module alone knows the on-disk layout of a run; training,
+export, evaluation, launch and the demo ask it (pathlib and json only: no torch, no config).
+
+    <root>/config.yaml                                  the run config (the demo, import of a TrinityX folder)
+    <root>/stage1/<expert>/expert.safetensors           stage 1's output: one expert, HF-named
+    <root>/stage1/<expert>/checkpoints/                 its training checkpoints (CheckpointDir)
+    <root>/stage2/router.safetensors                    stage 2's output, written last: stage 2 is complete
+    <root>/stage2/experts/<expert>.safetensors          the experts, when stage 2 trains them
+    <root>/stage2/validation.json                       stage 2's held-out routing report
+    <root>/stage2/checkpoints/
+    <root>/stage*/metrics.jsonl, tensorboard/           what the stage logged
+    <root>/eval/<variant>/                              `trinityx eval` reports
+
+A checkpoint folder (`CheckpointDir`) holds one folder per tag (step%08d: DeepSpeed's files, the
+layout-free `universal/` copy, the run state, `config.yaml`, `tokenizer/`, a COMPLETE marker) and
+a `latest` pointer in DeepSpeed's format.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG = "config.yaml"
+IMPORT_META = "trinityx_meta.json"  # written by `trinityx import-hf` next to the TP shards
+EXPERT = "expert.safetensors"
+ROUTER = "router.safetensors"
+VALIDATION = "validation.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run folder that cannot be read: names the file (and tensor)."""
+
+
+class CheckpointDir:
+    """One stage's `checkpoints/` folder: its tags, markers, pointer and what each tag holds."""
+
+    LATEST = "latest"
+    COMPLETE = "COMPLETE"
+    STATE = "trinityx_state.json"
+    UNIVERSAL = "universal"
+    TOKENIZER = "tokenizer"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @staticmethod
+    def tag_for(step: int) -> str:
+        return f"step{step:08d}"
+
+    def tag_dir(self, tag: str) -> Path:
+        return self.path / tag
+
+    def pointer(self) -> Path:
+        return self.path / self.LATEST
+
+    def marker(self, tag: str) -> Path:
+        return self.path / tag / self.COMPLETE
+
+    def state_file(self, tag: str) -> Path:
+        return self.path / tag / self.STATE
+
+    def config_file(self, tag: str) -> Path:
+        return self.path / tag / CONFIG
+
+    def tokenizer_dir(self, tag: str) -> Path:
+        return self.path / tag / self.TOKENIZER
+
+    def universal_dir(self, tag: str) -> Path:
+        return self.path / tag / self.UNIVERSAL
+
+    def external_experts_file(self, tag: str, tp_rank: int, dp_rank: int) -> Path:
+        """Stage 2's EP-placed experts and their optimizer, one file per (TP, DP) rank."""
+        return self.path / tag / f"experts_tp{tp_rank:02d}_dp{dp_rank:03d}.pt"
+
+    def is_complete(self, tag: str) -> bool:
+        return self.marker(tag).is_file()
+
+    def complete_tags(self) -> list[str]:
+        """Every complete tag, oldest first."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and (p / self.COMPLETE).is_file())
+
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint's tag, or None."""
+        if not self.pointer().is_file():
+            return None
+        tag = self.pointer().read_text().strip()
+        return tag if self.is_complete(tag) else None
+
+    def latest(self) -> tuple[str, dict] | None:
+        """(tag, run state) of the newest complete checkpoint, or None."""
+        tag = self.latest_tag()
+        return None if tag is None else (tag, json.loads(self.state_file(tag).read_text()))
+
+    @classmethod
+    def tag_of(cls, path: str | Path) -> Path | None:
+        """The tag folder a checkpoint path means: a `checkpoints/` folder (with a `latest` pointer)
+        means its latest complete tag, a tag folder itself; None when `path` is neither. A pointer
+        to no complete tag, or a tag whose save was interrupted, is an error naming the file."""
+        path = Path(path)
+        if (path / cls.LATEST).is_file():
+            tag = cls(path).latest_tag()
+            if tag is None:
+                raise CheckpointError(f"{path / cls.LATEST}: names no complete checkpoint (no {cls.COMPLETE} marker)")
+            return path / tag
+        if (path / cls.STATE).is_file() or (path / cls.UNIVERSAL).is_dir():
+            if not (path / cls.COMPLETE).is_file():
+                raise CheckpointError(f"{path}: incomplete checkpoint (no {cls.COMPLETE} marker: "
+                                        "its save was interrupted)")
+            return path
+        return None
+
+
+class RunLayout:
+    """The files of one run under `root` (a run's `output.dir`, wherever it has moved since)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.root)!r})"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG
+
+    def stage_dir(self, stage: int, expert: str | None = None) -> Path:
+        if stage == 1:
+            if expert is None:
+                raise ValueError("stage 1 keeps one folder per expert: name the expert")
+            return self.root / "stage1" / expert
+        return self.root / "stage2"
+
+    def checkpoints(self, stage: int, expert: str | None = None) -> CheckpointDir:
+        return CheckpointDir(self.stage_dir(stage, expert) / "checkpoints")
+
+    def expert_file(self, name: str) -> Path:
+        """Expert `name` as stage 1 trained it."""
+        return self.stage_dir(1, name) / EXPERT
+
+    def stage2_expert_file(self, name: str) -> Path:
+        """Expert `name` as stage 2 leaves it when it trains experts (train.train_experts_in_stage2)."""
+        return self.stage_dir(2) / "experts" / f"{name}.safetensors"
+
+    @property
+    def router_file(self) -> Path:
+        return self.stage_dir(2) / ROUTER
+
+    @property
+    def validation_file(self) -> Path:
+        return self.stage_dir(2) / VALIDATION
+
+    def stage2_done(self) -> bool:
+        """Stage 2 writes its router last: the file's presence says the stage is complete."""
+        return self.router_file.is_file()
+
+    def final_expert_file(self, name: str, trained_in_stage2: bool) -> Path:
+        """Expert `name` as the run last trained it (what export and evaluation read): stage 2's copy
+        when stage 2 trains experts and has finished, else stage 1's."""
+        return self.stage2_expert_file(name) if trained_in_stage2 and self.stage2_done() else self.expert_file(name)
+
+    def eval_dir(self, variant: str) -> Path:
+        return self.root / "eval" / variant.replace(":", "-")
+
+    def is_run(self) -> bool:
+        return (self.root / "stage1").is_dir() or (self.root / "stage2").is_dir()
+
+    def stage_checkpoints(self) -> list[CheckpointDir]:
+        """Every stage's checkpoint folder, stage 2's first (the run's latest config lives there)."""
+        stage1 = sorted((self.root / "stage1").glob("*/checkpoints"))
+        return [self.checkpoints(2)] + [CheckpointDir(p) for p in stage1]
+
+    def run_config_file(self) -> Path:
+        """The config the run last trained with: stage 2's latest checkpoint, else a stage 1
+        checkpoint's, else `<root>/config.yaml`."""
+        for ckpt in self.stage_checkpoints():
+            tag = ckpt.latest_tag()
+            if tag is not None and ckpt.config_file(tag).is_file():
+                return ckpt.config_file(tag)
+        if self.config_file.is_file():
+            return self.config_file
+        raise FileNotFoundError(f"{self.root}: no run config found (no stage checkpoint with {CONFIG}, no {CONFIG}); "
+                                "pass --config")
+
+    @classmethod
+    def of_checkpoint(cls, tag_dir: str | Path, stage: int) -> "RunLayout":
+        """The run a checkpoint tag folder belongs to: <root>/stage2/checkpoints/<tag> or
+        <root>/stage1/<expert>/checkpoints/<tag> (the run may have moved since it was trained)."""
+        tag_dir = Path(tag_dir).resolve()
+        return cls(tag_dir.parents[2] if stage == 2 else tag_dir.parents[3])
+
+
+def import_origin(path: str | Path) -> Path:
+    """The HF folder an imported checkpoint was made from (where its tokenizer and transformers'
+    reference live); `path` itself for anything else."""
+    meta = Path(path) / IMPORT_META
+    return Path(json.loads(meta.read_text())["source"]) if meta.is_file() else Path(path)
