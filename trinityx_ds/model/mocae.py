@@ -10,7 +10,7 @@ the `RoutingContext` the training loop sets before each forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -18,47 +18,8 @@ from torch import nn
 
 from trinityx_ds.model.experts import FullExperts, LoRAExperts
 from trinityx_ds.model.router import CalibratedRouter
-from trinityx_ds.config.schema import RouterLossConfig
+from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.router_losses import RoutingEMA, router_losses
-
-
-@dataclass
-class MoCaEConfig:
-    expert_names: list[str] = field(default_factory=lambda: ["help", "harm", "honest"])
-    kind: str = "lora"  # lora | full
-    layers: str | list[int] = "all"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    temperature: float = 0.7
-    temperature_mode: str = "fixed"
-    importance: list[float] | None = None
-    top_k: int | str = 1
-    renormalize: bool = True
-    normalize_output: bool = False
-    loss_weights: RouterLossConfig = field(default_factory=RouterLossConfig)
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_names)
-
-    def layer_ids(self, num_layers: int) -> list[int]:
-        return list(range(num_layers)) if self.layers == "all" else sorted(self.layers)
-
-    def one_expert(self, name: str) -> "MoCaEConfig":
-        """The block of one expert alone (stage 1 trains it; eval scores it): every token goes to
-        it, so the routing settings that weigh experts against each other do not apply."""
-        return replace(self, expert_names=[name], top_k=1, importance=None)
-
-    @classmethod
-    def from_run_config(cls, cfg) -> "MoCaEConfig":
-        e, r = cfg.experts, cfg.router
-        return cls(expert_names=list(e.names), kind=e.kind, layers=e.layers, lora_rank=e.lora.rank,
-                   lora_alpha=e.lora.alpha, lora_dropout=e.lora.dropout, lora_targets=tuple(e.lora.targets),
-                   temperature=r.temperature, temperature_mode=r.temperature_mode, importance=r.importance,
-                   top_k=r.top_k, renormalize=r.renormalize, normalize_output=r.normalize_output,
-                   loss_weights=r.losses)
 
 
 @dataclass
@@ -137,6 +98,24 @@ class MoCaEBlock(nn.Module):
             self.experts = FullExperts(base_mlp.config, E, ids, ep_group)
             self.experts.upcycle(base_mlp)
         self.post_norm = nn.RMSNorm(hidden, eps=eps, dtype=dtype) if cfg.normalize_output else None
+        self._outside: tuple[nn.Module, ...] = ()  # the experts, when held outside the module tree
+
+    def place_experts_outside(self) -> nn.Module:
+        """Takes the experts out of this block's module tree (parameters, state_dict, ZeRO's
+        partitioning) and keeps computing with them: stage 2's EP-placed `full` experts, which a
+        ZeRO-3 engine would partition as if they were replicated. Returns them."""
+        experts = self.experts
+        del self.experts  # nn.Module unregisters a child on delattr
+        self._outside = (experts,)  # a tuple is not registered as a child
+        return experts
+
+    @property
+    def expert_module(self) -> nn.Module:
+        """The experts, in the module tree or held outside it."""
+        return self._outside[0] if self._outside else self.experts
+
+    def outside_experts(self) -> nn.Module | None:
+        return self._outside[0] if self._outside else None
 
     def forward(self, hidden_SBH: torch.Tensor, *args, **kwargs):
         S, B, H = hidden_SBH.shape
@@ -149,9 +128,9 @@ class MoCaEBlock(nn.Module):
         else:
             idx_TK, w_TK = out.topk_idx_TK, out.topk_weight_TK
         if self.cfg.kind == "lora":
-            y_TH = self.experts(x_TH, self, idx_TK, w_TK)
+            y_TH = self.expert_module(x_TH, self, idx_TK, w_TK)
         else:
-            y_TH = self.experts(x_TH, idx_TK, w_TK)
+            y_TH = self.expert_module(x_TH, idx_TK, w_TK)
         if self.post_norm is not None:
             y_TH = self.post_norm(y_TH)
         if ctx.force_expert is None and self.ctx is not None:
