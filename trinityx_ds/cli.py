@@ -31,7 +31,7 @@ def _import_hf(args) -> int:
 
 
 def _parity(args) -> int:
-    from trinityx_ds.demo import run_parity
+    from trinityx_ds.eval.parity import run_parity
 
     results = run_parity(args.models, tp=args.tp)
     return 0 if all(r["ok"] for r in results) else 1
@@ -49,14 +49,12 @@ def _train(args) -> int:
     from trinityx_ds.config import load_config
 
     if args.nproc:  # a laptop: become N local processes under torchrun
-        from trinityx_ds.launch.local import cpu_env, launch_torchrun
+        from trinityx_ds.launch.local import relaunch
 
         argv = ["-m", "trinityx_ds.cli", "train", args.stage, "--config", args.config]
         argv += ["--only", args.only] if args.only else []
         load_config(args.config, world_size=args.nproc)  # fail here, before any process starts
-        proc = launch_torchrun(argv, args.nproc, timeout=7 * 24 * 3600, env=cpu_env() if _no_gpu() else None,
-                               capture=False)
-        return proc.returncode
+        return relaunch(argv, args.nproc)
     from trinityx_ds.parallel.env import dist_env
     from trinityx_ds.parallel.groups import destroy_parallel
     from trinityx_ds.train.stages import run_stage
@@ -75,12 +73,6 @@ def _train(args) -> int:
             print(f"stage {s['stage']}{' ' + s['expert'] if s['expert'] else ''}: step {s['step']}"
                   + (" (preempted: checkpoint saved, resubmit to resume)" if s["preempted"] else ""))
     return 0
-
-
-def _no_gpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,12 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trinityx_ds.errors import one_line_errors
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one line, no traceback
-        print(f"trinityx {args.command}: {e}", file=sys.stderr)
-        return 2
+    return one_line_errors(args.command, lambda: args.fn(args))
 
 
 if __name__ == "__main__":

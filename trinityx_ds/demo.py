@@ -9,34 +9,14 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from trinityx_ds.storage.layout import RunLayout
+
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
-
-def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
-    """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table."""
-    from trinityx_ds.eval.parity import parity_ok
-    from trinityx_ds.launch.local import cpu_env, launch_torchrun
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "parity.json"
-        proc = launch_torchrun(["-m", "trinityx_ds.eval.parity", str(tp), str(out), *models], tp, timeout,
-                               env=cpu_env())
-        if proc.returncode != 0:
-            raise RuntimeError(f"parity run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-        results = json.loads(out.read_text())
-    print(f"{'model':<40} {'TP':>2} {'params':>12} {'max|dlogits|':>12} {'|dloss|':>10} {'max|dgrad_emb|':>14} "
-          f"{'HF-mapped':>10} {'HF fp32 err':>11}")
-    for r in results:
-        r["ok"] = parity_ok(r)
-        print(f"{Path(r['model']).name[:40]:<40} {r['tp']:>2} {r['params']:>12,} {r['logits']:>12.2e} "
-              f"{r['loss']:>10.2e} {r['emb_grad']:>14.2e} {r['mapped_logits']:>10.2e} {r['ref_fp32_error']:>11.2e}  {'OK' if r['ok'] else 'FAIL'}")
-    return results
 
 
 def default_model(out_dir: Path, name: str | None) -> Path:
@@ -66,15 +46,16 @@ def write_run_config(out: Path, checkpoint: Path, tp: int, steps: int | None) ->
         for stage in ("stage1", "stage2"):
             cfg["train"][stage].update(steps=steps, warmup_steps=min(cfg["train"][stage]["warmup_steps"], steps - 1))
         cfg["train"]["checkpoint_every"] = max(1, steps // 2)
-    path = out / "config.yaml"
+    path = RunLayout(out).config_file
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def _train(config: Path, stage: str, nproc: int) -> None:
-    from trinityx_ds.cli import main
+    """`trinityx train <stage>` in `nproc` local processes (run_demo has validated `config` for them)."""
+    from trinityx_ds.launch.local import relaunch
 
-    if main(["train", stage, "--config", str(config), "--nproc", str(nproc)]) != 0:
+    if relaunch(["-m", "trinityx_ds.cli", "train", stage, "--config", str(config)], nproc) != 0:
         raise RuntimeError(f"`trinityx train {stage}` failed (see its output above)")
 
 
@@ -102,9 +83,11 @@ def export_and_answer(out: Path, prompt: str, chat_template: str) -> Path:
 def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, steps: int | None = None) -> int:
     from trinityx_ds.config import cmd_validate
     from trinityx_ds.convert.backbone_ckpt import import_hf
+    from trinityx_ds.eval.parity import run_parity
 
     t0 = time.time()
     out = Path(out_dir)
+    run = RunLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     hf_dir = default_model(out, model)
     print(f"[1/5] import {hf_dir} into {tp} TP shards; check it against transformers at TP={tp}")
@@ -121,7 +104,7 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     _train(config, "experts", tp)
     print(f"[3/5] stage 2: train the calibrated router on the mixture")
     _train(config, "router", tp)
-    report = json.loads((out / "stage2" / "validation.json").read_text())
+    report = json.loads(run.validation_file.read_text())
     print("[4/5] held-out routing report")
     print(f"  routing accuracy {report['accuracy']:.3f} (chance {1 / 3:.3f}) on {report['n']} held-out examples; "
           f"ECE {report['ece']:.3f}, Brier {report['brier']:.3f}")
@@ -129,10 +112,10 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
         print(f"    {name:<8} {acc:.3f}")
     hf = export_and_answer(out, "Give one tip for staying healthy.", yaml.safe_load(config.read_text())["data"].get(
         "chat_template", "auto"))
-    print(f"\noutputs in {out}:\n  imported backbone   {ckpt}\n  experts             {out / 'stage1'}/<name>/expert.safetensors"
-          f"\n  router              {out / 'stage2' / 'router.safetensors'}\n  checkpoints         {out}/stage*/.../checkpoints"
+    print(f"\noutputs in {out}:\n  imported backbone   {ckpt}\n  experts             {run.expert_file('<name>')}"
+          f"\n  router              {run.router_file}\n  checkpoints         {out}/stage*/.../checkpoints"
           f"\n  TensorBoard         {out}/stage*/**/tensorboard   (tensorboard --logdir {out})"
-          f"\n  routing report      {out / 'stage2' / 'validation.json'}"
+          f"\n  routing report      {run.validation_file}"
           f"\n  HF export           {hf}   (AutoModelForCausalLM.from_pretrained, after `import trinityx_ds`)"
           f"\ndone in {time.time() - t0:.0f} s")
     return 0

@@ -14,11 +14,10 @@ import sys
 
 import yaml
 
-from trinityx_ds.config.schema import ConfigError, RunConfig, problem
+from trinityx_ds.config.schema import SUPPORTED_MODEL_TYPES, ConfigError, RunConfig, problem
 from trinityx_ds.config.typed import build
-from trinityx_ds.model.arch import SUPPORTED_MODEL_TYPES
+from trinityx_ds.storage.layout import IMPORT_META  # written by `trinityx import-hf`; "hf_config": the HF config.json
 
-META_FILE = "trinityx_meta.json"  # written by `trinityx import-hf`; its "hf_config" is the HF config.json
 # Only the FFN width must split evenly: attention heads are padded to whole query groups per TP
 # rank (see ModelArch.padded_kv_heads), so any TP works for them.
 _TP_SPLIT = ("intermediate_size",)
@@ -73,7 +72,7 @@ def _model_problems(cfg: RunConfig, check_paths: bool) -> list[str]:
     """Checks the layout against the model's shapes, read from config.json or the import meta."""
     m = cfg.model
     key, folder, name = ("model.hf_path", m.hf_path, "config.json") if m.hf_path is not None \
-        else ("model.checkpoint", m.checkpoint, META_FILE)
+        else ("model.checkpoint", m.checkpoint, IMPORT_META)
     if folder is None:
         return []
     if not os.path.isdir(folder):

@@ -14,6 +14,7 @@ from typing import Literal
 
 MlpProj = Literal["gate_proj", "up_proj", "down_proj"]
 DataFormat = Literal["alpaca", "self_instruct", "hh_rlhf", "beavertails", "truthfulqa", "chat_jsonl"]
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values the backbone reproduces exactly
 
 
 class ConfigError(ValueError):

@@ -1,12 +1,14 @@
 """Backbone parity: our megatron model (at this run's TP) against transformers on the same weights.
 
-Run under torchrun (`python -m trinityx_ds.eval.parity MODEL_DIR...`): the demo and the tests
-use it to show that import, TP sharding and the megatron -> HF mapping are exact.
+Run under torchrun (`python -m trinityx_ds.eval.parity MODEL_DIR...`, or `run_parity`, which
+starts it and prints the table: `trinityx parity`, the demo): the demo and the tests use it to
+show that import, TP sharding and the megatron -> HF mapping are exact.
 """
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -91,6 +93,26 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
         "missing": missing, "unexpected": list(unexpected),
         "mapped_exact": mapped_exact,
     }
+
+
+def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
+    """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table."""
+    from trinityx_ds.parallel.env import cpu_env, launch_torchrun
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "parity.json"
+        proc = launch_torchrun(["-m", "trinityx_ds.eval.parity", str(tp), str(out), *models], tp, timeout,
+                               env=cpu_env())
+        if proc.returncode != 0:
+            raise RuntimeError(f"parity run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+        results = json.loads(out.read_text())
+    print(f"{'model':<40} {'TP':>2} {'params':>12} {'max|dlogits|':>12} {'|dloss|':>10} {'max|dgrad_emb|':>14} "
+          f"{'HF-mapped':>10} {'HF fp32 err':>11}")
+    for r in results:
+        r["ok"] = parity_ok(r)
+        print(f"{Path(r['model']).name[:40]:<40} {r['tp']:>2} {r['params']:>12,} {r['logits']:>12.2e} "
+              f"{r['loss']:>10.2e} {r['emb_grad']:>14.2e} {r['mapped_logits']:>10.2e} {r['ref_fp32_error']:>11.2e}  {'OK' if r['ok'] else 'FAIL'}")
+    return results
 
 
 def main(argv: list[str]) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from trinityx_ds.eval.suites import SUITES
+from trinityx_ds.storage.layout import RunLayout
 
 
 def add_eval_arguments(subparsers) -> argparse.ArgumentParser:
@@ -66,7 +67,6 @@ def _check(args) -> list[str]:
     from typing import get_args
 
     from trinityx_ds.config.schema import DataFormat
-    from trinityx_ds.eval.variants import is_run_dir
 
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
@@ -74,7 +74,7 @@ def _check(args) -> list[str]:
         raise ValueError(f"--suite: {', '.join(unknown)} — one of {', '.join(SUITES)}")
     if not args.checkpoint:
         raise ValueError("--checkpoint: required (a run output folder or a model folder)")
-    args.variant = args.variant or ("trinityx" if is_run_dir(args.checkpoint) else "backbone")
+    args.variant = args.variant or ("trinityx" if RunLayout(args.checkpoint).is_run() else "backbone")
     needs = {"truthfulqa_mc": args.truthfulqa, "hh_preference": args.hh, "generate": args.prompts}
     missing = {"truthfulqa_mc": "--truthfulqa", "hh_preference": "--hh", "generate": "--prompts"}
     for s in suites:
@@ -89,12 +89,10 @@ def _check(args) -> list[str]:
 
 
 def default_out(args) -> Path:
-    from trinityx_ds.eval.variants import is_run_dir
-
-    name = args.variant.replace(":", "-")
-    if is_run_dir(args.checkpoint):
-        return Path(args.checkpoint) / "eval" / name
-    return Path("runs") / "eval" / f"{Path(args.checkpoint).name}-{name}"
+    run = RunLayout(args.checkpoint)
+    if run.is_run():
+        return run.eval_dir(args.variant)
+    return Path("runs") / "eval" / f"{Path(args.checkpoint).name}-{args.variant.replace(':', '-')}"
 
 
 def run_eval(args) -> dict:
@@ -141,11 +139,10 @@ def run_eval(args) -> dict:
 
 def _write_back(lm, routing: dict, mode: str) -> dict:
     from trinityx_ds.calibration.fit import write_temperatures
-    from trinityx_ds.train.stages import stage_dir
 
     t = routing["temperature"]
     temps = dict(zip(routing["layers"], t["per_layer"] if mode == "per_layer" else [t["global"]] * len(t["per_layer"])))
-    router = stage_dir(lm.cfg, 2) / "router.safetensors"
+    router = lm.layout.router_file  # a run: --write-temperature needs the trinityx variant
     backup = write_temperatures(router, temps)
     return {"file": str(router), "backup": str(backup), "mode": mode, "temperatures": temps}
 
@@ -164,21 +161,18 @@ def cmd_eval(args) -> int:
         return 0
     _check(args)
     if args.nproc:
-        import torch
-
-        from trinityx_ds.launch.local import cpu_env, launch_torchrun
+        from trinityx_ds.parallel.env import relaunch  # launch.local's: eval sits below launch/
 
         opts = {k: v for k, v in vars(args).items() if k not in ("fn", "nproc")}
-        env = None if torch.cuda.is_available() else cpu_env()
-        proc = launch_torchrun(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc,
-                               timeout=7 * 24 * 3600, env=env, capture=False)
-        return proc.returncode
+        return relaunch(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc)
     run_eval(args)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trinityx_ds.eval.runner [eval options]` (what torchrun starts), or `--args-json`."""
+    from trinityx_ds.errors import one_line_errors
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--args-json"]:
         args = argparse.Namespace(**json.loads(argv[1]), fn=cmd_eval, nproc=0)
@@ -186,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="trinityx")
         add_eval_arguments(parser.add_subparsers(dest="command", required=True))
         args = parser.parse_args(["eval", *argv])
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"trinityx eval: {e}", file=sys.stderr)
-        return 2
+    return one_line_errors("eval", lambda: args.fn(args), errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

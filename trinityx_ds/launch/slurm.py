@@ -289,14 +289,12 @@ def cmd_slurm(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trinityx_ds.launch.slurm render|submit ...` (the same as `trinityx slurm`)."""
+    from trinityx_ds.errors import one_line_errors
+
     parser = argparse.ArgumentParser(prog="trinityx")
     add_slurm_arguments(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["slurm", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except (ValueError, OSError) as e:
-        print(f"trinityx slurm: {e}", file=sys.stderr)
-        return 2
+    return one_line_errors("slurm", lambda: args.fn(args), errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

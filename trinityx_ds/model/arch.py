@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from trinityx_ds.config.schema import SUPPORTED_MODEL_TYPES
 
 
 class ArchError(ValueError):

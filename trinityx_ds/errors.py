@@ -1,0 +1,23 @@
+"""Bad input in one line: how every `trinityx` entry point (the CLI and the `python -m` entry
+points of eval/ and launch/) reports an error the user can fix, without a traceback.
+
+A leaf: it imports nothing of the package, so any room may use it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+EXIT_USER_ERROR = 2
+
+
+def one_line_errors(command: str, fn: Callable[[], int],
+                    errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+    """`fn()`'s exit code; one of `errors` instead prints `trinityx <command>: <error>` on stderr
+    and returns 2."""
+    try:
+        return fn()
+    except errors as e:  # bad input: one line, no traceback
+        print(f"trinityx {command}: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
