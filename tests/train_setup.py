@@ -58,7 +58,7 @@ def write_random_experts(cfg_path: Path, seed: int = 3, std: float = 0.2) -> Non
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.experts import lora_init_tensors
     from trinityx_ds.model.mocae import MoCaEConfig
-    from trinityx_ds.train.stages import expert_file
+    from trinityx_ds.storage.layout import expert_file
 
     cfg = load_config(cfg_path)
     arch = ModelArch.from_hf_dir(cfg.model.hf_path)

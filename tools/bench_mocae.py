@@ -47,7 +47,7 @@ def run_variant(key: str, model: str, batch: int, seq: int, iters: int) -> dict:
 
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.build import build_model
-    from trinityx_ds.model.mocae import MoCaEConfig
+    from trinityx_ds.model.mocae_spec import MoCaEConfig
     from trinityx_ds.parallel.groups import init_parallel
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

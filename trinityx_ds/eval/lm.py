@@ -4,15 +4,24 @@ log-likelihoods, generations, and per-example routing statistics."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from trinityx_ds.config import load_config
+from trinityx_ds.data.dataset import collate
+from trinityx_ds.data.render import render_text
+from trinityx_ds.data.tokenizer import load_tokenizer, pad_id
 from trinityx_ds.eval import variants
-from trinityx_ds.eval.loglik import Request, pad_id, sequence_logprobs
+from trinityx_ds.eval.generate import generate_batch
+from trinityx_ds.eval.loglik import Request, sequence_logprobs
 from trinityx_ds.eval.shard import dp_map
-
-FOREIGN_OK = (".mlp.router.", ".mlp.post_norm.")  # keep their initial values when no file holds them
+from trinityx_ds.model.assemble import assemble, expert_sources, router_source
+from trinityx_ds.model.mocae import RoutingContext, set_routing_context
+from trinityx_ds.model.mocae_spec import MoCaEConfig
+from trinityx_ds.model.weights import open_source
+from trinityx_ds.parallel.groups import init_parallel
+from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.storage.sources import DictSource
 
 
 @dataclass
@@ -24,7 +33,8 @@ class EvalLM:
     dims: object
     variant: str
     moe: object | None  # the variant's MoCaEConfig
-    cfg: object | None  # the run's RunConfig (output.dir = the run folder; None for a plain model)
+    cfg: object | None  # the run's RunConfig (None for a plain model)
+    layout: RunLayout | None  # where the run's files are (None for a plain model)
     chat_template: str
     max_len: int
     batch_size: int = 8
@@ -37,8 +47,6 @@ class EvalLM:
                  seed: int = 0) -> list[str]:
         """Text of each prompt's answer (prompts rendered as in loglik, cut on the left when prompt and
         answer would not fit the model's positions)."""
-        from trinityx_ds.data.render import render_text
-        from trinityx_ds.eval.generate import generate_batch
 
         tok, keep = self.tokenizer, max(self.arch.max_position_embeddings - max_new_tokens, 1)
         items = [(i, tok(render_text(tok, p, self.chat_template, add_generation_prompt=True),
@@ -55,8 +63,6 @@ class EvalLM:
     def routing(self, rows: list[dict]) -> list[dict]:
         """Per held-out example (rows of `build_task_datasets`): its router logits and probabilities
         averaged over its response tokens, per layer ([L, E] each), and per-layer top-1 counts."""
-        from trinityx_ds.data.dataset import collate
-        from trinityx_ds.model.mocae import RoutingContext, set_routing_context
 
         device = self.model.embedding.word_embeddings.weight.device
 
@@ -93,34 +99,15 @@ class EvalLM:
                 [b.router.log_importance.tolist() for b in self.blocks])
 
 
-def tokenizer_dir(model_path: str, explicit: str | None = None) -> str:
-    """Where the tokenizer lives: given, the model folder, or the HF folder a checkpoint came from."""
-    from trinityx_ds.train.stages import open_source_origin
-
-    if explicit:
-        return explicit
-    return model_path if Path(model_path, "tokenizer_config.json").is_file() else open_source_origin(model_path)
-
-
 def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int | None = None,
             max_len: int | None = None, batch_size: int = 8) -> EvalLM:
     """Builds `variant` of a run folder (or a plain HF/imported model: backbone only) on this rank;
     initialises the process groups (TP from the run config unless `tp` is given)."""
-    from transformers import AutoTokenizer
 
-    from trinityx_ds.config import load_config
-    from trinityx_ds.model.weights import load_weights, open_source
-    from trinityx_ds.storage.sources import ChainSource, DictSource, SafetensorsSource
-    from trinityx_ds.model.build import build_model
-    from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context
-    from trinityx_ds.parallel.groups import init_parallel
-    from trinityx_ds.train.stages import final_expert_file, stage_dir
-
-    run_dir = Path(checkpoint) if variants.is_run_dir(checkpoint) else None
+    layout = RunLayout(checkpoint) if RunLayout(checkpoint).is_run() else None
     cfg = None
-    if run_dir is not None:
-        cfg = load_config(str(config or variants.run_config_file(run_dir)), check_paths=False)
-        cfg.output.dir = str(run_dir)  # the run may have moved since it was trained
+    if layout is not None:
+        cfg = load_config(str(config or layout.run_config_file()), check_paths=False)
         model_path = cfg.model.checkpoint or cfg.model.hf_path
     else:
         model_path = checkpoint
@@ -128,28 +115,16 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
     arch, backbone_src = open_source(model_path)
     ep = cfg.parallel.ep if moe is not None and moe.kind == "full" and moe.num_experts % cfg.parallel.ep == 0 else 1
     dims = init_parallel(tp=tp or (cfg.parallel.tp if cfg else 1), ep=ep, seed=cfg.seed if cfg else 1234)
-    model, blocks = build_model(arch, dims, moe, dtype=cfg.model.dtype if cfg else "fp32")
     sources = [DictSource(variants.router_overrides(moe, variant, arch.num_layers, arch.hidden_size)), backbone_src]
     if moe is not None:
-        for name in moe.expert_names:
-            path = final_expert_file(cfg, name)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: expert {name!r} not trained yet")
-            sources.append(SafetensorsSource.from_file(path))
-        router = stage_dir(cfg, 2) / "router.safetensors"
-        if variant in ("h3fusion", "trinityx") and not router.is_file():
-            raise FileNotFoundError(f"{router}: no trained router (run `trinityx train router` first)")
-        if router.is_file() and not variant.startswith("expert:"):
-            sources.append(SafetensorsSource.from_file(router))
-    foreign = load_weights(model, ChainSource(sources), arch, dims.tp, dims.tp_rank, moe)
-    unexpected = [n for n in foreign if not any(k in n for k in FOREIGN_OK)]
-    if unexpected:
-        raise ValueError(f"{checkpoint}: no weights for {unexpected[:5]}")
+        sources += expert_sources(layout, moe.expert_names, cfg.train.train_experts_in_stage2)
+        routed = not variant.startswith("expert:")
+        sources += router_source(layout, required=variant in ("h3fusion", "trinityx")) if routed else []
+    model, blocks = assemble(arch, dims, moe, sources, where=checkpoint, dtype=cfg.model.dtype if cfg else "fp32")
     model.eval()
     if variant.startswith("expert:"):  # as in stage 1: every token to the one expert
         set_routing_context(blocks, RoutingContext(force_expert=0, compute_losses=False))
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(model_path, cfg.model.tokenizer if cfg else None),
-                                        local_files_only=True)
+    tok = load_tokenizer(model_path, cfg.model.tokenizer if cfg else None)
     default_len = cfg.data.max_seq_len if cfg else min(arch.max_position_embeddings, 1024)
-    return EvalLM(model, blocks, tok, arch, dims, variant, moe, cfg,
+    return EvalLM(model, blocks, tok, arch, dims, variant, moe, cfg, layout,
                   cfg.data.chat_template if cfg else "auto", max_len or default_len, batch_size)

@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from trinityx_ds.data.render import IGNORE, render_text
+from trinityx_ds.data.tokenizer import pad_id
 from trinityx_ds.eval.shard import dp_map
 
 
@@ -29,10 +30,6 @@ def encode(tokenizer, request: Request, max_len: int, chat_template: str = "auto
     cont = tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
     ids = (ctx + cont)[-max_len:]
     return ids, min(len(cont), len(ids) - 1)
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()

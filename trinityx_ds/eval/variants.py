@@ -13,8 +13,6 @@ Overrides are HF-named tensors placed first in the ChainSource, so they win over
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import torch
 
 VARIANTS = ("backbone", "expert:<name>", "uniform", "h3fusion", "trinityx")
@@ -53,24 +51,3 @@ def router_overrides(moe, variant: str, num_layers: int, hidden: int) -> dict[st
         if variant == "uniform":
             out[pre + "weight"] = torch.zeros(moe.num_experts, hidden)
     return out
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "stage1").is_dir() or (Path(path) / "stage2").is_dir()
-
-
-def run_config_file(run_dir: str | Path) -> Path:
-    """The config a run last trained with: stage 2's latest checkpoint, else stage 1's, else
-    `<run>/config.yaml` (where `trinityx demo` writes it)."""
-    from trinityx_ds.train.checkpoint import latest_tag
-
-    run_dir = Path(run_dir)
-    ckpt_dirs = [run_dir / "stage2" / "checkpoints"] + sorted((run_dir / "stage1").glob("*/checkpoints"))
-    for ckpt in ckpt_dirs:
-        tag = latest_tag(ckpt)
-        if tag is not None and (ckpt / tag / "config.yaml").is_file():
-            return ckpt / tag / "config.yaml"
-    if (run_dir / "config.yaml").is_file():
-        return run_dir / "config.yaml"
-    raise FileNotFoundError(f"{run_dir}: no run config found (no stage checkpoint with config.yaml, no config.yaml); "
-                            "pass --config")

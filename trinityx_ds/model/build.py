@@ -7,7 +7,8 @@ import torch
 
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.backbone import Backbone, build_backbone
-from trinityx_ds.model.mocae import MoCaEBlock, MoCaEConfig, attach_mocae
+from trinityx_ds.model.mocae import MoCaEBlock, attach_mocae
+from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.parallel.groups import ParallelDims, expert_parallel_group
 
 

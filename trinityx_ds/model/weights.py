@@ -18,6 +18,7 @@ from safetensors import safe_open
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter
+from trinityx_ds.model.mocae_spec import ROUTING_EMA, mocae_role
 from trinityx_ds.storage.layout import IMPORT_META as META
 from trinityx_ds.storage.sources import CheckpointError, MissingTensor, SafetensorsSource, UnshardedSource
 
@@ -103,7 +104,7 @@ def load_weights(model: torch.nn.Module, src, arch: ModelArch, tp: int, tp_rank:
     offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
     foreign = []
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.endswith("_extra_state") or ".routing_ema." in name:
+        if name.endswith("_extra_state") or mocae_role(name) == ROUTING_EMA:  # training state, not weights
             continue
         value = None
         for adapter in adapters:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, MoCaEConfig, mocae_role
 from trinityx_ds.plan.params import MoCaEPlan, per_rank_params, stage_moe
 
 GROUPS = ("embedding", "layers", "final_norm", "output", "router", "experts")
@@ -46,9 +47,10 @@ class RankCount:
 
 def param_group(name: str) -> str:
     """The `per_rank_params` group a megatron / MoCaE parameter name belongs to."""
-    if ".mlp.experts." in name:
+    role = mocae_role(name)
+    if role == EXPERTS:
         return "experts"
-    if ".mlp.router." in name or ".mlp.post_norm." in name:
+    if role in (ROUTER, POST_NORM):
         return "router"
     for prefix, group in (("embedding.", "embedding"), ("decoder.final_layernorm.", "final_norm"),
                           ("output_layer.", "output"), ("decoder.layers.", "layers")):
@@ -68,8 +70,6 @@ def count_params(model) -> dict[str, int]:
 def mocae_config(moe: MoCaEPlan, stage: int):
     """The MoCaEConfig a stage's run builds from a plan's MoCaE numbers (stage 1: one expert, as
     `StageRun` does; the expert names do not change any shape)."""
-    from trinityx_ds.model.mocae import MoCaEConfig
-
     cfg = MoCaEConfig(expert_names=[f"expert{i}" for i in range(moe.num_experts)], kind=moe.kind,
                       layers="all" if moe.layers is None else list(moe.layers), lora_rank=moe.lora_rank,
                       lora_targets=tuple(moe.lora_targets), top_k=moe.top_k,

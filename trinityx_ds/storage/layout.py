@@ -201,3 +201,13 @@ def import_origin(path: str | Path) -> Path:
     reference live); `path` itself for anything else."""
     meta = Path(path) / IMPORT_META
     return Path(json.loads(meta.read_text())["source"]) if meta.is_file() else Path(path)
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The newest complete tag of a `checkpoints/` folder, or None."""
+    return CheckpointDir(ckpt_dir).latest_tag()
+
+
+def expert_file(cfg, name: str) -> Path:
+    """Stage 1's file of expert `name` in the run of config `cfg` (its `output.dir`)."""
+    return RunLayout(cfg.output.dir).expert_file(name)

@@ -9,17 +9,19 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-OPTIMIZER = "optimizer."  # the optimizer moment `key` of tensor X is written as "optimizer.<key>.X"
+from trinityx_ds.model.mocae import MoCaEBlock
+from trinityx_ds.model.mocae_adapter import MoCaEAdapter
+from trinityx_ds.storage.universal_copy import OPTIMIZER_PREFIX
 
 
 def mocae_named_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer of `model` by megatron name, plus the experts a module holds
-    outside its module tree (stage 2's EP-placed `full` experts, StageRun._place_experts) under the
-    names they would have inside it, so the adapter maps them like any other expert."""
+    outside its module tree (stage 2's EP-placed `full` experts, MoCaEBlock.place_experts_outside)
+    under the names they would have inside it, so the adapter maps them like any other expert."""
     out = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")]
     for name, module in model.named_modules():
-        held = module.__dict__.get("experts")
-        if isinstance(held, torch.nn.Module):
+        held = module.outside_experts() if isinstance(module, MoCaEBlock) else None
+        if held is not None:
             out += [(f"{name}.experts.{n}", t) for n, t in held.state_dict(keep_vars=True).items()
                     if not n.endswith("_extra_state")]
     return out
@@ -32,10 +34,8 @@ def gather_layers(model, moe_cfg, arch, dims, include: Callable[[str], bool],
 
     `values(name, tensor)` gives, for each megatron tensor of this rank that passes `include`, its
     TP shard whole over the data-parallel ranks by kind: "" is the value, any other kind (an
-    optimizer moment) comes out as OPTIMIZER + kind + "." + HF name. Ranks call it in the same
+    optimizer moment) comes out as OPTIMIZER_PREFIX + kind + "." + HF name. Ranks call it in the same
     order, so it may run collectives over the data-parallel group."""
-    from trinityx_ds.model.mocae_adapter import MoCaEAdapter
-
     adapter = MoCaEAdapter(moe_cfg, dims.tp)
     named = [(n, t) for n, t in mocae_named_tensors(model) if include(n)]
     for layer in moe_cfg.layer_ids(arch.num_layers):
@@ -51,7 +51,7 @@ def gather_layers(model, moe_cfg, arch, dims, include: Callable[[str], bool],
         for kind in sorted({k for _, m in every for k in m}):
             parts = [(tp_rank, m.get(kind, {})) for tp_rank, m in every]
             names = sorted({n for tp_rank, m in parts if tp_rank == 0 for n in m})
-            prefix = f"{OPTIMIZER}{kind}." if kind else ""
+            prefix = f"{OPTIMIZER_PREFIX}{kind}." if kind else ""
             for hf_name, tensor in adapter.unshard(layer, partial(_shard, parts), names):
                 yield prefix + hf_name, tensor
 

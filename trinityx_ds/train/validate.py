@@ -8,23 +8,24 @@ the held-out sets are small, and ZeRO-3/TP collectives stay in step.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
+from trinityx_ds.calibration import calibration_report
+from trinityx_ds.data.dataset import collate
+from trinityx_ds.model.mocae import RoutingContext, set_routing_context
+
 
 @torch.no_grad()
-def routing_probs(run, engine, dataset, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_probs(engine, blocks, dataset, micro_batch: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example routing probabilities [N, E] and per-layer mean logits [L, N, E]."""
-    from trinityx_ds.data.dataset import collate
-    from trinityx_ds.model.mocae import RoutingContext, set_routing_context
-
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     probs, logits = [], []
     for i in range(0, len(dataset), micro_batch):
         rows = dataset[i:i + micro_batch]
         batch = collate([dict(zip(rows, v)) for v in zip(*rows.values())], pad_id)
         ctx = RoutingContext.from_batch(batch["labels"], compute_losses=False, keep_probs=True)
-        set_routing_context(run.blocks, ctx)
+        set_routing_context(blocks, ctx)
         engine(batch["input_ids"], batch["labels"])
         B, S = batch["labels"].shape
         mask_BS = (batch["labels"] >= 0).float()
@@ -37,26 +38,27 @@ def routing_probs(run, engine, dataset, micro_batch: int) -> tuple[torch.Tensor,
             per_layer_z.append((z_BSE * mask_BS.unsqueeze(-1)).sum(1) / n_B)
         probs.append(torch.stack(per_layer_p).mean(0))
         logits.append(torch.stack(per_layer_z))
-    set_routing_context(run.blocks, None)
+    set_routing_context(blocks, None)
     return torch.cat(probs), torch.cat(logits, dim=1)
 
 
-def routing_report(run, engine) -> dict:
-    from trinityx_ds.calibration import calibration_report
-
-    run.model.eval()
+def routing_report(engine, model, blocks, held_out: dict, names: list[str], micro_batch: int, pad_id: int,
+                   out_file: Path | None = None) -> dict:
+    """The calibration report of the router's task predictions on `held_out` ({task name: its
+    held-out rows}), per task accuracy included; written as JSON to `out_file` when given."""
+    model.eval()
     probs, labels = [], []
-    for task_id, name in enumerate(run.cfg.experts.names):
-        held = run.task_sets[name][1]
+    for task_id, name in enumerate(names):
+        held = held_out[name]
         if len(held):
-            p, _ = routing_probs(run, engine, held, run.stage_cfg.micro_batch)
+            p, _ = routing_probs(engine, blocks, held, micro_batch, pad_id)
             probs.append(p)
             labels.append(torch.full((len(p),), task_id))
-    run.model.train()
+    model.train()
     probs_NE, labels_N = torch.cat(probs).double(), torch.cat(labels)
     report = calibration_report(probs_NE, labels_N)
     report["per_task_accuracy"] = {name: (probs_NE[labels_N == t].argmax(-1) == t).double().mean().item()
-                                   for t, name in enumerate(run.cfg.experts.names) if (labels_N == t).any()}
-    if run.dims.rank == 0:
-        (run.dir / "validation.json").write_text(json.dumps(report, indent=2))
+                                   for t, name in enumerate(names) if (labels_N == t).any()}
+    if out_file is not None:
+        Path(out_file).write_text(json.dumps(report, indent=2))
     return report

@@ -46,7 +46,7 @@ else:
     from trinityx_ds.model.backbone import masked_mean_loss
     from trinityx_ds.model.mocae import RoutingContext, set_router_loss_scale, set_routing_context
     from trinityx_ds.train.engine import lr_lambda
-    from trinityx_ds.train.stages import _local_examples
+    from trinityx_ds.train.step import local_examples as _local_examples
 
     # DeepSpeed averages the data-parallel ranks' gradients of their own mean losses, each rank's
     # the mean of its grad_accum micro-batches: the reference takes the same global batch in

@@ -1,0 +1,61 @@
+"""One assembly of a run's model on this rank, for training and evaluation alike: the backbone
+source, the experts' files, and the one rule for which MoCaE tensors may be absent from them.
+
+Sources are HF-named tensor sources chained in order (the first that holds a tensor wins): what
+overrides (a universal checkpoint copy, evaluation's router overrides), then the backbone, then
+the MoCaE files. A tensor no source holds keeps its initial value only where `may_be_absent`
+says so; anything else is an error naming the model source.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, mocae_role
+from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
+
+
+def may_be_absent(name: str, upcycled_experts: bool = False) -> bool:
+    """Whether tensor `name` (megatron) keeps its initial value when no source holds it: the router
+    and the post-mix norm (initialised until stage 2 has trained them), and the `full` experts a
+    stage upcycles from the base FFN (stage 1, `upcycled_experts`). Backbone tensors and every
+    trained expert must be read."""
+    role = mocae_role(name)
+    return role in (ROUTER, POST_NORM) or (upcycled_experts and role == EXPERTS and ".experts.local." in name)
+
+
+def expert_sources(layout: RunLayout, names, trained_in_stage2: bool = False, final: bool = True) -> list:
+    """The experts' files as tensor sources: as the run last trained them (`final`: stage 2's copies
+    once stage 2 trained and finished them), else as stage 1 left them."""
+    out = []
+    for name in names:
+        path = layout.final_expert_file(name, trained_in_stage2) if final else layout.expert_file(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: expert {name!r} not trained yet "
+                                    f"(run `trinityx train experts --only {name}` first)")
+        out.append(SafetensorsSource.from_file(path))
+    return out
+
+
+def router_source(layout: RunLayout, required: bool) -> list:
+    """Stage 2's router file as a source ([] when absent and not `required`)."""
+    if layout.router_file.is_file():
+        return [SafetensorsSource.from_file(layout.router_file)]
+    if required:
+        raise FileNotFoundError(f"{layout.router_file}: no trained router (run `trinityx train router` first)")
+    return []
+
+
+def assemble(arch, dims, moe, sources: list, *, where: str | Path, dtype: str = "fp32",
+             activation_checkpointing: bool = False, upcycled_experts: bool = False):
+    """(model, MoCaE blocks) on this rank: built by `build_model`, every tensor loaded from the
+    chained `sources` at this rank's TP slice. `where` names the model source in the error."""
+    from trinityx_ds.model.build import build_model  # megatron: only once a model is built
+    from trinityx_ds.model.weights import load_weights
+
+    model, blocks = build_model(arch, dims, moe, dtype=dtype, activation_checkpointing=activation_checkpointing)
+    foreign = load_weights(model, ChainSource(sources), arch, dims.tp, dims.tp_rank, moe)
+    unexpected = [n for n in foreign if not may_be_absent(n, upcycled_experts)]
+    if unexpected:
+        raise ValueError(f"{where}: no weights for {unexpected[:5]}")
+    return model, blocks
