@@ -94,11 +94,11 @@ class Backbone(GPTModel):
         )
         self.arch = arch
         if kind == "llama3":
-            rot = self.rotary_pos_emb
-            rot.inv_freq = rot._apply_scaling(
-                rot.inv_freq, factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                high_freq_factor=rope["high_freq_factor"],
-                original_max_position_embeddings=rope["original_max_position_embeddings"])
+            from trinityx_ds.parallel.megatron_compat import rope_apply_scaling
+
+            rope_apply_scaling(self.rotary_pos_emb, factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                               high_freq_factor=rope["high_freq_factor"],
+                               original_max_position_embeddings=rope["original_max_position_embeddings"])
 
     def _mask_padded_vocab(self, logits_SBV: torch.Tensor) -> torch.Tensor:
         local_v = logits_SBV.shape[-1]

@@ -69,7 +69,9 @@ def set_router_loss_scale(scale: float) -> None:
 
 def _in_backward() -> bool:
     """True while activation checkpointing recomputes a layer (inside autograd's backward)."""
-    return torch._C._current_graph_task_id() != -1
+    from trinityx_ds.parallel.torch_compat import in_backward
+
+    return in_backward()
 
 
 class MoCaEBlock(nn.Module):

@@ -49,11 +49,10 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> Pa
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if ep > 1:
-        from deepspeed.utils import groups
+        from trinityx_ds.parallel.deepspeed_compat import ensure_expert_groups, set_mpu
 
-        groups.mpu = parallel_state  # DeepSpeed derives its DP and EP groups from megatron's
-        if f"ep_size_{ep}" not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_data_and_model_parallel(ep, mpu=parallel_state)
+        set_mpu(parallel_state)  # DeepSpeed derives its DP and EP groups from megatron's
+        ensure_expert_groups(ep, parallel_state)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ParallelDims(world_size=world, tp=tp, pp=pp, dp=dp, ep=ep, rank=dist.get_rank(),
@@ -65,9 +64,9 @@ def expert_parallel_group(dims: ParallelDims):
     """This rank's EP group (None without expert parallelism)."""
     if dims.ep == 1:
         return None
-    from deepspeed.utils import groups
+    from trinityx_ds.parallel import deepspeed_compat
 
-    return groups._get_expert_parallel_group(dims.ep_group_name)
+    return deepspeed_compat.expert_parallel_group(dims.ep_group_name)
 
 
 def destroy_parallel() -> None:

@@ -5,6 +5,9 @@ fixes one construct in one upstream file by the narrowest means: giving that mod
 whose CUDA device is the CPU (`_cpu_torch`), or replacing one function. `Patch.still_needed()`
 looks for the construct in the installed source, so a megatron bump that fixes it upstream fails
 tests/unit/test_megatron_compat.py and tells us to drop the patch.
+
+The other megatron private name we use sits here too, behind `rope_apply_scaling`; its test is in
+tests/unit/test_compat.py.
 """
 
 from __future__ import annotations
@@ -248,3 +251,15 @@ def apply_cpu_patches() -> list[str]:
             patch.apply(patch.module())
             _applied.append(patch.name)
     return list(_applied)
+
+
+def rope_apply_scaling(rot, *, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_position_embeddings: int) -> None:
+    """Rescale a RotaryEmbedding's `inv_freq` by Llama 3's rope scaling ("rope_type": "llama3").
+
+    megatron-core builds it only through `rope_scaling=True`, with every parameter but `factor`
+    fixed at Llama 3.1's values; its private `RotaryEmbedding._apply_scaling` takes them all, so
+    a checkpoint's own values (Llama 3.2's factor 32, ...) are applied through it."""
+    rot.inv_freq = rot._apply_scaling(
+        rot.inv_freq, factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+        original_max_position_embeddings=original_max_position_embeddings)

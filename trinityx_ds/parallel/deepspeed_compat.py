@@ -1,0 +1,99 @@
+"""The DeepSpeed 0.19.8 internals we rely on, in one place: nothing else touches DeepSpeed's
+private names.
+
+DeepSpeed has no public API for three things a MoCaE run needs:
+
+* expert-parallel process groups made from megatron's parallel state before any engine exists
+  (`deepspeed.utils.groups`, whose functions are all `_`-prefixed), so MoCaE blocks can be built
+  on their EP ranks and stage 2's external experts can reduce their gradients over the
+  expert-data-parallel group;
+* telling which parameters ZeRO / the bf16 optimizer hold in their partitions, and linking the
+  partitions into an optimizer state created before the first step (a resume from the universal
+  copy, train/universal.py);
+* the engine's step counters, which a resume at another layout restores itself.
+
+Each function names the private construct it wraps; tests/unit/test_compat.py checks each one
+against the installed DeepSpeed, so a version bump that removes or changes one fails there,
+naming the construct and the function here to fix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def set_mpu(mpu) -> None:
+    """Make `mpu` (megatron's parallel_state) the model-parallel unit DeepSpeed's groups module
+    derives its data- and expert-parallel groups from (`deepspeed.utils.groups.mpu`).
+
+    Call it before `ensure_expert_groups`: DeepSpeed reads the data-parallel size from it."""
+    from deepspeed.utils import groups
+
+    groups.mpu = mpu
+
+
+def ensure_expert_groups(ep: int, mpu) -> None:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups of size `ep` (named
+    `ep_size_{ep}`) unless they exist. Collective over the world (every rank must call it).
+
+    `groups._create_expert_data_and_model_parallel` leaves that check to its caller; repeating it
+    would make new torch process groups each time."""
+    from deepspeed.utils import groups
+
+    if f"ep_size_{ep}" not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_data_and_model_parallel(ep, mpu=mpu)
+
+
+def expert_parallel_group(name: str):
+    """This rank's expert-parallel group `name` ("ep_size_{ep}"): the ranks its tokens go to
+    (`groups._get_expert_parallel_group`; an AssertionError if not created)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(name: str):
+    """This rank's expert-data-parallel group `name`: the ranks holding replicas of its experts
+    (`groups._get_expert_data_parallel_group`; an AssertionError if not created)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(name)
+
+
+def zero_managed(p: torch.Tensor) -> bool:
+    """Whether DeepSpeed holds p's fp32 master and moments in its partitions: ZeRO-3 marks its
+    parameters with `ds_id`, ZeRO-1/2 and the bf16 optimizer with `_hp_mapping` (None on ranks
+    that hold no fragment of p). The same test DeepSpeed's safe_get_full_* functions make."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def inner_optimizer(opt):
+    """The torch optimizer itself: ZeRO's and the bf16 wrappers hold it as `.optimizer`; a plain
+    torch optimizer is returned as it is."""
+    return getattr(opt, "optimizer", opt)
+
+
+def link_optimizer_fragments(opt) -> None:
+    """Link each parameter's fragment into an optimizer state created before the first step.
+
+    ZeRO-1/2 and the bf16 optimizer do it once, at their first step
+    (`_lazy_init_hp_params_optimizer_state`); until then safe_get/set_full_optimizer_state find
+    nothing. Optimizers without it (ZeRO-3, torch's own) need no linking: a no-op."""
+    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def engine_counters(engine) -> dict[str, int]:
+    """The engine's step counters (its optimizer steps, samples seen, skipped steps), which its own
+    checkpoints save and a resume from the universal copy restores with `set_engine_counters`."""
+    return {k: getattr(engine, k) for k in ENGINE_COUNTERS}
+
+
+def set_engine_counters(engine, counters: dict) -> None:
+    """Restore step counters taken by `engine_counters` (every key in `counters` is set)."""
+    for k, v in counters.items():
+        setattr(engine, k, v)

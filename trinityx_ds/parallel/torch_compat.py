@@ -1,0 +1,18 @@
+"""The torch 2.13 internals we rely on, in one place.
+
+tests/unit/test_compat.py checks each one against the installed torch, so a version bump that
+removes or changes one fails there, naming the construct and the function here to fix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def in_backward() -> bool:
+    """True while autograd's engine runs a backward pass on this thread: where activation
+    checkpointing (megatron's full recompute, torch.utils.checkpoint) recomputes a layer's forward.
+
+    torch has no public test for it; `torch._C._current_graph_task_id()` is -1 outside a graph
+    task (backward), its id inside one."""
+    return torch._C._current_graph_task_id() != -1
