@@ -18,7 +18,8 @@ from tests.dist import ROOT
 from tests.mocae_weights import mocae_source
 from tests.train_setup import write_config
 from trinityx_ds.convert import export
-from trinityx_ds.convert.export import ExportRefused, export_hf, import_trinityx
+from trinityx_ds.convert.export import ExportRefused, export_hf
+from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
 from trinityx_ds.storage.sources import CheckpointError, SafetensorsSource
 from trinityx_ds.model.mocae import MoCaEConfig

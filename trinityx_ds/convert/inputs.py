@@ -1,0 +1,189 @@
+"""What an export reads: the four kinds of input, each resolved to one `ExportSource` (the
+backbone's arch, HF-named tensors read one at a time, the MoCaE settings).
+
+    a training output dir     a run's `output.dir`: its stage outputs (stage 2's router, the experts
+                              as the run last trained them), the backbone from the run config
+    a training checkpoint     a run's `checkpoints/` folder (its latest complete tag) or one
+                              `step%08d` tag, of any TP/EP/ZeRO layout: read through the tag's
+                              universal copy (storage/universal_copy.py), the experts it does not
+                              train from their stage-1 files
+    a TrinityX HF folder      what `trinityx export-hf` writes (model_type "trinityx")
+    a backbone                an import-hf checkpoint or a plain HF folder: no experts
+
+Where a run keeps its files is storage/layout.py's to say (`RunLayout`, `CheckpointDir`): a run
+that has moved since it trained is read where it is now, never where its config says it was.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trinityx_ds.config import load_config
+from trinityx_ds.convert.formats import TRINITYX_KEYS, model_layout
+from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, ROUTING_EMA, MoCaEConfig, expert_of, mocae_role
+from trinityx_ds.model.weights import META, open_source
+from trinityx_ds.storage.layout import VALIDATION, CheckpointDir, CheckpointError, RunLayout, import_origin
+from trinityx_ds.storage.sources import ChainSource, MissingTensor, SafetensorsSource
+from trinityx_ds.storage.universal_copy import OPTIMIZER_PREFIX, open_universal
+
+# the MoCaE roles a model holds (routing_ema is training state: checkpoints keep it, exports never)
+MODEL_ROLES = (ROUTER, EXPERTS, POST_NORM)
+
+
+@dataclass
+class ExportSource:
+    """What one export reads: the backbone's arch, HF-named tensors, and the MoCaE settings.
+
+    `mocae_files` maps every MoCaE tensor the source holds to the file it came from: the export
+    must account for each one (the count that catches silently dropped experts)."""
+
+    arch: ModelArch
+    src: object  # TensorSource
+    origin: Path
+    moe: MoCaEConfig | None = None  # None for a plain backbone
+    mocae_files: dict[str, str] = field(default_factory=dict)
+    tokenizer_dirs: list[Path] = field(default_factory=list)  # later ones win
+    validation: dict | None = None
+    homes: dict[str, str] = field(default_factory=dict)  # "router" / expert name -> its file
+    layout: dict[str, tuple] = field(default_factory=dict)  # name -> shape the model expects
+    reads: set[str] = field(default_factory=set)
+
+    def where(self, name: str) -> str:
+        """The file that holds (or should hold) tensor `name`."""
+        if name in self.mocae_files:
+            return self.mocae_files[name]
+        role = mocae_role(name)
+        if role == EXPERTS:
+            return self.homes.get(expert_of(name), str(self.origin))
+        if role in MODEL_ROLES:  # the router and the post-mix norm live in the router's file
+            return self.homes.get("router", str(self.origin))
+        return str(self.origin)
+
+    def release(self) -> None:
+        """Unmaps the safetensors files read so far (reopened on the next read). Tensors keep their
+        own mapping, so written shards' pages leave memory: without this, every file stays mapped
+        and the process's resident size grows to the whole model."""
+        stack = [self.src]
+        while stack:
+            src = stack.pop()
+            stack += getattr(src, "sources", [])
+            if isinstance(src, SafetensorsSource):
+                src.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        self.reads.add(name)
+        where = self.where(name)
+        try:
+            t = self.src.read(name)
+        except MissingTensor:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing") from None
+        want = self.layout.get(name)
+        if want is not None and tuple(t.shape) != want:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the model needs {want}")
+        return t
+
+
+def _files(paths: list[Path]) -> tuple[list, dict[str, str]]:
+    """Safetensors sources of single files, and which file holds each tensor."""
+    sources, where = [], {}
+    for p in paths:
+        if not p.is_file():
+            raise CheckpointError(f"{p}: no such file")
+        s = SafetensorsSource.from_file(p)
+        sources.append(s)
+        where.update({k: str(p) for k in s.keys()})
+    return sources, where
+
+
+def _run_config_path(run: Path, config: str | Path | None) -> Path:
+    """`config` when given, else the config the run last trained with (RunLayout.run_config_file)."""
+    if config is not None:
+        return Path(config)
+    try:
+        return RunLayout(run).run_config_file()
+    except FileNotFoundError:
+        raise CheckpointError(f"{run}: no stage checkpoint with config.yaml nor config.yaml "
+                              "(not a training output dir; pass the run config with --config)") from None
+
+
+def _assemble(cfg, cfg_path: Path, moe: MoCaEConfig, sources: list, where: dict[str, str], homes: dict[str, Path],
+              validation: dict | None) -> ExportSource:
+    """The export source of a run: MoCaE `sources` (first wins) over the run's backbone."""
+    model_path = cfg.model.checkpoint or cfg.model.hf_path
+    arch, backbone = open_source(model_path)
+    tok = [import_origin(model_path), Path(model_path)]
+    tok += [Path(cfg.model.tokenizer)] if cfg.model.tokenizer else []
+    tok.append(cfg_path.parent / CheckpointDir.TOKENIZER)  # a checkpoint tag keeps its tokenizer by its config
+    return ExportSource(arch, ChainSource(sources + [backbone]), Path(model_path), moe, where, tok, validation,
+                        {k: str(v) for k, v in homes.items()})
+
+
+def _from_run(run: Path, config: str | Path | None) -> ExportSource:
+    """A run's stage outputs: stage 2's router (and experts, when it trains them), else stage 1's."""
+    cfg_path = _run_config_path(run, config)
+    cfg = load_config(str(cfg_path), check_paths=False)
+    layout = RunLayout(run)  # where the run is now: it may have moved since it was trained
+    moe = MoCaEConfig.from_run_config(cfg)
+    homes = {"router": layout.router_file,
+             **{n: layout.final_expert_file(n, cfg.train.train_experts_in_stage2) for n in moe.expert_names}}
+    sources, where = _files(list(homes.values()))  # stage 2's router first, as StageRun has no router source
+    val = layout.validation_file
+    return _assemble(cfg, cfg_path, moe, sources, where, homes, json.loads(val.read_text()) if val.is_file() else None)
+
+
+def _from_checkpoint(tag_dir: Path, config: str | Path | None) -> ExportSource:
+    """A training checkpoint of any layout, through its universal copy: the stage's trained tensors
+    (stage 1: its one expert; stage 2: the router, and the experts when it trains them), the other
+    experts from their stage-1 files, the frozen backbone from the run config's model source."""
+    tag_dir = tag_dir.resolve()
+    ckpt, tag = CheckpointDir(tag_dir.parent), tag_dir.name
+    cfg_path = Path(config) if config is not None else ckpt.config_file(tag)
+    cfg = load_config(str(cfg_path), check_paths=False)
+    state = json.loads(ckpt.state_file(tag).read_text())
+    layout = RunLayout.of_checkpoint(tag_dir, state["stage"])
+    moe = MoCaEConfig.from_run_config(cfg)
+    if state["stage"] == 1:  # as stage 1 trained it: one expert, every token to it
+        moe = moe.one_expert(state["expert"])
+    held = open_universal(tag_dir)
+    where = {k: str(held.folder / f) for k, f in held.weight_map.items()
+             if not k.startswith(OPTIMIZER_PREFIX) and mocae_role(k) != ROUTING_EMA}  # training state, not the model
+    trained = {expert_of(k) for k in where}
+    frozen = [n for n in moe.expert_names if n not in trained]
+    homes = {"router": held.folder,
+             **{n: layout.expert_file(n) if n in frozen else held.folder for n in moe.expert_names}}
+    sources, files = _files([layout.expert_file(n) for n in frozen])
+    return _assemble(cfg, cfg_path, moe, [held] + sources, {**where, **files}, homes, None)
+
+
+def _from_trinityx_folder(folder: Path, cfg: dict) -> ExportSource:
+    base = {k: v for k, v in cfg.items() if k not in TRINITYX_KEYS}
+    arch = ModelArch.from_hf_dict({**base, "model_type": cfg["base_model_type"]})
+    moe = MoCaEConfig.from_hf_dict(cfg["mocae"])
+    src = SafetensorsSource(folder)
+    where = {k: str(folder / f) for k, f in src.weight_map.items() if mocae_role(k) in MODEL_ROLES}
+    val = folder / VALIDATION
+    return ExportSource(arch, src, folder, moe, where, [folder], json.loads(val.read_text()) if val.is_file() else None)
+
+
+def open_export_source(path: str | Path, config: str | Path | None = None) -> ExportSource:
+    """A training output dir, a training checkpoint, a TrinityX HF folder, or a backbone (import-hf
+    checkpoint, HF folder); its `layout` is the model's (every read is checked against it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such folder")
+    cfg_file = path / "config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") == "trinityx":
+        s = _from_trinityx_folder(path, json.loads(cfg_file.read_text()))
+    elif (path / META).is_file() or cfg_file.is_file():
+        arch, src = open_source(path)
+        s = ExportSource(arch, src, path, tokenizer_dirs=[path])
+    elif (tag := CheckpointDir.tag_of(path)) is not None:
+        s = _from_checkpoint(tag, config)
+    else:
+        s = _from_run(path, config)
+    s.layout = model_layout(s)
+    return s
