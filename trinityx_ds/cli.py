@@ -19,7 +19,7 @@ def _import_hf(args) -> int:
 
     cfg = Path(args.hf_dir) / "config.json"
     if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "trinityx":
-        from trinityx_ds.convert.export import import_trinityx
+        from trinityx_ds.convert.import_back import import_trinityx
 
         out = import_trinityx(args.hf_dir, args.out_dir, tp=args.tp, overwrite=args.overwrite)
         print(f"imported TrinityX folder {args.hf_dir} -> {out} (backbone at tp={args.tp}, experts, router, "

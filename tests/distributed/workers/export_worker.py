@@ -129,8 +129,8 @@ def rebuild(run: Path) -> None:
     from trinityx_ds.model.weights import open_source
     from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
     from trinityx_ds.model.mocae import MoCaEConfig
-    from trinityx_ds.train.checkpoint import latest_tag
-    from trinityx_ds.train.stages import expert_file
+    from trinityx_ds.storage.layout import latest_tag
+    from trinityx_ds.storage.layout import expert_file
 
     ckpt = run / "stage2" / "checkpoints"
     cfg = load_config(str(ckpt / latest_tag(ckpt) / "config.yaml"), check_paths=False)
