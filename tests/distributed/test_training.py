@@ -1,5 +1,6 @@
 """Training: ZeRO stages agree, ZeRO-3 at TP=2 equals a plain single-process loop, and a run
 killed (SIGKILL, also in the middle of a checkpoint) resumes to the uninterrupted result."""
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 from tests.dist import ROOT
 from tests.train_setup import metrics, write_config, write_random_experts
 from trinityx_ds.launch.local import cpu_env, launch_torchrun
+from trinityx_ds.storage.layout import CheckpointDir
 
 WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 pytestmark = pytest.mark.distributed
@@ -82,10 +84,27 @@ def _launch(cfg: Path, fault: str | None = None):
     return launch_torchrun([WORKER, "cli", str(cfg), "experts --only harm"], 2, 300, env=env, cwd=ROOT)
 
 
-def test_resume_after_sigkill_and_crash_during_save(tmp_path, model_dir):
-    overrides = {"train.stage1": {"steps": 12}, "train.checkpoint_every": 3, "train.keep_last": 2}
-    whole = write_config(tmp_path / "whole", model_dir, **overrides)
-    assert _launch(whole).returncode == 0
+RESUME = {"train.stage1": {"steps": 12}, "train.checkpoint_every": 3, "train.keep_last": 2}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, model_dir):
+    """One uninterrupted run: what every interrupted or damaged run must end equal to."""
+    root = tmp_path_factory.mktemp("whole")
+    assert _launch(write_config(root, model_dir, **RESUME)).returncode == 0
+    return root
+
+
+def _same_expert(whole: Path, other: Path) -> None:
+    a = load_file(whole / "out/stage1/harm/expert.safetensors")
+    b = load_file(other / "out/stage1/harm/expert.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_sigkill_and_crash_during_save(tmp_path, model_dir, whole):
+    overrides = RESUME
     broken = write_config(tmp_path / "broken", model_dir, **overrides)
     ckpt = tmp_path / "broken/out/stage1/harm/checkpoints"
 
@@ -98,14 +117,47 @@ def test_resume_after_sigkill_and_crash_during_save(tmp_path, model_dir):
     assert third.returncode == 0, third.stdout[-3000:]
     assert "at step 6" in third.stdout
 
-    a = load_file(tmp_path / "whole/out/stage1/harm/expert.safetensors")
+    a = load_file(whole / "out/stage1/harm/expert.safetensors")
     b = load_file(tmp_path / "broken/out/stage1/harm/expert.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the resumed run's logged losses continue the uninterrupted run's, step for step
-    la = {m["step"]: m["train/loss"] for m in metrics(tmp_path / "whole/out/stage1/harm/metrics.jsonl")}
+    la = {m["step"]: m["train/loss"] for m in metrics(whole / "out/stage1/harm/metrics.jsonl")}
     lb = {m["step"]: m["train/loss"] for m in metrics(tmp_path / "broken/out/stage1/harm/metrics.jsonl")}
     assert all(la[s] == lb[s] for s in range(7, 13))
     kept = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
     assert kept[-2:] == ["step00000009", "step00000012"]  # keep_last: 2 complete checkpoints
+
+
+def test_damaged_latest_resumes_from_the_previous_tag_and_divergence_stops(tmp_path, model_dir, whole):
+    run = write_config(tmp_path / "damaged", model_dir, **RESUME)
+    ckpt = tmp_path / "damaged/out/stage1/harm/checkpoints"
+    first = _launch(run, "after_step:9")  # SIGKILL after step 9: checkpoints 6 and 9 kept
+    assert first.returncode != 0 and (ckpt / "latest").read_text() == "step00000009"
+    truncated = sorted((ckpt / "step00000009").glob("*optim_states.pt"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    second = _launch(run)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"step00000009: skipped: {truncated.name}: 100 bytes" in second.stdout
+    assert "resumed from" in second.stdout and "step00000006 at step 6" in second.stdout
+    _same_expert(whole, tmp_path / "damaged")
+    longer = write_config(tmp_path / "damaged", model_dir, **{**RESUME, "train.stage1": {"steps": 15},
+                                                               "data.max_seq_len": 128})
+    drift = _launch(longer)  # resuming step 12 with longer sequences: refused, nothing trained
+    refused = re.findall(r"^trinityx train: (.*resume refused.*)$", drift.stdout, re.M)
+    assert drift.returncode != 0 and refused and "data.max_seq_len was 64, now 128" in refused[0], drift.stdout[-3000:]
+    assert CheckpointDir(ckpt).latest_tag() == "step00000012"
+
+    nan = write_config(tmp_path / "nan", model_dir, **{"train.stage1": {"steps": 6, "lr": 1e30},
+                                                       "train.checkpoint_every": 1, "train.keep_last": 2})
+    diverged = _launch(nan)
+    assert diverged.returncode != 0
+    lines = re.findall(r"^trinityx train: (.*diverged:.*)$", diverged.stdout, re.M)
+    assert lines and all(line == lines[0] for line in lines), diverged.stdout[-3000:]  # one line (per rank)
+    assert lines[0].startswith("train.stage1 (expert harm): diverged: loss nan at step "), lines[0]
+    step = int(lines[0].split("at step ")[1].split()[0])
+    out = tmp_path / "nan/out/stage1/harm"
+    assert not (out / "expert.safetensors").exists()  # no stage output from a diverged state
+    kept = CheckpointDir(out / "checkpoints")
+    assert kept.complete_tags() and kept.complete_tags()[-1] == kept.tag_for(step - 1)  # not pruned, not saved

@@ -259,6 +259,8 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 1
     peak_tflops: float | None = None  # per GPU, bf16 dense, for train/mfu; None: from the GPU's name
+    stop_on_nonfinite: bool = True  # a NaN/inf loss or gradient norm stops the run (train/guard.py)
+    max_skipped_steps: int = 20  # this many optimizer steps skipped in a row (fp16 overflow) stop it; 0: never
 
     def problems(self, at: str) -> list[str]:
         out = self.stage1.problems(f"{at}.stage1") + self.stage2.problems(f"{at}.stage2")
@@ -266,6 +268,8 @@ class TrainConfig:
             _need(out, getattr(self, name) >= 1, f"{at}.{name}", getattr(self, name), "an int >= 1")
         _need(out, self.peak_tflops is None or self.peak_tflops > 0, f"{at}.peak_tflops", self.peak_tflops,
               "the GPU's peak TFLOP/s (> 0, bf16 dense), or null to take it from the GPU's name")
+        _need(out, self.max_skipped_steps >= 0, f"{at}.max_skipped_steps", self.max_skipped_steps,
+              "an int >= 0 (0: never stop on skipped steps)")
         return out
 
 

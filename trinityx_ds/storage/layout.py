@@ -18,6 +18,7 @@ a `latest` pointer in DeepSpeed's format.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -41,6 +42,8 @@ class CheckpointDir:
     STATE = "trinityx_state.json"
     UNIVERSAL = "universal"
     TOKENIZER = "tokenizer"
+    MANIFEST = "MANIFEST.json"  # every file of a tag with its size (and CRC-32 up to CRC_BYTES)
+    CRC_BYTES = 16 * 1024**2  # files up to this size are checksummed: the run state, LoRA shards
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -77,26 +80,104 @@ class CheckpointDir:
         """Stage 2's EP-placed experts and their optimizer, one file per (TP, DP) rank."""
         return self.path / tag / f"experts_tp{tp_rank:02d}_dp{dp_rank:03d}.pt"
 
+    def manifest_file(self, tag: str) -> Path:
+        return self.path / tag / self.MANIFEST
+
     def is_complete(self, tag: str) -> bool:
         return self.marker(tag).is_file()
 
-    def complete_tags(self) -> list[str]:
-        """Every complete tag, oldest first."""
+    def tags(self) -> list[str]:
+        """Every tag folder (step%08d), oldest first, complete or not."""
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and (p / self.COMPLETE).is_file())
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and p.name.startswith("step")
+                      and p.name[4:].isdigit())
+
+    def complete_tags(self) -> list[str]:
+        """Every tag with its COMPLETE marker, oldest first."""
+        return [t for t in self.tags() if self.is_complete(t)]
+
+    def _files(self, tag: str) -> list[Path]:
+        skip = {self.COMPLETE, self.MANIFEST}
+        return sorted(p for p in self.tag_dir(tag).rglob("*") if p.is_file() and p.name not in skip)
+
+    @classmethod
+    def _crc(cls, path: Path, size: int) -> int | None:
+        if size > cls.CRC_BYTES:
+            return None
+        return zlib.crc32(path.read_bytes())
+
+    def write_manifest(self, tag: str) -> None:
+        """Records every file of `tag` (written by every rank: call after they all finished)."""
+        from trinityx_ds.storage.atomic import write_text
+
+        files = {}
+        for p in self._files(tag):
+            size = p.stat().st_size
+            files[str(p.relative_to(self.tag_dir(tag)))] = {"size": size, "crc32": self._crc(p, size)}
+        write_text(self.manifest_file(tag), json.dumps({"files": files}, indent=1))
+
+    def damage(self, tag: str) -> str | None:
+        """Why tag `tag` cannot be resumed (no marker, a file missing, truncated or changed since it
+        was written), or None when it verifies. Tags written before manifests existed verify by
+        their marker alone."""
+        if not self.tag_dir(tag).is_dir():
+            return "no such folder"
+        if not self.is_complete(tag):
+            return f"no {self.COMPLETE} marker (its save was interrupted)"
+        if not self.manifest_file(tag).is_file():
+            return None
+        try:
+            files = json.loads(self.manifest_file(tag).read_text())["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"{self.MANIFEST} unreadable ({e})"
+        for rel, want in files.items():
+            path = self.tag_dir(tag) / rel
+            if not path.is_file():
+                return f"{rel}: missing"
+            size = path.stat().st_size
+            if size != want["size"]:
+                return f"{rel}: {size} bytes, {want['size']} when written (truncated or replaced)"
+            if want.get("crc32") is not None and self._crc(path, size) != want["crc32"]:
+                return f"{rel}: checksum differs from when it was written"
+        return None
+
+    def choose(self) -> tuple[str | None, list[str]]:
+        """The tag to resume: the newest complete tag that verifies, whatever `latest` says; and
+        one note per damaged or incomplete tag skipped on the way (by name, never deleted), plus
+        one when `latest` names another tag."""
+        notes, chosen = [], None
+        for tag in reversed(self.tags()):
+            why = self.damage(tag)
+            if why is None:
+                chosen = tag
+                break
+            notes.append(f"{self.tag_dir(tag)}: skipped: {why}")
+        pointed = self.pointer().read_text().strip() if self.pointer().is_file() else None
+        if pointed is not None and pointed != chosen and not any(f"/{pointed}:" in n for n in notes):
+            why = self.damage(pointed) or "older than a verified tag"
+            notes.append(f"{self.pointer()}: names {pointed} ({why}); resuming from {chosen or 'the start'}")
+        return chosen, notes
 
     def latest_tag(self) -> str | None:
-        """The newest complete checkpoint's tag, or None."""
-        if not self.pointer().is_file():
-            return None
-        tag = self.pointer().read_text().strip()
-        return tag if self.is_complete(tag) else None
+        """The newest complete tag that verifies (see `choose`), or None."""
+        return self.choose()[0]
 
     def latest(self) -> tuple[str, dict] | None:
-        """(tag, run state) of the newest complete checkpoint, or None."""
+        """(tag, run state) of the newest verified checkpoint, or None."""
         tag = self.latest_tag()
         return None if tag is None else (tag, json.loads(self.state_file(tag).read_text()))
+
+    def prune(self, keep_last: int) -> list[str]:
+        """Deletes verified tags older than the newest `keep_last` verified ones; damaged and
+        incomplete tags are left for a person to look at. Returns the deleted tags."""
+        import shutil
+
+        verified = [t for t in self.complete_tags() if self.damage(t) is None]
+        old = verified[:-keep_last]
+        for tag in old:
+            shutil.rmtree(self.tag_dir(tag), ignore_errors=True)
+        return old
 
     @classmethod
     def tag_of(cls, path: str | Path) -> Path | None:
@@ -107,7 +188,8 @@ class CheckpointDir:
         if (path / cls.LATEST).is_file():
             tag = cls(path).latest_tag()
             if tag is None:
-                raise CheckpointError(f"{path / cls.LATEST}: names no complete checkpoint (no {cls.COMPLETE} marker)")
+                raise CheckpointError(f"{path / cls.LATEST}: names no complete checkpoint (no {cls.COMPLETE} marker"
+                                      " on a tag that verifies)")
             return path / tag
         if (path / cls.STATE).is_file() or (path / cls.UNIVERSAL).is_dir():
             if not (path / cls.COMPLETE).is_file():

@@ -3,7 +3,9 @@ every rank finished writing, so a crash in the middle of a save leaves the previ
 
 What a tag holds and where is storage/layout.py's `CheckpointDir`: DeepSpeed's files, the
 layout-free `universal/` copy, our run state and a `COMPLETE` marker; `latest` names the tag in
-DeepSpeed's format, so DeepSpeed's tools read it too. The state records the layout (tp, ep, dp,
+DeepSpeed's format, so DeepSpeed's tools read it too. A run resumes from the newest tag that
+verifies against its manifest (CheckpointDir.choose), whatever `latest` says, and `keep_last`
+deletes only verified tags older than the newest ones. The state records the layout (tp, ep, dp,
 zero) that wrote the checkpoint: a run resumed at that layout loads DeepSpeed's files, any other
 reads `universal/`.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 
 import torch.distributed as dist
@@ -47,6 +48,10 @@ def save(engine, ckpt: CheckpointDir, step: int, state: dict, keep_last: int, wr
     layout-free copy, the run config); it lands before COMPLETE.
     """
     tag = ckpt.tag_for(step)
+    if dist.get_rank() == 0:  # a tag written again (after a damaged or interrupted save) is not complete until
+        for stale in (ckpt.marker(tag), ckpt.manifest_file(tag)):  # it is rewritten whole
+            stale.unlink(missing_ok=True)
+    dist.barrier()
     # Frozen tensors (the backbone; frozen experts) never change: they are rebuilt from the run's
     # model source on resume, so a LoRA checkpoint of a 70B backbone stays megabytes, not 140 GB.
     engine.save_checkpoint(str(ckpt.path), tag=tag, save_latest=False, exclude_frozen_parameters=True)
@@ -54,12 +59,12 @@ def save(engine, ckpt: CheckpointDir, step: int, state: dict, keep_last: int, wr
         write_more(tag)
     fault("during_save", step)
     dist.barrier()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # every rank's files are there: record them, then mark the tag complete
         atomic.write_text(ckpt.state_file(tag), json.dumps(state, indent=2))
+        ckpt.write_manifest(tag)
         atomic.write_text(ckpt.marker(tag), "")
         atomic.write_text(ckpt.pointer(), tag)
-        for old in ckpt.complete_tags()[:-keep_last]:
-            shutil.rmtree(ckpt.tag_dir(old), ignore_errors=True)
+        ckpt.prune(keep_last)
     dist.barrier()
     return tag
 

@@ -25,12 +25,15 @@ from trinityx_ds.model.experts import lora_init_tensors
 from trinityx_ds.model.mocae import set_router_loss_scale
 from trinityx_ds.model.mocae_spec import MoCaEConfig, mocae_role
 from trinityx_ds.model.weights import open_source
+from trinityx_ds.parallel.deepspeed_compat import engine_counters
 from trinityx_ds.parallel.groups import init_parallel
 from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.storage.sources import DictSource
 from trinityx_ds.train import checkpoint, outputs
+from trinityx_ds.train.drift import check_resume
 from trinityx_ds.train.engine import initialize
 from trinityx_ds.train.external import ExternalExperts
+from trinityx_ds.train.guard import DivergenceGuard, Diverged
 from trinityx_ds.train.metrics import MetricsLogger, step_flops
 from trinityx_ds.train.preemption import Preemption
 from trinityx_ds.train.state import ResumePoint, TrainState
@@ -77,6 +80,7 @@ class StageRun:
         self.moe = moe.one_expert(expert) if stage == 1 else moe
         self.ckpt = self.layout.checkpoints(stage, expert)
         self.resume = ResumePoint.find(self.ckpt, self.dims, cfg.parallel.zero_stage)
+        self.drift = [] if self.resume.tag is None else check_resume(self.ckpt.config_file(self.resume.tag), cfg, stage)
         sources = self.resume.sources + [backbone]
         if stage == 1 and self.moe.kind == "lora":
             sources.append(DictSource(lora_init_tensors(self.arch, self.moe, cfg.seed)))
@@ -117,12 +121,18 @@ class StageRun:
         start = state.restore()
         log = MetricsLogger(self.dir, sc.steps, start, enabled=dims.rank == 0, tensorboard=cfg.output.tensorboard,
                             desc=f"stage {self.stage}{' ' + self.expert if self.expert else ''}")
+        for note in (*self.resume.notes, *(f"config changed since the checkpoint: {d}" for d in self.drift)) \
+                if dims.rank == 0 else ():
+            log.bar.write(note)
         if self.resume.tag is not None and dims.rank == 0:
             log.bar.write(f"resumed from {self.ckpt.tag_dir(self.resume.tag)} at step {start}"
                           + (f" (resharded from {self.resume.state.get('layout')} to {self.resume.layout})"
                              if self.resume.resharded else ""))
         set_router_loss_scale(1.0 / sc.grad_accum)
         preempt = Preemption()
+        guard = DivergenceGuard(cfg.train.stop_on_nonfinite, cfg.train.max_skipped_steps,
+                                f"train.stage{self.stage}" + (f" (expert {self.expert})" if self.expert else ""),
+                                engine_counters(engine)["skipped_steps"])
         step, saved_at, stopped = start, None, False
         self.model.train()
         while step < sc.steps:
@@ -141,6 +151,12 @@ class StageRun:
                 stats["train/grad_norm"] = float(grad_norm)
             if step % cfg.train.log_every == 0 or step == sc.steps:
                 log.log(step, stats)
+            try:
+                guard.check(step, stats["train/loss"], stats.get("train/grad_norm"),
+                            engine_counters(engine)["skipped_steps"], kept=str(self.ckpt.path))
+            except Diverged:
+                log.close()  # the progress bar ends its line before the error's
+                raise
             stop = preempt.agreed()
             if step % cfg.train.checkpoint_every == 0 or step == sc.steps or stop:
                 state.save(step)

@@ -4,9 +4,11 @@ restored, natively at the layout that wrote a checkpoint and through the univers
 other (train/universal.py)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, ROUTING_EMA, mocae_role
 from trinityx_ds.storage.layout import CheckpointDir
@@ -23,16 +25,21 @@ class ResumePoint:
     state: dict | None = None
     copy: object = None  # the universal copy as a tensor source, when resharding
     layout: dict | None = None  # the layout of this run
+    notes: tuple[str, ...] = ()  # the damaged or incomplete tags skipped, and why
 
     @classmethod
     def find(cls, ckpt: CheckpointDir, dims, zero_stage: int) -> "ResumePoint":
+        """Rank 0 chooses (CheckpointDir.choose: the newest tag that verifies) and every rank
+        takes its choice, so all resume from the same tag even on a file system that lags."""
         here = checkpoint.layout(dims, zero_stage)
-        found = ckpt.latest()
-        if found is None:
-            return cls(layout=here)
-        tag, state = found
+        choice = [ckpt.choose() if dims.rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        tag, notes = choice[0]
+        if tag is None:
+            return cls(layout=here, notes=tuple(notes))
+        state = json.loads(ckpt.state_file(tag).read_text())
         copy = None if checkpoint.same_layout(state, here) else open_universal(ckpt.tag_dir(tag))
-        return cls(tag, state, copy, here)
+        return cls(tag, state, copy, here, tuple(notes))
 
     @property
     def sources(self) -> list:
