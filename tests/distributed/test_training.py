@@ -1,6 +1,8 @@
 """Training: ZeRO stages agree, ZeRO-3 at TP=2 equals a plain single-process loop, and a run
 killed (SIGKILL, also in the middle of a checkpoint) resumes to the uninterrupted result."""
+import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from tests.dist import ROOT
 from tests.train_setup import metrics, write_config, write_random_experts
 from trinityx_ds.launch.local import cpu_env, launch_torchrun
 from trinityx_ds.storage.layout import CheckpointDir
+from trinityx_ds.train.lock import RunLock
 
 WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 pytestmark = pytest.mark.distributed
@@ -148,6 +151,13 @@ def test_damaged_latest_resumes_from_the_previous_tag_and_divergence_stops(tmp_p
     refused = re.findall(r"^trinityx train: (.*resume refused.*)$", drift.stdout, re.M)
     assert drift.returncode != 0 and refused and "data.max_seq_len was 64, now 128" in refused[0], drift.stdout[-3000:]
     assert CheckpointDir(ckpt).latest_tag() == "step00000012"
+    owner = RunLock(ckpt.parent)
+    owner.acquire()  # another job (this test process) owns the stage folder
+    second_job = _launch(longer)
+    owner.release()
+    refused = re.findall(r"^trinityx train: (.*)$", second_job.stdout, re.M)
+    assert second_job.returncode != 0 and refused, second_job.stdout[-3000:]
+    assert f"another training job owns this folder (host {socket.gethostname()} pid {os.getpid()} " in refused[0]
 
     nan = write_config(tmp_path / "nan", model_dir, **{"train.stage1": {"steps": 6, "lr": 1e30},
                                                        "train.checkpoint_every": 1, "train.keep_last": 2})

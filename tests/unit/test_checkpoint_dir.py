@@ -98,3 +98,32 @@ def test_divergence_guard():
     assert DivergenceGuard(False, 0, "x", 0).problem(1, float("nan"), float("inf"), 5) is None
     h = DivergenceGuard(True, 3, "x", skipped_now=0)
     assert [h.problem(s, 1.0, 1.0, k) for s, k in ((1, 1), (2, 2), (3, 2), (4, 3), (5, 4))] == [None] * 5  # not in a row
+
+
+def test_run_lock_refuses_a_second_owner_and_takes_over_from_a_dead_one(tmp_path):
+    import multiprocessing
+    import os
+
+    from trinityx_ds.train.lock import FolderLocked, RunLock
+
+    ctx = multiprocessing.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+
+    def owner():
+        RunLock(tmp_path).acquire()
+        held.set()
+        done.wait(30)
+        os._exit(0)  # dies holding it: the kernel releases the flock
+
+    child = ctx.Process(target=owner)
+    child.start()
+    assert held.wait(30)
+    with pytest.raises(FolderLocked, match=rf"another training job owns this folder \(host \S+ pid {child.pid} since"):
+        RunLock(tmp_path).acquire()
+    done.set()
+    child.join(30)
+    lock = RunLock(tmp_path)
+    note = lock.acquire()
+    assert note is not None and f"pid {child.pid}" in note and "taken over" in note
+    lock.release()
+    assert RunLock(tmp_path).acquire() is None  # released cleanly: nothing to take over

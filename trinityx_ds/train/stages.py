@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from trinityx_ds.config import save_config
@@ -34,6 +35,7 @@ from trinityx_ds.train.drift import check_resume
 from trinityx_ds.train.engine import initialize
 from trinityx_ds.train.external import ExternalExperts
 from trinityx_ds.train.guard import DivergenceGuard, Diverged
+from trinityx_ds.train.lock import FolderLocked, RunLock
 from trinityx_ds.train.metrics import MetricsLogger, step_flops
 from trinityx_ds.train.preemption import Preemption
 from trinityx_ds.train.state import ResumePoint, TrainState
@@ -78,9 +80,14 @@ class StageRun:
         self.arch.check_seq_len(cfg.data.max_seq_len)
         moe = MoCaEConfig.from_run_config(cfg)
         self.moe = moe.one_expert(expert) if stage == 1 else moe
+        self.lock = RunLock(self.dir)
+        self.notes = [n for n in (self._lock(self.lock),) if n]  # what rank 0 reports when the run starts
         self.ckpt = self.layout.checkpoints(stage, expert)
         self.resume = ResumePoint.find(self.ckpt, self.dims, cfg.parallel.zero_stage)
-        self.drift = [] if self.resume.tag is None else check_resume(self.ckpt.config_file(self.resume.tag), cfg, stage)
+        self.notes += self.resume.notes
+        if self.resume.tag is not None:
+            self.notes += [f"config changed since the checkpoint: {d}"
+                           for d in check_resume(self.ckpt.config_file(self.resume.tag), cfg, stage)]
         sources = self.resume.sources + [backbone]
         if stage == 1 and self.moe.kind == "lora":
             sources.append(DictSource(lora_init_tensors(self.arch, self.moe, cfg.seed)))
@@ -97,6 +104,21 @@ class StageRun:
         self.tokenizer = load_tokenizer(model_path, cfg.model.tokenizer)
         self.engine = None  # run() starts it
         self.task_sets: dict | None = None  # {task: (train rows, held-out rows)}, read by run()
+
+    def _lock(self, lock: RunLock) -> str | None:
+        """Rank 0 takes the stage folder's lock; every rank learns whether it got it, so all of
+        them stop together when another job owns the folder."""
+        outcome = [None]
+        if self.dims.rank == 0:
+            try:
+                outcome = [("ok", lock.acquire())]
+            except FolderLocked as e:
+                outcome = [("refused", str(e))]
+        dist.broadcast_object_list(outcome, src=0)
+        kind, text = outcome[0]
+        if kind == "refused":
+            raise FolderLocked(text)
+        return text
 
     def _datasets(self):
         sets = build_task_datasets(self.cfg.data, self.tokenizer, self.cfg.experts.names, self.cfg.seed)
@@ -121,8 +143,7 @@ class StageRun:
         start = state.restore()
         log = MetricsLogger(self.dir, sc.steps, start, enabled=dims.rank == 0, tensorboard=cfg.output.tensorboard,
                             desc=f"stage {self.stage}{' ' + self.expert if self.expert else ''}")
-        for note in (*self.resume.notes, *(f"config changed since the checkpoint: {d}" for d in self.drift)) \
-                if dims.rank == 0 else ():
+        for note in self.notes if dims.rank == 0 else ():
             log.bar.write(note)
         if self.resume.tag is not None and dims.rank == 0:
             log.bar.write(f"resumed from {self.ckpt.tag_dir(self.resume.tag)} at step {start}"
@@ -171,6 +192,7 @@ class StageRun:
         if not stopped:
             summary.update(self._finish(log, step))
         log.close()
+        self.lock.release()
         return summary
 
     def _finish(self, log, step: int) -> dict:
