@@ -87,6 +87,16 @@ def _launch(cfg: Path, fault: str | None = None):
     return launch_torchrun([WORKER, "cli", str(cfg), "experts --only harm"], 2, 300, env=env, cwd=ROOT)
 
 
+class _Payload:
+    """Runs a command when unpickled: what a crafted checkpoint file carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 RESUME = {"train.stage1": {"steps": 12}, "train.checkpoint_every": 3, "train.keep_last": 2}
 
 
@@ -158,6 +168,16 @@ def test_damaged_latest_resumes_from_the_previous_tag_and_divergence_stops(tmp_p
     refused = re.findall(r"^trinityx train: (.*)$", second_job.stdout, re.M)
     assert second_job.returncode != 0 and refused, second_job.stdout[-3000:]
     assert f"another training job owns this folder (host {socket.gethostname()} pid {os.getpid()} " in refused[0]
+
+    again = write_config(tmp_path / "damaged", model_dir, **RESUME)
+    crafted = sorted((ckpt / "step00000012").glob("*model_states.pt"))[0]
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _Payload(marker)}, crafted)  # a crafted file...
+    CheckpointDir(ckpt).write_manifest("step00000012")  # ...copied with a manifest that matches it
+    crafted_run = _launch(again)
+    refused = re.findall(r"^trinityx train: (.*refused to load.*)$", crafted_run.stdout, re.M)
+    assert crafted_run.returncode != 0 and refused and refused[0].startswith(str(crafted)), crafted_run.stdout[-3000:]
+    assert not marker.exists()  # its code never ran
 
     nan = write_config(tmp_path / "nan", model_dir, **{"train.stage1": {"steps": 6, "lr": 1e30},
                                                        "train.checkpoint_every": 1, "train.keep_last": 2})

@@ -455,3 +455,45 @@ def _worker() -> None:
 
 if __name__ == "__main__":
     _worker()
+
+
+class _Payload:
+    """A pickle that runs a command when unpickled (what a crafted checkpoint file carries)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_load_weights_only_and_refuse_code(tmp_path):
+    """deepspeed_compat.load_weights_only: DeepSpeed's own checkpoint types load, a pickle that
+    would run code is refused naming the file, and the code never runs."""
+    import types
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from trinityx_ds.parallel.deepspeed_compat import load_weights_only
+    from trinityx_ds.storage.layout import CheckpointError
+
+    engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace())
+    load_weights_only(engine)
+    good = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = {"zero_stage": ZeroStageEnum.optimizer_states, "loss_scaler": LossScaler(1.0),
+             "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "w": torch.arange(4.0)}
+    torch.save(state, good)
+    back = engine.checkpoint_engine.load(str(good), map_location=lambda storage, loc: storage)
+    assert back["zero_stage"] == ZeroStageEnum.optimizer_states and torch.equal(back["w"], state["w"])
+    assert back["param_slice_mappings"][0]["w"] == fragment_address(numel=4, start=0)
+
+    marker = tmp_path / "code-ran"
+    bad = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Payload(marker)}, bad)
+    with pytest.raises(CheckpointError, match=rf"^{bad}: refused to load: it holds objects no checkpoint needs"):
+        engine.checkpoint_engine.load(str(bad))
+    assert not marker.exists()

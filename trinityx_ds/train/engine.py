@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from trinityx_ds.parallel.deepspeed_compat import load_weights_only
+
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
@@ -72,4 +74,5 @@ def initialize(model: torch.nn.Module, trainable: list[torch.nn.Parameter], run,
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=config, mpu=DeepSpeedMPU(),
         lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage))))
+    load_weights_only(engine)  # resume never runs code a checkpoint file carries
     return engine
