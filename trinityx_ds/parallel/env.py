@@ -160,12 +160,16 @@ def launch_torchrun(
     env: dict | None = None,
     cwd: str | Path | None = None,
     capture: bool = True,
+    forward_signals: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run `argv` (a script and its arguments) in `nproc` local processes under torchrun.
 
     Output (stdout and stderr merged) is captured unless `capture` is False. The job runs in its
     own session; on timeout the agent and all its workers are killed together, then
-    TimeoutError carries the tail of the output.
+    TimeoutError carries the tail of the output. With `forward_signals`, SIGINT and SIGTERM to
+    this process reach every worker as SIGTERM (a training worker finishes its step, saves and
+    exits), this process waits for the job to end and returns 128 + the signal's number; a second
+    signal kills the job at once. Nothing of the job outlives this process.
     """
     cmd = [
         sys.executable,
@@ -186,6 +190,17 @@ def launch_torchrun(
         text=True,
         start_new_session=True,
     )
+    received: list[int] = []
+    signalled: list = []  # the workers a forwarded signal reached
+
+    def forward(signum, frame):
+        if received:  # asked twice: stop now
+            _kill_job(proc.pid)
+            return
+        received.append(signum)
+        signalled.extend(_signal_workers(proc.pid, signal.SIGTERM))
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if forward_signals else {}
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except BaseException as exc:  # a timeout, or Ctrl-C: leave no process behind
@@ -197,7 +212,25 @@ def launch_torchrun(
         raise TimeoutError(
             f"torchrun {argv} timed out after {timeout:.0f}s; output tail:\n{tail}"
         ) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, None)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for worker in signalled:  # the agent is gone: none of its workers may outlive it
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    return subprocess.CompletedProcess(cmd, 128 + received[0] if received else proc.returncode, stdout, None)
+
+
+def _signal_workers(agent: int, sig: int) -> list:
+    """`sig` to every process the torchrun agent started (each in a session of its own); returns them."""
+    try:
+        workers = psutil.Process(agent).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.send_signal(sig)
+    return workers
 
 
 def relaunch(argv: list[str], nproc: int) -> int:
@@ -207,7 +240,8 @@ def relaunch(argv: list[str], nproc: int) -> int:
     import torch
 
     env = None if torch.cuda.is_available() else cpu_env()
-    return launch_torchrun(argv, nproc, timeout=RELAUNCH_TIMEOUT, env=env, capture=False).returncode
+    return launch_torchrun(argv, nproc, timeout=RELAUNCH_TIMEOUT, env=env, capture=False,
+                           forward_signals=True).returncode
 
 
 def _kill_job(agent: int) -> None:

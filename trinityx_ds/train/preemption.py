@@ -1,5 +1,6 @@
-"""Preemption: Slurm's --signal, scancel and preemption send SIGUSR1/SIGTERM; the run finishes its
-step, saves a checkpoint and exits, and resumes by itself when started again."""
+"""Preemption: Slurm's --signal, scancel and preemption send SIGUSR1/SIGTERM, a person at the
+terminal SIGINT (Ctrl-C; the local launcher forwards it as SIGTERM); the run finishes its step,
+saves a checkpoint and exits, and resumes by itself when started again."""
 from __future__ import annotations
 
 import signal
@@ -9,12 +10,12 @@ import torch.distributed as dist
 
 
 class Preemption:
-    """SIGUSR1/SIGTERM ask for a checkpoint at the end of the current step; ranks agree through an
-    all-reduce so every rank saves together."""
+    """SIGUSR1/SIGTERM/SIGINT ask for a checkpoint at the end of the current step; ranks agree
+    through an all-reduce so every rank saves together."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
