@@ -6,8 +6,17 @@ import sys
 
 
 def _config_validate(args) -> int:
-    from trinityx_ds.config import cmd_validate
+    from trinityx_ds.config import ConfigError, cmd_validate, load_config
 
+    if not (args.skip_paths or args.skip_data):  # every data row, read as training will read it
+        from trinityx_ds.train.preflight import data_problems, report
+
+        try:
+            cfg = load_config(args.file, world_size=args.world_size)
+        except ConfigError:
+            cfg = None  # cmd_validate prints the config's own problems
+        if cfg is not None and report(data_problems(cfg), "trinityx config validate"):
+            return 2
     return cmd_validate(args.file, world_size=args.world_size, check_paths=not args.skip_paths)
 
 
@@ -47,19 +56,24 @@ def _train(args) -> int:
     import os
 
     from trinityx_ds.config import load_config
+    from trinityx_ds.train.preflight import problems, report
 
     if args.nproc:  # a laptop: become N local processes under torchrun
         from trinityx_ds.launch.local import relaunch
 
         argv = ["-m", "trinityx_ds.cli", "train", args.stage, "--config", args.config]
         argv += ["--only", args.only] if args.only else []
-        load_config(args.config, world_size=args.nproc)  # fail here, before any process starts
+        cfg = load_config(args.config, world_size=args.nproc)  # fail here, before any process starts
+        if report(problems(cfg, args.stage, args.only)):
+            return 2
         return relaunch(argv, args.nproc)
     from trinityx_ds.parallel.env import dist_env
     from trinityx_ds.parallel.groups import destroy_parallel
     from trinityx_ds.train.stages import run_stage
 
     cfg = load_config(args.config, world_size=dist_env().world_size)
+    if report(problems(cfg, args.stage, args.only)):  # every rank stops before its process group; rank 0 says why
+        return 2
     names = [args.only] if args.only else list(cfg.experts.names)
     try:
         if args.stage == "experts":
@@ -94,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--world-size", type=int, default=None, help="check the parallel layout against N processes")
     val.add_argument("--skip-paths", action="store_true",
                      help="do not require the input files to exist (a recipe before its model is downloaded)")
+    val.add_argument("--skip-data", action="store_true", help="do not read the data rows (only check the files exist)")
     val.set_defaults(fn=_config_validate)
 
     imp = sub.add_parser("import-hf", help="convert a local HF folder into a TP-sharded starting checkpoint")

@@ -24,9 +24,10 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from torch import nn
 
+from trinityx_ds.model.mocae_spec import PROJECTIONS, expert_shapes
 from trinityx_ds.parallel.dispatch import run_experts
 
-TARGETS = ("gate_proj", "up_proj", "down_proj")
+TARGETS = PROJECTIONS
 
 
 class LoRAExperts(nn.Module):
@@ -145,19 +146,20 @@ class FullExperts(nn.Module):
 
 
 def lora_init_tensors(arch, cfg, seed: int) -> dict[str, torch.Tensor]:
-    """HF-named initial LoRA tensors (A kaiming-uniform on its full fan-in, B zero), drawn per
-    layer, expert and target from `seed`, so every TP layout starts from the same function."""
+    """HF-named initial LoRA tensors (A kaiming-uniform on its full fan-in, B zero; shapes from
+    mocae_spec.expert_shapes), drawn per layer, expert and target from `seed`, so every TP layout
+    starts from the same function."""
+    shapes = {name: expert_shapes(arch, cfg, name) for name in cfg.expert_names}
     out = {}
     for layer in cfg.layer_ids(arch.num_layers):
         for e, name in enumerate(cfg.expert_names):
             for k, target in enumerate(TARGETS):
-                if target not in cfg.lora_targets:
-                    continue
-                fan_in, fan_out = (arch.intermediate_size, arch.hidden_size) if target == "down_proj" \
-                    else (arch.hidden_size, arch.intermediate_size)
-                g = torch.Generator().manual_seed(((seed * 1_000_003 + layer) * 1009 + e) * 31 + k)
-                bound = 1.0 / math.sqrt(fan_in)
                 pre = f"model.layers.{layer}.mlp.experts.{name}.{target}."
-                out[pre + "lora_A.weight"] = torch.empty(cfg.lora_rank, fan_in).uniform_(-bound, bound, generator=g)
-                out[pre + "lora_B.weight"] = torch.zeros(fan_out, cfg.lora_rank)
+                if pre + "lora_A.weight" not in shapes[name]:
+                    continue
+                a_shape = shapes[name][pre + "lora_A.weight"]
+                g = torch.Generator().manual_seed(((seed * 1_000_003 + layer) * 1009 + e) * 31 + k)
+                bound = 1.0 / math.sqrt(a_shape[1])
+                out[pre + "lora_A.weight"] = torch.empty(a_shape).uniform_(-bound, bound, generator=g)
+                out[pre + "lora_B.weight"] = torch.zeros(shapes[name][pre + "lora_B.weight"])
     return out

@@ -40,6 +40,26 @@ def expert_tensors(names, expert: str) -> list[str]:
     return [n for n in names if expert_of(n) == expert]
 
 
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_shapes(arch, cfg: "MoCaEConfig", name: str) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor of expert `name` under `cfg`: what its stage-1 file must
+    hold (LoRA A/B per target, or whole gate/up/down projections)."""
+    out = {}
+    for layer in cfg.layer_ids(arch.num_layers):
+        pre = f"model.layers.{layer}.mlp.{EXPERTS}.{name}."
+        for target in PROJECTIONS:
+            fan_in, fan_out = (arch.intermediate_size, arch.hidden_size) if target == "down_proj" \
+                else (arch.hidden_size, arch.intermediate_size)
+            if cfg.kind == "full":
+                out[f"{pre}{target}.weight"] = (fan_out, fan_in)
+            elif target in cfg.lora_targets:
+                out[f"{pre}{target}.lora_A.weight"] = (cfg.lora_rank, fan_in)
+                out[f"{pre}{target}.lora_B.weight"] = (fan_out, cfg.lora_rank)
+    return out
+
+
 # MoCaEConfig field -> its key in the run config (RunConfig), the one place the two are paired
 RUN_KEYS = {
     "expert_names": "experts.names", "kind": "experts.kind", "layers": "experts.layers",

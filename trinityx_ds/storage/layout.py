@@ -188,8 +188,7 @@ class CheckpointDir:
         if (path / cls.LATEST).is_file():
             tag = cls(path).latest_tag()
             if tag is None:
-                raise CheckpointError(f"{path / cls.LATEST}: names no complete checkpoint (no {cls.COMPLETE} marker"
-                                      " on a tag that verifies)")
+                raise CheckpointError(f"{path / cls.LATEST}: names no complete checkpoint (no {cls.COMPLETE} marker)")
             return path / tag
         if (path / cls.STATE).is_file() or (path / cls.UNIVERSAL).is_dir():
             if not (path / cls.COMPLETE).is_file():

@@ -1,0 +1,91 @@
+"""User errors once, before launch: `trinityx train ... --nproc 2` and `trinityx config validate`
+read every data row, check stage 2's expert files and the output folder, and say what is wrong in
+one line each (file:line, file and tensor), exit 2, before any worker starts."""
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.train_setup import FIXTURES, write_config, write_random_experts
+from trinityx_ds.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from trinityx_ds.model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("preflight") / "model")
+
+
+def _bad_alpaca(tmp_path):
+    rows = (FIXTURES / "alpaca_tiny.jsonl").read_text().splitlines()
+    rows.insert(2, json.dumps({"instruction": 5}))  # line 3: not a text instruction
+    path = tmp_path / "alpaca_bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _one_error(err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_rows_refused_before_launch_and_by_validate(tmp_path, model_dir, capsys):
+    bad = _bad_alpaca(tmp_path)
+    cfg = write_config(tmp_path, model_dir, **{"data.tasks.help": [{"path": str(bad), "format": "alpaca"}]})
+    assert main(["train", "experts", "--config", str(cfg), "--nproc", "2"]) == 2
+    line = _one_error(capsys.readouterr().err, "trinityx train")
+    assert f"{bad}:3:" in line
+    assert not (tmp_path / "out/stage1").exists()  # no worker ever started
+    assert main(["config", "validate", str(cfg)]) == 2
+    assert f"{bad}:3:" in _one_error(capsys.readouterr().err, "trinityx config validate")
+    assert main(["config", "validate", str(cfg), "--skip-data"]) == 0  # the files exist: that is all it checks
+
+
+def test_non_utf8_file_named(tmp_path, model_dir, capsys):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes((FIXTURES / "alpaca_tiny.jsonl").read_bytes() + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    cfg = write_config(tmp_path, model_dir, **{"data.tasks.help": [{"path": str(latin), "format": "alpaca"}]})
+    assert main(["train", "experts", "--config", str(cfg), "--nproc", "2"]) == 2
+    assert f"{latin}: cannot read as UTF-8 text" in _one_error(capsys.readouterr().err, "trinityx train")
+
+
+def test_router_inputs_checked_by_file_and_tensor(tmp_path, model_dir, capsys):
+    cfg = write_config(tmp_path, model_dir)
+    harm = tmp_path / "out/stage1/harm/expert.safetensors"
+    assert main(["train", "router", "--config", str(cfg), "--nproc", "2"]) == 2  # nothing trained yet
+    assert "expert 'help' not trained yet" in capsys.readouterr().err
+    write_random_experts(cfg)
+    good = harm.read_bytes()
+    harm.write_bytes(good[: len(good) // 3])  # truncated
+    assert main(["train", "router", "--config", str(cfg), "--nproc", "2"]) == 2
+    assert f"{harm}: unreadable safetensors file" in _one_error(capsys.readouterr().err, "trinityx train")
+    harm.write_bytes(good)
+    tensors = load_file(harm)
+    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    tensors[key] = tensors[key][:2].contiguous()  # an expert of another LoRA rank
+    save_file(tensors, harm)
+    assert main(["train", "router", "--config", str(cfg), "--nproc", "2"]) == 2
+    line = _one_error(capsys.readouterr().err, "trinityx train")
+    assert f"{harm}: tensor {key!r} has shape (2, " in line and "lora rank 4" in line
+
+
+def test_unwritable_output_dir(tmp_path, model_dir, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output folder's parent should be")
+    cfg = write_config(tmp_path, model_dir, **{"output.dir": str(blocker / "out")})
+    assert main(["train", "experts", "--config", str(cfg), "--nproc", "2"]) == 2
+    assert f"output.dir: {blocker / 'out'} — cannot write there" in _one_error(capsys.readouterr().err, "trinityx train")
+
+
+def test_unsupported_model_refused_before_launch(tmp_path, model_dir, capsys):
+    gemma = tmp_path / "gemma"
+    shutil.copytree(model_dir, gemma)
+    hf = json.loads((gemma / "config.json").read_text())
+    (gemma / "config.json").write_text(json.dumps({**hf, "model_type": "gemma"}))
+    cfg = write_config(tmp_path, gemma)
+    assert main(["train", "experts", "--config", str(cfg), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'gemma' is not supported" in err and "Traceback" not in err

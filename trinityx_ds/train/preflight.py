@@ -1,0 +1,91 @@
+"""What a training job checks before any worker starts (the local launcher `--nproc`, every rank
+under torchrun/srun before its process group, `trinityx config validate`): every data row, the
+stage's inputs (the experts stage 2 reads: readable, shaped as the config says) and the output
+folder. Each problem is one line naming the file (and line, or tensor); the caller prints them and
+exits 2, so a user's mistake never becomes a traceback per rank."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from trinityx_ds.data.formats import DataError, read_source
+from trinityx_ds.model.mocae_spec import MoCaEConfig, expert_shapes
+from trinityx_ds.model.weights import open_source
+from trinityx_ds.storage.layout import CheckpointError, RunLayout
+from trinityx_ds.storage.sources import SafetensorsSource
+
+
+def data_problems(cfg) -> list[str]:
+    """Every data row read as training will read it (hub sources are left to the workers)."""
+    out = []
+    for task in cfg.experts.names:
+        for src in cfg.data.tasks.get(task, []):
+            if src.path.startswith("hub:"):
+                continue
+            try:
+                read_source(src, task, cfg.data.on_malformed, getattr(cfg.data, "beavertails_unsafe", "refuse"))
+            except DataError as e:
+                out += e.problems
+            except ValueError as e:
+                out.append(f"{src.path}: {e}")
+    return out
+
+
+def expert_problems(cfg, arch, names: list[str]) -> list[str]:
+    """Stage 2's inputs: each expert's stage-1 file readable and holding exactly the tensors, of
+    the shapes, that the run config asks for."""
+    out, layout, moe = [], RunLayout(cfg.output.dir), MoCaEConfig.from_run_config(cfg)
+    for name in names:
+        path = layout.expert_file(name)
+        if not path.is_file():
+            out.append(f"{path}: expert {name!r} not trained yet (run `trinityx train experts --only {name}` first)")
+            continue
+        try:
+            src = SafetensorsSource.from_file(path)
+            want = expert_shapes(arch, moe, name)
+            missing = sorted(set(want) - set(src.keys()))
+            if missing:
+                out.append(f"{path}: no tensor {missing[0]!r} ({len(missing)} of {len(want)} missing; the run config "
+                           f"has experts.kind {moe.kind}, lora rank {moe.lora_rank}, targets {list(moe.lora_targets)}, "
+                           f"layers {moe.layers})")
+                continue
+            for key, shape in want.items():
+                if src.shape(key) != shape:
+                    out.append(f"{path}: tensor {key!r} has shape {src.shape(key)}, the run config needs {shape} "
+                               f"(experts.kind {moe.kind}, lora rank {moe.lora_rank})")
+                    break
+        except CheckpointError as e:
+            out.append(str(e))
+    return out
+
+
+def output_problems(cfg) -> list[str]:
+    folder = Path(cfg.output.dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return [f"output.dir: {folder} — cannot write there ({e.strerror or e})"]
+    return []
+
+
+def problems(cfg, stage: str, only: str | None = None) -> list[str]:
+    """Everything `trinityx train <stage>` would fail on later, found now (`stage`: experts | router)."""
+    out = output_problems(cfg) + data_problems(cfg)
+    if stage == "router":
+        arch, _ = open_source(cfg.model.checkpoint or cfg.model.hf_path)
+        out += expert_problems(cfg, arch, list(cfg.experts.names))
+    elif only is not None and only not in cfg.experts.names:
+        out.append(f"--only: {only!r} — one of {', '.join(cfg.experts.names)}")
+    return out
+
+
+def report(lines: list[str], command: str = "trinityx train") -> int:
+    """Prints the problems once (rank 0 of a launched job; the process itself otherwise); 2 if any."""
+    if lines and os.environ.get("RANK", "0") == "0":
+        for line in lines:
+            print(f"{command}: {line}", file=sys.stderr)
+    return 2 if lines else 0
