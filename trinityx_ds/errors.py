@@ -8,7 +8,9 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# a folder the user named that cannot be written (read-only, a file in the way) is theirs to fix too
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                                                NotADirectoryError)
 EXIT_USER_ERROR = 2
 
 

@@ -367,3 +367,14 @@ def test_generate_with_kv_cache_equals_without(tmp_path, tiny):
         cached = model.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=True)
         plain = model.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.shape == (2, 16) and torch.equal(cached, plain)
+
+
+def test_export_into_an_unwritable_place_is_one_line(tmp_path, tiny, capsys):
+    from trinityx_ds.cli import main
+
+    run = make_run(tmp_path, tiny)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the export's parent folder should be")
+    assert main(["export-hf", str(run), str(blocker / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trinityx export-hf: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -117,7 +117,7 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
     dims = init_parallel(tp=tp or (cfg.parallel.tp if cfg else 1), ep=ep, seed=cfg.seed if cfg else 1234)
     sources = [DictSource(variants.router_overrides(moe, variant, arch.num_layers, arch.hidden_size)), backbone_src]
     if moe is not None:
-        sources += expert_sources(layout, moe.expert_names, cfg.train.train_experts_in_stage2)
+        sources += expert_sources(layout, arch, moe, cfg.train.train_experts_in_stage2)
         routed = not variant.startswith("expert:")
         sources += router_source(layout, required=variant in ("h3fusion", "trinityx")) if routed else []
     model, blocks = assemble(arch, dims, moe, sources, where=checkpoint, dtype=cfg.model.dtype if cfg else "fp32")

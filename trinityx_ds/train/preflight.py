@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 from trinityx_ds.data.formats import DataError, read_source
-from trinityx_ds.model.mocae_spec import MoCaEConfig, expert_shapes
+from trinityx_ds.model.assemble import expert_file_problem
+from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
-from trinityx_ds.storage.layout import CheckpointError, RunLayout
-from trinityx_ds.storage.sources import SafetensorsSource
+from trinityx_ds.storage.layout import RunLayout
 
 
 def data_problems(cfg) -> list[str]:
@@ -36,29 +36,9 @@ def data_problems(cfg) -> list[str]:
 def expert_problems(cfg, arch, names: list[str]) -> list[str]:
     """Stage 2's inputs: each expert's stage-1 file readable and holding exactly the tensors, of
     the shapes, that the run config asks for."""
-    out, layout, moe = [], RunLayout(cfg.output.dir), MoCaEConfig.from_run_config(cfg)
-    for name in names:
-        path = layout.expert_file(name)
-        if not path.is_file():
-            out.append(f"{path}: expert {name!r} not trained yet (run `trinityx train experts --only {name}` first)")
-            continue
-        try:
-            src = SafetensorsSource.from_file(path)
-            want = expert_shapes(arch, moe, name)
-            missing = sorted(set(want) - set(src.keys()))
-            if missing:
-                out.append(f"{path}: no tensor {missing[0]!r} ({len(missing)} of {len(want)} missing; the run config "
-                           f"has experts.kind {moe.kind}, lora rank {moe.lora_rank}, targets {list(moe.lora_targets)}, "
-                           f"layers {moe.layers})")
-                continue
-            for key, shape in want.items():
-                if src.shape(key) != shape:
-                    out.append(f"{path}: tensor {key!r} has shape {src.shape(key)}, the run config needs {shape} "
-                               f"(experts.kind {moe.kind}, lora rank {moe.lora_rank})")
-                    break
-        except CheckpointError as e:
-            out.append(str(e))
-    return out
+    layout, moe = RunLayout(cfg.output.dir), MoCaEConfig.from_run_config(cfg)
+    found = (expert_file_problem(layout.expert_file(name), arch, moe, name) for name in names)
+    return [p for p in found if p is not None]
 
 
 def output_problems(cfg) -> list[str]:

@@ -92,7 +92,7 @@ class StageRun:
         if stage == 1 and self.moe.kind == "lora":
             sources.append(DictSource(lora_init_tensors(self.arch, self.moe, cfg.seed)))
         if stage == 2:  # the experts as stage 1 trained them
-            sources += expert_sources(self.layout, self.moe.expert_names, final=False)
+            sources += expert_sources(self.layout, self.arch, self.moe, final=False)
         self.model, self.blocks = assemble(self.arch, self.dims, self.moe, sources, where=model_path,
                                            dtype=cfg.model.dtype, upcycled_experts=stage == 1,
                                            activation_checkpointing=cfg.model.activation_checkpointing)
