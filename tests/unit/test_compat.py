@@ -285,6 +285,17 @@ def test_inner_optimizer_on_a_real_engine(ds, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_resume_state_before_the_first_step(ds, engine):
+    """deepspeed_compat.optimizer_state_params names the tensors the state is keyed by before any
+    step (ZeRO-3: its fp32 partitions, absent from the torch param groups outside step()), so a
+    resume's moments land where DeepSpeed reads them."""
+    r = _check(ds, engine, "resume")
+    message = _fix(f"{ENGINES[engine]}.fp32_partitioned_groups_flat / param_groups",
+                   "deepspeed_compat.optimizer_state_params")
+    assert r["params_before_step"] > 0 and r["round_trip"] and r["stepped_from_it"], message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_link_optimizer_fragments_on_a_real_engine(ds, engine):
     """A state created before the first step (as a resume does) is what DeepSpeed reads and writes
     once linked; before linking, ZeRO-1/2 and the bf16 optimizer find no fragment. ZeRO-3 has
@@ -353,8 +364,8 @@ def _groups_checks() -> dict:
             "missing": missing}
 
 
-def _engine_checks(stage: int, bf16: bool) -> dict:
-    """One engine; each section recorded on its own (engine creation failing fails them all)."""
+def _make_engine(stage: int, bf16: bool):
+    """A DeepSpeed engine over a Linear(4, 3) with AdamW, and a function that takes one step."""
     import deepspeed
 
     from trinityx_ds.parallel.groups import DeepSpeedMPU
@@ -376,10 +387,17 @@ def _engine_checks(stage: int, bf16: bool) -> dict:
         engine.backward(engine(x).float().pow(2).sum())
         engine.step()
 
-    # in this order: linking needs an engine that has not stepped yet
+    return engine, opt, step
+
+
+def _engine_checks(stage: int, bf16: bool) -> dict:
+    """One engine; each section recorded on its own (engine creation failing fails them all)."""
+    engine, opt, step = _make_engine(stage, bf16)
+    # in this order: linking needs an engine that has not stepped yet; the resume gets its own
     return {"wrapper": type(opt).__name__, "marks": _record(_marks, engine),
             "link": _record(_link, engine, opt, step), "inner": _record(_inner, engine, opt),
-            "counters": _record(_counters, engine, step)}
+            "counters": _record(_counters, engine, step),
+            "resume": _record(lambda: _resume_state(*_make_engine(stage, bf16)))}
 
 
 def _marks(engine) -> dict:
@@ -418,6 +436,22 @@ def _link(engine, opt, step) -> dict:
     step()
     after = safe_get_full_optimizer_state(weight, "exp_avg")
     out["step_after_link"] = after is not None and after.shape == value.shape and not torch.equal(after, value)
+    return out
+
+
+def _resume_state(engine, opt, step) -> dict:
+    """A resume into an engine that has not stepped (train/universal.py materialise + set_full):
+    the moments land where DeepSpeed reads them, and its next step starts from them."""
+    from trinityx_ds.train import universal
+
+    weight = engine.module.weight
+    before = len(dc.optimizer_state_params(opt))
+    universal.materialise(opt, {"moments": ["exp_avg", "exp_avg_sq"], "scalars": {"step": 3.0}})
+    value = torch.arange(12, dtype=torch.float32).reshape(3, 4) + 1
+    universal.set_full(weight, opt, value, "exp_avg")
+    out = {"params_before_step": before, "round_trip": torch.equal(universal.full(weight, opt, "exp_avg"), value)}
+    step()
+    out["stepped_from_it"] = not torch.equal(universal.full(weight, opt, "exp_avg"), value)
     return out
 
 

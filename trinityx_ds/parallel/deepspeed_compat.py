@@ -73,6 +73,17 @@ def inner_optimizer(opt):
     return getattr(opt, "optimizer", opt)
 
 
+def optimizer_state_params(opt) -> list[torch.Tensor]:
+    """The tensors the torch optimizer inside `opt` keys its state by, also before its first step:
+    ZeRO-3's fp32 partitions (`fp32_partitioned_groups_flat`: ZeRO-3 puts them into the torch
+    optimizer's param groups only inside step(), so the groups are empty when a resume creates the
+    state), else the tensors of the torch optimizer's param groups."""
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        return list(flats)
+    return [t for group in inner_optimizer(opt).param_groups for t in group["params"]]
+
+
 def link_optimizer_fragments(opt) -> None:
     """Link each parameter's fragment into an optimizer state created before the first step.
 

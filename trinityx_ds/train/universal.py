@@ -74,12 +74,11 @@ def materialise(opt, summary: dict) -> None:
     universal-checkpoint loader writes it the same way (base_optimizer.
     load_hp_checkpoint_state_from_checkpoint_dir)."""
     inner = dsc.inner_optimizer(opt)
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            state = inner.state[flat]
-            for key in summary["moments"]:
-                state.setdefault(key, torch.zeros_like(flat))
-            state.update({k: torch.tensor(v, dtype=torch.float32) for k, v in summary["scalars"].items()})
+    for flat in dsc.optimizer_state_params(opt):
+        state = inner.state[flat]
+        for key in summary["moments"]:
+            state.setdefault(key, torch.zeros_like(flat))
+        state.update({k: torch.tensor(v, dtype=torch.float32) for k, v in summary["scalars"].items()})
     if summary["moments"]:
         dsc.link_optimizer_fragments(opt)
 
