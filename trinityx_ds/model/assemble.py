@@ -24,40 +24,33 @@ def may_be_absent(name: str, upcycled_experts: bool = False) -> bool:
     return role in (ROUTER, POST_NORM) or (upcycled_experts and role == EXPERTS and ".experts.local." in name)
 
 
-def expert_file_problem(path: Path, arch, moe, name: str) -> str | None:
-    """Why expert `name`'s file at `path` cannot serve MoCaE config `moe` (missing, unreadable,
-    a tensor missing or of another shape: named by file and tensor), or None."""
+def open_expert(path: Path, arch, moe, name: str) -> SafetensorsSource:
+    """Expert `name`'s file at `path` as a tensor source, once it is known to serve MoCaE config
+    `moe`; else CheckpointError naming the file (missing, unreadable) and the tensor (missing, or
+    of another shape)."""
     if not path.is_file():
-        return f"{path}: expert {name!r} not trained yet (run `trinityx train experts --only {name}` first)"
-    try:
-        src = SafetensorsSource.from_file(path)
-    except CheckpointError as e:
-        return str(e)
+        raise CheckpointError(f"{path}: expert {name!r} not trained yet "
+                              f"(run `trinityx train experts --only {name}` first)")
+    src = SafetensorsSource.from_file(path)
     want = expert_shapes(arch, moe, name)
     missing = sorted(set(want) - set(src.keys()))
     if missing:
-        return (f"{path}: no tensor {missing[0]!r} ({len(missing)} of {len(want)} missing; the run config has "
-                f"experts.kind {moe.kind}, lora rank {moe.lora_rank}, targets {list(moe.lora_targets)}, "
-                f"layers {moe.layers})")
+        raise CheckpointError(f"{path}: no tensor {missing[0]!r} ({len(missing)} of {len(want)} missing; the run "
+                              f"config has experts.kind {moe.kind}, lora rank {moe.lora_rank}, targets "
+                              f"{list(moe.lora_targets)}, layers {moe.layers})")
     for key, shape in want.items():
         if src.shape(key) != shape:
-            return (f"{path}: tensor {key!r} has shape {src.shape(key)}, the run config needs {shape} "
-                    f"(experts.kind {moe.kind}, lora rank {moe.lora_rank})")
-    return None
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {src.shape(key)}, the run config needs {shape} "
+                                  f"(experts.kind {moe.kind}, lora rank {moe.lora_rank})")
+    return src
 
 
 def expert_sources(layout: RunLayout, arch, moe, trained_in_stage2: bool = False, final: bool = True) -> list:
     """The files of `moe`'s experts as tensor sources, each checked against `moe` first: as the run
     last trained them (`final`: stage 2's copies once stage 2 trained and finished them), else as
     stage 1 left them."""
-    out = []
-    for name in moe.expert_names:
-        path = layout.final_expert_file(name, trained_in_stage2) if final else layout.expert_file(name)
-        problem = expert_file_problem(path, arch, moe, name)
-        if problem is not None:
-            raise CheckpointError(problem)
-        out.append(SafetensorsSource.from_file(path))
-    return out
+    return [open_expert(layout.final_expert_file(name, trained_in_stage2) if final else layout.expert_file(name),
+                        arch, moe, name) for name in moe.expert_names]
 
 
 def router_source(layout: RunLayout, required: bool) -> list:

@@ -18,8 +18,11 @@ a `latest` pointer in DeepSpeed's format.
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from pathlib import Path
+
+from trinityx_ds.storage.atomic import write_text
 
 CONFIG = "config.yaml"
 IMPORT_META = "trinityx_meta.json"  # written by `trinityx import-hf` next to the TP shards
@@ -109,8 +112,6 @@ class CheckpointDir:
 
     def write_manifest(self, tag: str) -> None:
         """Records every file of `tag` (written by every rank: call after they all finished)."""
-        from trinityx_ds.storage.atomic import write_text
-
         files = {}
         for p in self._files(tag):
             size = p.stat().st_size
@@ -146,15 +147,16 @@ class CheckpointDir:
         """The tag to resume: the newest complete tag that verifies, whatever `latest` says; and
         one note per damaged or incomplete tag skipped on the way (by name, never deleted), plus
         one when `latest` names another tag."""
-        notes, chosen = [], None
+        notes, skipped, chosen = [], set(), None
         for tag in reversed(self.tags()):
             why = self.damage(tag)
             if why is None:
                 chosen = tag
                 break
+            skipped.add(tag)
             notes.append(f"{self.tag_dir(tag)}: skipped: {why}")
         pointed = self.pointer().read_text().strip() if self.pointer().is_file() else None
-        if pointed is not None and pointed != chosen and not any(f"/{pointed}:" in n for n in notes):
+        if pointed is not None and pointed != chosen and pointed not in skipped:
             why = self.damage(pointed) or "older than a verified tag"
             notes.append(f"{self.pointer()}: names {pointed} ({why}); resuming from {chosen or 'the start'}")
         return chosen, notes
@@ -171,8 +173,6 @@ class CheckpointDir:
     def prune(self, keep_last: int) -> list[str]:
         """Deletes verified tags older than the newest `keep_last` verified ones; damaged and
         incomplete tags are left for a person to look at. Returns the deleted tags."""
-        import shutil
-
         verified = [t for t in self.complete_tags() if self.damage(t) is None]
         old = verified[:-keep_last]
         for tag in old:

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 from trinityx_ds.data.formats import DataError, read_source
-from trinityx_ds.model.assemble import expert_file_problem
+from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
-from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.storage.layout import CheckpointError, RunLayout
 
 
 def data_problems(cfg) -> list[str]:
@@ -36,9 +36,13 @@ def data_problems(cfg) -> list[str]:
 def expert_problems(cfg, arch, names: list[str]) -> list[str]:
     """Stage 2's inputs: each expert's stage-1 file readable and holding exactly the tensors, of
     the shapes, that the run config asks for."""
-    layout, moe = RunLayout(cfg.output.dir), MoCaEConfig.from_run_config(cfg)
-    found = (expert_file_problem(layout.expert_file(name), arch, moe, name) for name in names)
-    return [p for p in found if p is not None]
+    layout, moe, out = RunLayout(cfg.output.dir), MoCaEConfig.from_run_config(cfg), []
+    for name in names:
+        try:
+            open_expert(layout.expert_file(name), arch, moe, name)
+        except CheckpointError as e:
+            out.append(str(e))
+    return out
 
 
 def output_problems(cfg) -> list[str]:

@@ -125,10 +125,10 @@ class StageRun:
         train = sets[self.expert][0] if self.stage == 1 else mixture(sets, self.cfg.seed)
         return train, sets
 
-    def _write_run_files(self, tag_dir) -> None:
+    def _write_run_files(self, tag: str) -> None:
         """Rank 0, into each checkpoint: the config it was trained with and its tokenizer."""
-        save_config(self.cfg, str(tag_dir / "config.yaml"))
-        self.tokenizer.save_pretrained(tag_dir / self.ckpt.TOKENIZER)
+        save_config(self.cfg, str(self.ckpt.config_file(tag)))
+        self.tokenizer.save_pretrained(self.ckpt.tokenizer_dir(tag))
 
     def run(self) -> dict:
         cfg, sc, dims = self.cfg, self.stage_cfg, self.dims

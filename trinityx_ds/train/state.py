@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, ROUTING_EMA, mocae_role
+from trinityx_ds.model.mocae_spec import POST_NORM, ROUTER, ROUTING_EMA, mocae_role
 from trinityx_ds.storage.layout import CheckpointDir
 from trinityx_ds.storage.universal_copy import open_universal
 from trinityx_ds.train import checkpoint, universal
+from trinityx_ds.train.outputs import trained_roles
 
 
 @dataclass
@@ -51,12 +52,10 @@ class ResumePoint:
 
 
 def in_universal(name: str, stage: int, train_experts_in_stage2: bool) -> bool:
-    """The tensors a stage's universal copy holds: the router, post-mix norm and routing EMA, and
-    the experts where the stage trains them (stage 2's frozen experts live in stage 1's files)."""
-    role = mocae_role(name)
-    if role == EXPERTS:
-        return stage == 1 or train_experts_in_stage2
-    return role in (ROUTER, POST_NORM, ROUTING_EMA)
+    """The tensors a stage's universal copy holds: what the stage trains (outputs.trained_roles),
+    plus the router, post-mix norm and routing EMA (stage 2's frozen experts live in stage 1's
+    files)."""
+    return mocae_role(name) in trained_roles(stage, train_experts_in_stage2) | {ROUTER, POST_NORM, ROUTING_EMA}
 
 
 @dataclass
@@ -77,7 +76,7 @@ class TrainState:
     expert: str | None
     train_experts_in_stage2: bool
     keep_last: int
-    write_run_files: object = None  # (tag dir) -> None, rank 0: run config and tokenizer
+    write_run_files: object = None  # (tag) -> None, rank 0: run config and tokenizer
 
     def _opts(self) -> dict:
         return {"engine": (self.engine.optimizer, self.engine.lr_scheduler)} | self.external.optimizers()
@@ -114,6 +113,6 @@ class TrainState:
             universal.write_copy(self.ckpt.tag_dir(tag), self.model, self.moe, self.arch, self.dims, opts,
                                  self._owner, self._include)
             if self.dims.rank == 0 and self.write_run_files is not None:
-                self.write_run_files(self.ckpt.tag_dir(tag))
+                self.write_run_files(tag)
 
         checkpoint.save(self.engine, self.ckpt, step, state, self.keep_last, write_more)
