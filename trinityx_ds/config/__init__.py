@@ -3,8 +3,8 @@ from trinityx_ds.config.load import (cmd_validate, config_from_dict, config_to_d
                                      validate_file)
 from trinityx_ds.config.schema import (ConfigError, DataConfig, DataSource, ExpertsConfig, LoraConfig, ModelConfig,
                                        OutputConfig, ParallelConfig, RouterConfig, RouterLossConfig, RunConfig,
-                                       StageConfig, TrainConfig)
+                                       Stage1Config, StageConfig, TrainConfig)
 
 __all__ = ["ConfigError", "DataConfig", "DataSource", "ExpertsConfig", "LoraConfig", "ModelConfig", "OutputConfig",
-           "ParallelConfig", "RouterConfig", "RouterLossConfig", "RunConfig", "StageConfig", "TrainConfig",
+           "ParallelConfig", "RouterConfig", "RouterLossConfig", "RunConfig", "Stage1Config", "StageConfig", "TrainConfig",
            "cmd_validate", "config_from_dict", "config_to_dict", "load_config", "save_config", "validate_file"]

@@ -63,7 +63,7 @@ def _resolve_paths(cfg: RunConfig, base: str) -> None:
     m = cfg.model
     m.hf_path, m.checkpoint, m.tokenizer = (_absolute(base, p) for p in (m.hf_path, m.checkpoint, m.tokenizer))
     cfg.parallel.ds_config = _absolute(base, cfg.parallel.ds_config)
-    for sources in cfg.data.tasks.values():
+    for sources in [*cfg.data.tasks.values(), *cfg.data.heldout.values()]:
         for src in sources:
             src.path = _absolute(base, src.path)
 
@@ -112,10 +112,11 @@ def _model_problems(cfg: RunConfig, check_paths: bool) -> list[str]:
 
 def _path_problems(cfg: RunConfig) -> list[str]:
     out = []
-    for name, sources in cfg.data.tasks.items():
+    for key, sources in [*((f"data.tasks.{k}", v) for k, v in cfg.data.tasks.items()),
+                         *((f"data.heldout.{k}", v) for k, v in cfg.data.heldout.items())]:
         for i, src in enumerate(sources):
             if not src.path.startswith("hub:") and not os.path.exists(src.path):
-                out.append(problem(f"data.tasks.{name}[{i}].path", src.path,
+                out.append(problem(f"{key}[{i}].path", src.path,
                                    "no such file (relative paths are read from the YAML file's folder)"))
     if cfg.parallel.ds_config is not None and not os.path.isfile(cfg.parallel.ds_config):
         out.append(problem("parallel.ds_config", cfg.parallel.ds_config, "no such file"))

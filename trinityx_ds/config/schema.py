@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 MlpProj = Literal["gate_proj", "up_proj", "down_proj"]
-DataFormat = Literal["alpaca", "self_instruct", "hh_rlhf", "beavertails", "truthfulqa", "chat_jsonl"]
+DataFormat = Literal["alpaca", "self_instruct", "hh_rlhf", "beavertails", "truthfulqa", "chat_jsonl", "preference"]
+PAIR_FORMATS = ("hh_rlhf", "truthfulqa", "beavertails", "preference")  # formats that give preference pairs
+Objective = Literal["sft", "dpo", "simpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "simpo")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values the backbone reproduces exactly
 
 
@@ -77,6 +80,11 @@ class ExpertsConfig:
     kind: Literal["lora", "full"] = "lora"
     layers: Literal["all"] | list[int] = "all"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # stage 1's loss: one name for every expert or one per expert (train/objectives.py)
+    objective: Objective | dict[str, Objective] = "sft"
+
+    def objective_of(self, name: str) -> str:
+        return self.objective if isinstance(self.objective, str) else self.objective.get(name, "sft")
 
     def problems(self, at: str) -> list[str]:
         out: list[str] = []
@@ -91,6 +99,17 @@ class ExpertsConfig:
                   "layer indices must be unique")
             for i, layer in enumerate(self.layers):
                 _need(out, layer >= 0, f"{at}.layers[{i}]", layer, "a layer index >= 0")
+        if isinstance(self.objective, dict):
+            missing = [n for n in self.names if n not in self.objective]
+            _need(out, not missing, f"{at}.objective", self.objective,
+                  f"one objective per expert (sft, dpo or simpo); missing: {', '.join(missing)}")
+            for name in self.objective:
+                _need(out, name in self.names, f"{at}.objective.{name}", name,
+                      f"not an expert; experts.names is {', '.join(self.names)}")
+        preference = [n for n in self.names if self.objective_of(n) in PREFERENCE_OBJECTIVES]
+        _need(out, not preference or self.kind == "lora", f"{at}.objective", self.objective,
+              "dpo and simpo need experts.kind: lora (DPO's reference is the backbone with the LoRA delta "
+              "off; a full expert replaces the FFN it would need)")
         return out + self.lora.problems(f"{at}.lora")
 
 
@@ -205,6 +224,10 @@ class DataConfig:
     heldout_fraction: float = 0.1
     on_malformed: Literal["fail", "skip"] = "fail"
     chat_template: Literal["auto", "default"] = "auto"
+    # held-out rows given as files, per task (instead of drawing heldout_fraction of its prompts)
+    heldout: dict[str, list[DataSource]] = field(default_factory=dict)
+    pairs_per_prompt: int = 4  # preference pairs kept per prompt (TruthfulQA question, BeaverTails prompt)
+    pair_too_long: Literal["truncate_prompt", "skip"] = "truncate_prompt"
 
     def problems(self, at: str, names: list[str] | None) -> list[str]:
         """`names` is None when experts.names is itself broken: skip matching the task keys to it."""
@@ -224,6 +247,11 @@ class DataConfig:
         _need(out, self.max_seq_len >= 8, f"{at}.max_seq_len", self.max_seq_len, "an int >= 8")
         _need(out, 0 <= self.heldout_fraction <= 0.5, f"{at}.heldout_fraction", self.heldout_fraction,
               "a number in [0, 0.5]")
+        for name, sources in self.heldout.items():
+            _need(out, name in self.tasks, f"{at}.heldout.{name}", name,
+                  f"not a task; data.tasks has {', '.join(sorted(self.tasks))}")
+            _need(out, bool(sources), f"{at}.heldout.{name}", sources, "at least one data source")
+        _need(out, self.pairs_per_prompt >= 1, f"{at}.pairs_per_prompt", self.pairs_per_prompt, "an int >= 1")
         return out
 
 
@@ -251,8 +279,25 @@ class StageConfig:
 
 
 @dataclass
+class Stage1Config(StageConfig):
+    """Stage 1 adds the preference objectives' options (experts.objective: dpo | simpo)."""
+
+    beta: float = 0.1  # DPO: scale of the implicit reward; SimPO: of the length-normalised log-prob
+    label_smoothing: float = 0.0  # DPO: the probability that a pair's label is flipped (cDPO)
+    simpo_gamma: float = 0.5  # SimPO: target reward margin (TRL's CPOConfig default)
+
+    def problems(self, at: str) -> list[str]:
+        out = super().problems(at)
+        _need(out, self.beta > 0, f"{at}.beta", self.beta, "a number > 0")
+        _need(out, 0 <= self.label_smoothing < 0.5, f"{at}.label_smoothing", self.label_smoothing,
+              "a number in [0, 0.5)")
+        _need(out, self.simpo_gamma >= 0, f"{at}.simpo_gamma", self.simpo_gamma, "a number >= 0")
+        return out
+
+
+@dataclass
 class TrainConfig:
-    stage1: StageConfig = field(default_factory=StageConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
     train_experts_in_stage2: bool = False
     checkpoint_every: int = 50
@@ -306,6 +351,14 @@ class RunConfig:
         out += self.model.problems("model") + experts
         out += self.router.problems("router", None if names is None else len(names)) + par.problems("parallel")
         out += self.data.problems("data", names) + self.train.problems("train") + self.output.problems("output")
+        for name in names or []:
+            if self.experts.objective_of(name) in PREFERENCE_OBJECTIVES:
+                plain = [f"data.tasks.{name}[{i}]" for i, src in enumerate(self.data.tasks.get(name, []))
+                         if src.format not in PAIR_FORMATS]
+                _need(out, not plain, f"experts.objective.{name}", self.experts.objective_of(name),
+                      f"needs preference pairs: {', '.join(plain)} "
+                      f"{'has a format' if len(plain) == 1 else 'have formats'} without them "
+                      f"(pairs come from {', '.join(PAIR_FORMATS)})")
         if par.ep > 1:
             _need(out, self.experts.kind == "full", "parallel.ep", par.ep,
                   "expert parallelism needs experts.kind: full (LoRA experts are replicated on every rank)")

@@ -16,8 +16,11 @@ import datasets
 import numpy as np
 import torch
 
-from trinityx_ds.data.formats import DataError, read_source
-from trinityx_ds.data.render import IGNORE, render_example, shift_labels
+from typing import NamedTuple
+
+from trinityx_ds.config.schema import PAIR_FORMATS
+from trinityx_ds.data.formats import DataError, PreferencePair, read_pairs, read_source
+from trinityx_ds.data.render import IGNORE, render_example, render_pair, shift_labels
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,9 @@ _IDS = datasets.List(datasets.Value("int32"))
 FEATURES = datasets.Features({"input_ids": _IDS, "labels": _IDS, "task_id": datasets.Value("int32"),
                               "example_id": datasets.Value("int64")})
 PACKED_FEATURES = datasets.Features({**FEATURES, "example_id": datasets.List(datasets.Value("int64"))})
+PAIR_FEATURES = datasets.Features({"chosen_input_ids": _IDS, "chosen_labels": _IDS, "rejected_input_ids": _IDS,
+                                   "rejected_labels": _IDS, "task_id": datasets.Value("int32"),
+                                   "example_id": datasets.Value("int64")})
 
 
 def _to_dataset(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
@@ -37,6 +43,118 @@ def heldout_indices(n: int, fraction: float, seed: int, task_id: int) -> tuple[l
     n_held = min(n - 1, math.ceil(n * fraction)) if fraction > 0 and n > 1 else 0
     perm = np.random.default_rng([seed, task_id]).permutation(n)
     return sorted(perm[n_held:].tolist()), sorted(perm[:n_held].tolist())
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What makes two examples "the same prompt" for the held-out split: the first user turn,
+    whitespace collapsed and case folded (a TruthfulQA question, an HH-RLHF opening human turn, an
+    instruction). Every response to, and every later turn after, one opening lands on one side."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return " ".join(first.split()).casefold()
+
+
+class _Task(NamedTuple):
+    """One task's items: SFT records and preference pairs, each tagged with its prompt key."""
+
+    records: list[tuple[str, dict]]  # (key, record)
+    pairs: list[tuple[str, PreferencePair]]  # (key, pair); empty unless asked for
+
+
+def _read_task(data_cfg, task: str, sources, unsafe: str, with_pairs: bool, first: int = 0) -> _Task:
+    """Records carry `index`, their place in the task's files (from `first`): the example id base."""
+    records, pairs = [], []
+    for src in sources:
+        recs, _ = read_source(src, task, data_cfg.on_malformed, unsafe)
+        records += [(prompt_key(r["messages"]), {**r, "index": first + len(records) + i}) for i, r in enumerate(recs)]
+        if with_pairs and src.format in PAIR_FORMATS:
+            got, _ = read_pairs(src, task, data_cfg.on_malformed, unsafe, data_cfg.pairs_per_prompt)
+            pairs += [(prompt_key(p.prompt), p) for p in got]
+    return _Task(records, pairs)
+
+
+class Split(NamedTuple):
+    """Every task's training and held-out items, split by prompt (see `split_tasks`)."""
+
+    train: dict[str, _Task]
+    heldout: dict[str, _Task]
+
+
+def split_tasks(data_cfg, expert_names: list[str], seed: int, *, beavertails_unsafe: str | None = None,
+                pairs_for: tuple[str, ...] = ()) -> Split:
+    """Reads every task's sources and splits them by prompt, so no prompt is on both sides.
+
+    A task listed in `data.heldout` takes its held-out items from those files and trains on all of
+    `data.tasks`; any other task holds out a seeded draw of ceil(n * heldout_fraction) of its n
+    distinct prompts (at least one left to train on). The draw is over the sorted prompt keys of
+    the task's SFT records and pairs together, so stage 1's pairs and stage 2's rows of one task
+    split the same way. Then the split is checked across tasks: a held-out prompt that is also a
+    training prompt anywhere (another task, another file, the same file twice) raises DataError,
+    naming both files and lines and the prompt. `pairs_for`: the tasks whose pairs are read too.
+    """
+    unsafe = beavertails_unsafe or getattr(data_cfg, "beavertails_unsafe", "refuse")
+    train, held = {}, {}
+    for task_id, task in enumerate(expert_names):
+        items = _read_task(data_cfg, task, data_cfg.tasks[task], unsafe, task in pairs_for)
+        if task in data_cfg.heldout:
+            train[task] = items
+            held[task] = _read_task(data_cfg, task, data_cfg.heldout[task], unsafe, task in pairs_for,
+                                    first=len(items.records))
+            continue
+        keys = sorted({k for k, _ in items.records} | {k for k, _ in items.pairs})
+        n_held = min(len(keys) - 1, math.ceil(len(keys) * data_cfg.heldout_fraction)) \
+            if data_cfg.heldout_fraction > 0 and len(keys) > 1 else 0
+        perm = np.random.default_rng([seed, task_id]).permutation(len(keys))
+        out = {keys[i] for i in perm[:n_held].tolist()}
+        train[task] = _Task([x for x in items.records if x[0] not in out], [x for x in items.pairs if x[0] not in out])
+        held[task] = _Task([x for x in items.records if x[0] in out], [x for x in items.pairs if x[0] in out])
+    leaks = check_leaks(train, held, data_cfg)
+    if leaks:
+        raise DataError(leaks, f"{len(leaks)} held-out prompt(s) also in the training data; the held-out "
+                               "figures would not mean what they say:")
+    return Split(train, held)
+
+
+def _source_of(item) -> str:
+    return item["source"] if isinstance(item, dict) else item.source
+
+
+def _prompt_of(item) -> str:
+    messages = item["messages"] if isinstance(item, dict) else item.prompt
+    return next((m["content"] for m in messages if m["role"] == "user"), "")
+
+
+def check_leaks(train: dict[str, _Task], held: dict[str, _Task], data_cfg=None, first: int = 10) -> list[str]:
+    """One line per held-out prompt that is also a training prompt (at most `first`, then a count)."""
+    seen: dict[str, tuple[str, str]] = {}  # key -> (task, source) of its first training item
+    for task, items in train.items():
+        for key, item in items.records + items.pairs:
+            seen.setdefault(key, (task, _source_of(item)))
+    out, reported = [], set()
+    for task, items in held.items():
+        where = f"data.heldout.{task}" if data_cfg is not None and task in data_cfg.heldout else \
+            f"held out of data.tasks.{task}"
+        for key, item in items.records + items.pairs:
+            if key in seen and key not in reported:
+                reported.add(key)
+                other_task, other = seen[key]
+                text = _prompt_of(item)
+                out.append(f"{_source_of(item)}: prompt {text[:80]!r}{'...' if len(text) > 80 else ''} ({where}) is "
+                           f"also a training prompt at {other} (data.tasks.{other_task})")
+    return out[:first] + ([f"... and {len(out) - first} more"] if len(out) > first else [])
+
+
+def _sft_rows(items: _Task, tokenizer, data_cfg, task: str, task_id: int, first_id: int) -> list[dict]:
+    rows, dropped = [], 0
+    for _, rec in items.records:
+        ex = render_example(tokenizer, rec["messages"], data_cfg.max_seq_len, data_cfg.chat_template)
+        if ex is None:
+            dropped += 1
+        else:
+            rows.append({**ex, "task_id": task_id, "example_id": first_id + rec["index"]})
+    if dropped:
+        log.warning("data.tasks.%s: %d examples dropped, no response token within max_seq_len %d",
+                    task, dropped, data_cfg.max_seq_len)
+    return rows
 
 
 def pack(dataset: datasets.Dataset, max_seq_len: int) -> datasets.Dataset:
@@ -54,37 +172,57 @@ def pack(dataset: datasets.Dataset, max_seq_len: int) -> datasets.Dataset:
 
 
 def build_task_datasets(data_cfg, tokenizer, expert_names: list[str], seed: int, *,
-                        beavertails_unsafe: str | None = None
+                        beavertails_unsafe: str | None = None, split: Split | None = None
                         ) -> dict[str, tuple[datasets.Dataset, datasets.Dataset]]:
-    """task -> (train, held-out) for every expert, in `expert_names` order.
+    """task -> (train, held-out) SFT rows for every expert, in `expert_names` order, split by
+    prompt (`split_tasks`; pass `split` to reuse one already read).
 
     Held-out rows are never packed (evaluation reads them one example at a time).
     `beavertails_unsafe` (refuse | drop, see formats.read_source) falls back to
     `data_cfg.beavertails_unsafe` when the config has that field, else "refuse".
     """
-    unsafe = beavertails_unsafe or getattr(data_cfg, "beavertails_unsafe", "refuse")
+    split = split or split_tasks(data_cfg, expert_names, seed, beavertails_unsafe=beavertails_unsafe)
     out, next_id = {}, 0
     for task_id, task in enumerate(expert_names):
-        rows, dropped = [], 0
-        for src in data_cfg.tasks[task]:
-            records, _ = read_source(src, task, data_cfg.on_malformed, unsafe)
-            for rec in records:
-                ex = render_example(tokenizer, rec["messages"], data_cfg.max_seq_len, data_cfg.chat_template)
-                if ex is None:
-                    dropped += 1
-                else:
-                    rows.append({**ex, "task_id": task_id, "example_id": next_id + len(rows)})
-        if dropped:
-            log.warning("data.tasks.%s: %d examples dropped, no response token within max_seq_len %d",
-                        task, dropped, data_cfg.max_seq_len)
-        if not rows:
+        train = _sft_rows(split.train[task], tokenizer, data_cfg, task, task_id, next_id)
+        held = _sft_rows(split.heldout[task], tokenizer, data_cfg, task, task_id, next_id)
+        if not train:
             raise DataError([f"data.tasks.{task}: no usable example"])
-        next_id += len(rows)
-        train_idx, held_idx = heldout_indices(len(rows), data_cfg.heldout_fraction, seed, task_id)
-        train = _to_dataset([rows[i] for i in train_idx], FEATURES)
-        out[task] = (pack(train, data_cfg.max_seq_len) if data_cfg.packing else train,
-                     _to_dataset([rows[i] for i in held_idx], FEATURES))
+        next_id += len(split.train[task].records) + len(split.heldout[task].records)
+        train_set = _to_dataset(train, FEATURES)
+        out[task] = (pack(train_set, data_cfg.max_seq_len) if data_cfg.packing else train_set,
+                     _to_dataset(held, FEATURES))
     return out
+
+
+def _pair_rows(items: _Task, tokenizer, data_cfg, task_id: int) -> tuple[list[dict], int]:
+    rows, skipped = [], 0
+    for _, pair in items.pairs:
+        ex = render_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected, data_cfg.max_seq_len,
+                         data_cfg.chat_template, data_cfg.pair_too_long)
+        if ex is None:
+            skipped += 1
+        else:
+            rows.append({**ex, "task_id": task_id, "example_id": len(rows)})
+    return rows, skipped
+
+
+def build_pair_datasets(data_cfg, tokenizer, expert_names: list[str], seed: int, task: str, *,
+                        beavertails_unsafe: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) preference pairs of `task`, split by prompt exactly as its SFT rows are
+    (stage 2's held-out rows are stage 1's held-out prompts). Pairs that do not fit max_seq_len
+    are truncated or skipped (data.pair_too_long) and counted in the log."""
+    split = split_tasks(data_cfg, expert_names, seed, beavertails_unsafe=beavertails_unsafe, pairs_for=(task,))
+    task_id = expert_names.index(task)
+    train, skipped = _pair_rows(split.train[task], tokenizer, data_cfg, task_id)
+    held, held_skipped = _pair_rows(split.heldout[task], tokenizer, data_cfg, task_id)
+    if skipped + held_skipped:
+        log.warning("data.tasks.%s: %d preference pairs skipped (%s at max_seq_len %d, data.pair_too_long: %s)",
+                    task, skipped + held_skipped, "a response does not fit" if data_cfg.pair_too_long !=
+                    "skip" else "longer than", data_cfg.max_seq_len, data_cfg.pair_too_long)
+    if not train:
+        raise DataError([f"data.tasks.{task}: no usable preference pair (experts.objective.{task} needs them)"])
+    return _to_dataset(train, PAIR_FEATURES), _to_dataset(held, PAIR_FEATURES)
 
 
 def mixture(task_sets: dict[str, tuple[datasets.Dataset, datasets.Dataset]], seed: int) -> datasets.Dataset:
@@ -113,6 +251,17 @@ def collate(batch: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict[st
             "task_label": task_label}
 
 
+def collate_pairs(batch: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Preference pairs as `collate` rows, interleaved: row 2i is pair i's chosen sequence, row
+    2i + 1 its rejected one, so any slice of whole pairs is a slice of consecutive rows."""
+    rows = []
+    for pair in batch:
+        for j, side in enumerate(("chosen", "rejected")):
+            rows.append({"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"],
+                         "task_id": pair["task_id"], "example_id": 2 * pair["example_id"] + j})
+    return collate(rows, pad_id, pad_to_multiple)
+
+
 class Batches:
     """Endless, deterministic, resumable micro-batches of one data-parallel rank.
 
@@ -123,12 +272,13 @@ class Batches:
     """
 
     def __init__(self, dataset: datasets.Dataset, micro_batch: int, seed: int, pad_id: int, *,
-                 rank: int = 0, world: int = 1, pad_to_multiple: int = 1, start_step: int = 0):
+                 rank: int = 0, world: int = 1, pad_to_multiple: int = 1, start_step: int = 0, collate_fn=None):
         if len(dataset) == 0:
             raise ValueError("cannot draw batches from an empty data set")
         self.dataset, self.micro_batch, self.seed, self.pad_id = dataset, micro_batch, seed, pad_id
         self.rank, self.world, self.pad_to_multiple, self.step = rank, world, pad_to_multiple, start_step
         self._epoch, self._perm = -1, None
+        self.collate_fn = collate_fn or collate  # collate_pairs for preference pairs
 
     def _row(self, item: int) -> int:
         epoch, offset = divmod(item, len(self.dataset))
@@ -147,7 +297,7 @@ class Batches:
         columns = self.dataset[self.indices(self.step)]
         self.step += 1
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        return collate(rows, self.pad_id, self.pad_to_multiple)
+        return self.collate_fn(rows, self.pad_id, self.pad_to_multiple)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "micro_batch": self.micro_batch, "world": self.world,

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
+from trinityx_ds.config.schema import PAIR_FORMATS
+
 log = logging.getLogger(__name__)
 
 REFUSAL = ("I'm sorry, but I can't help with that. It could hurt people or break the law. "
@@ -285,6 +287,63 @@ def _truthfulqa_mc(row: dict) -> list[tuple]:
              _answers(row, "correct_answers"), _answers(row, "incorrect_answers"))]
 
 
+def _cycle_pairs(good: list[str], bad: list[str], cap: int) -> list[tuple[str, str]]:
+    """Up to `cap` (good, bad) pairs that use as many distinct answers as they can: the k-th pair
+    is good[k % len(good)] against bad[k % len(bad)]."""
+    return [(good[k % len(good)], bad[k % len(bad)]) for k in range(min(cap, max(len(good), len(bad))))]
+
+
+def _truthfulqa_pairs(row: dict, cap: int) -> list[tuple]:
+    """One question: its correct answers (the best one first) against its incorrect ones."""
+    best = _text(row, "best_answer")
+    correct = [best] + [a for a in _answers(row, "correct_answers") if a != best]
+    prompt = [{"role": "user", "content": _text(row, "question")}]
+    return [(prompt, good, bad) for good, bad in _cycle_pairs(correct, _answers(row, "incorrect_answers"), cap)]
+
+
+def _messages(value, at: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise Malformed(f"field '{at}' must be a string or a non-empty list of messages")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise Malformed(f"{at}[{j}] needs a role among {', '.join(_ROLES)}")
+        out.append({"role": m["role"], "content": _text(m, "content", at=f"{at}[{j}].")})
+    return out
+
+
+def _response(row: dict, key: str) -> list[dict]:
+    value = row.get(key)
+    if value is None:
+        raise Malformed(f"missing field '{key}'")
+    return [{"role": "assistant", "content": _text(row, key)}] if isinstance(value, str) else _messages(value, key)
+
+
+def _preference_pairs(row: dict) -> list[tuple]:
+    """TRL's preference layouts: `prompt` + `chosen` + `rejected`, each a string or chat messages
+    (explicit prompt), or `chosen` + `rejected` whole conversations that share everything but
+    their last assistant message (implicit prompt, as HH-RLHF)."""
+    chosen, rejected = _response(row, "chosen"), _response(row, "rejected")
+    if "prompt" in row:
+        raw = row["prompt"]
+        prompt = [{"role": "user", "content": _text(row, "prompt")}] if isinstance(raw, str) or raw is None \
+            else _messages(raw, "prompt")
+    else:
+        if chosen[:-1] != rejected[:-1]:
+            raise Malformed("no 'prompt' field, and 'chosen' and 'rejected' differ before their last message")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise Malformed(f"field '{key}' must be one assistant response")
+    if next((m["role"] for m in prompt if m["role"] != "system"), None) != "user" or prompt[-1]["role"] != "user":
+        raise Malformed("the prompt must start (after any system message) and end with a user message")
+    return [(prompt, chosen[0]["content"], rejected[0]["content"])]
+
+
+def _preference(row: dict) -> list[list[dict]]:
+    return [prompt + [{"role": "assistant", "content": chosen}] for prompt, chosen, _ in _preference_pairs(row)]
+
+
 def _chat(row: dict, task: str) -> list[list[dict]]:
     owner = row.get("task")
     if owner is not None and not isinstance(owner, str):
@@ -345,11 +404,51 @@ def read_source(src, task: str, on_malformed: str = "fail",
         raise ValueError(f"beavertails_unsafe: {beavertails_unsafe!r} — one of refuse, drop")
     adapters = {"alpaca": _alpaca, "self_instruct": _self_instruct, "hh_rlhf": _hh, "truthfulqa": _truthfulqa,
                 "beavertails": lambda row: _beavertails(row, beavertails_unsafe),
-                "chat_jsonl": lambda row: _chat(row, task)}
+                "chat_jsonl": lambda row: _chat(row, task), "preference": _preference}
     if src.format not in adapters:
         raise ValueError(f"format: {src.format!r} — one of {', '.join(adapters)}")
     return _load(src.path, src.split, src.max_rows, on_malformed, src.format, adapters[src.format],
                  lambda messages, where: {"messages": messages, "task": task, "source": where})
+
+
+def read_pairs(src, task: str, on_malformed: str = "fail", beavertails_unsafe: str = "refuse",
+               pairs_per_prompt: int = 4) -> tuple[list[PreferencePair], LoadReport]:
+    """Preference pairs of one `DataSource` (prompt messages, chosen, rejected, `<file>:<line>`):
+
+    - hh_rlhf: the shared dialogue before the last Assistant turn is the prompt, the two last turns
+      the responses;
+    - truthfulqa: each question's correct answers (best first) against its incorrect ones, at most
+      `pairs_per_prompt` pairs, cycling so that as many distinct answers as possible are used;
+    - beavertails: rows grouped by prompt; a safe response against an unsafe one where a prompt
+      has both; where it has only unsafe ones and `beavertails_unsafe` is "refuse", `REFUSAL`
+      against each (the pairs that match the SFT recipe's refusals); at most `pairs_per_prompt`;
+    - preference: TRL's generic JSONL (`prompt`/`chosen`/`rejected`, strings or chat messages).
+    """
+    if src.format not in PAIR_FORMATS:
+        raise ValueError(f"format: {src.format!r} has no preference pairs — one of {', '.join(PAIR_FORMATS)}")
+    make = lambda t, w: PreferencePair(*t, w)  # noqa: E731
+    if src.format == "hh_rlhf":
+        return _load(src.path, src.split, src.max_rows, on_malformed, "hh_rlhf", _hh_pair, make)
+    if src.format == "truthfulqa":
+        return _load(src.path, src.split, src.max_rows, on_malformed, "truthfulqa",
+                     lambda row: _truthfulqa_pairs(row, pairs_per_prompt), make)
+    if src.format == "preference":
+        return _load(src.path, src.split, src.max_rows, on_malformed, "preference", _preference_pairs, make)
+    rows, report = _load(src.path, src.split, src.max_rows, on_malformed, "beavertails",
+                         lambda row: [(_text(row, "prompt"), _text(row, "response"), _is_safe(row))],
+                         lambda t, w: (*t, w))
+    grouped: dict[str, tuple[str, list[str], list[str]]] = {}
+    for prompt, response, safe, where in rows:
+        grouped.setdefault(prompt, (where, [], []))[1 if safe else 2].append(response)
+    pairs = []
+    for prompt, (where, safe, unsafe) in grouped.items():
+        if not unsafe or not safe and beavertails_unsafe != "refuse":
+            continue
+        user = [{"role": "user", "content": prompt}]
+        pairs += [PreferencePair(user, good, bad, where)
+                  for good, bad in _cycle_pairs(safe or [REFUSAL], unsafe, pairs_per_prompt)]
+    report.kept = len(pairs)
+    return pairs, report
 
 
 def hh_rlhf_pairs(path: str, *, split: str = "test", max_rows: int | None = None,

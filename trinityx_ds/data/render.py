@@ -96,3 +96,35 @@ def shift_labels(labels: torch.Tensor, example_id: torch.Tensor | None = None) -
     if example_id is not None:
         out[..., :-1].masked_fill_(example_id[..., 1:] != example_id[..., :-1], IGNORE)
     return out
+
+
+def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_seq_len: int,
+                chat_template: str = "auto", too_long: str = "truncate_prompt") -> dict[str, list[int]] | None:
+    """`{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}` of one
+    preference pair (labels unshifted, on the final response's tokens only: DPO compares the log-
+    probabilities of the two responses to one prompt, never of earlier assistant turns).
+
+    A pair longer than `max_seq_len` keeps both responses whole and loses prompt tokens on the left
+    (the same ones for both sequences, so they are still conditioned on one prompt) under
+    "truncate_prompt"; it is None (skipped, counted by the caller) under "skip", or when a response
+    with one prompt token would still not fit.
+    """
+    head = render_text(tokenizer, prompt, chat_template, add_generation_prompt=True)
+    out, pieces = {}, {}
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        full = render_text(tokenizer, prompt + [{"role": "assistant", "content": response}], chat_template)
+        ids, (start,) = _tokenize_prefixes(tokenizer, [head, full])
+        special = set(tokenizer.all_special_ids)
+        ends = [t + 1 for t in range(start, len(ids)) if ids[t] in special]
+        end = ends[-1] if ends else len(ids)  # ChatML's newline after <|im_end|> is not a response token
+        pieces[key] = (ids[:start], ids[start:end], ids[end:])
+    longest = max(len(r) + len(tail) for _, r, tail in pieces.values())
+    keep = max_seq_len - longest
+    prompt_len = max(len(p) for p, _, _ in pieces.values())
+    if keep < 1 or (prompt_len > keep and too_long == "skip"):
+        return None
+    for key, (p_ids, r_ids, tail) in pieces.items():
+        p_ids = p_ids[-keep:]
+        out[f"{key}_input_ids"] = p_ids + r_ids + tail
+        out[f"{key}_labels"] = [IGNORE] * len(p_ids) + r_ids + [IGNORE] * len(tail)
+    return out

@@ -33,6 +33,7 @@ class RoutingContext:
     example_id_T: torch.Tensor | None = None
     task_label_N: torch.Tensor | None = None
     force_expert: int | None = None  # every token to this expert (stage 1, single-expert eval)
+    reference: bool = False  # every expert off: the frozen backbone's FFN (DPO's reference policy)
     compute_losses: bool = True
     records: dict[int, dict] = field(default_factory=dict)  # layer -> {"losses", "share_E", "probs_TE"}
     keep_probs: bool = False
@@ -90,8 +91,10 @@ class MoCaEBlock(nn.Module):
                     if parallel_state.get_data_parallel_world_size() > 1 else None)
         self.routing_ema = RoutingEMA(1, E, decay=cfg.loss_weights.ema_decay, group=dp_group)
         dtype = base_mlp.linear_fc1.weight.dtype
+        self._base: tuple[nn.Module, ...] = ()  # megatron's own MLP over the same fc1/fc2 (LoRA kind)
         if cfg.kind == "lora":
             self.linear_fc1, self.linear_fc2 = base_mlp.linear_fc1, base_mlp.linear_fc2
+            self._base = (base_mlp,)  # a tuple is not registered: its fc1/fc2 are this block's children
             ffn_local = base_mlp.linear_fc2.weight.shape[1]
             self.experts = LoRAExperts(E, hidden, ffn_local, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                        cfg.lora_targets, dtype=dtype)
@@ -123,6 +126,12 @@ class MoCaEBlock(nn.Module):
         S, B, H = hidden_SBH.shape
         x_TH = hidden_SBH.reshape(S * B, H)
         ctx = self.ctx or RoutingContext(compute_losses=False)
+        if ctx.reference:
+            # The backbone exactly: megatron's MLP forward over the frozen fc1/fc2, no router, no delta,
+            # so a DPO reference needs neither a second model nor any extra weight memory.
+            if not self._base:
+                raise ValueError("a reference forward (experts off) needs experts.kind: lora")
+            return self._base[0](hidden_SBH)
         out = self.router(x_TH)
         if ctx.force_expert is not None:
             idx_TK = torch.full((S * B, 1), ctx.force_expert, dtype=torch.long, device=x_TH.device)

@@ -10,7 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trinityx_ds.data.formats import DataError, read_source
+from trinityx_ds.config.schema import PREFERENCE_OBJECTIVES
+from trinityx_ds.data.dataset import split_tasks
+from trinityx_ds.data.formats import DataError, read_pairs, read_source
 from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
@@ -18,18 +20,30 @@ from trinityx_ds.storage.layout import CheckpointError, RunLayout
 
 
 def data_problems(cfg) -> list[str]:
-    """Every data row read as training will read it (hub sources are left to the workers)."""
-    out = []
+    """Every data row read as training will read it (pairs too, for a dpo/simpo expert), then the
+    held-out split by prompt: a held-out prompt that is also a training prompt is refused here, with
+    both files and lines. Hub sources are left to the workers."""
+    out, unsafe = [], getattr(cfg.data, "beavertails_unsafe", "refuse")
+    pairs_for = tuple(n for n in cfg.experts.names if cfg.experts.objective_of(n) in PREFERENCE_OBJECTIVES)
     for task in cfg.experts.names:
-        for src in cfg.data.tasks.get(task, []):
+        for src in [*cfg.data.tasks.get(task, []), *cfg.data.heldout.get(task, [])]:
             if src.path.startswith("hub:"):
                 continue
             try:
-                read_source(src, task, cfg.data.on_malformed, getattr(cfg.data, "beavertails_unsafe", "refuse"))
+                read_source(src, task, cfg.data.on_malformed, unsafe)
+                if task in pairs_for:
+                    read_pairs(src, task, cfg.data.on_malformed, unsafe, cfg.data.pairs_per_prompt)
             except DataError as e:
                 out += e.problems
             except ValueError as e:
                 out.append(f"{src.path}: {e}")
+    hub = any(s.path.startswith("hub:") for srcs in [*cfg.data.tasks.values(), *cfg.data.heldout.values()]
+              for s in srcs)
+    if not out and not hub and all(n in cfg.data.tasks for n in cfg.experts.names):
+        try:
+            split_tasks(cfg.data, list(cfg.experts.names), cfg.seed, pairs_for=pairs_for)
+        except DataError as e:
+            out += e.problems
     return out
 
 

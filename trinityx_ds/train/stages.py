@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from trinityx_ds.config import save_config
-from trinityx_ds.data.dataset import Batches, build_task_datasets, mixture
+from trinityx_ds.data.dataset import Batches, build_pair_datasets, build_task_datasets, collate, collate_pairs, mixture
 from trinityx_ds.data.tokenizer import load_tokenizer, pad_id
 from trinityx_ds.model.assemble import assemble, expert_sources
 from trinityx_ds.model.experts import lora_init_tensors
@@ -37,6 +37,7 @@ from trinityx_ds.train.external import ExternalExperts
 from trinityx_ds.train.guard import DivergenceGuard, Diverged
 from trinityx_ds.train.lock import FolderLocked, RunLock
 from trinityx_ds.train.metrics import MetricsLogger, step_flops
+from trinityx_ds.train.objectives import Objective
 from trinityx_ds.train.preemption import Preemption
 from trinityx_ds.train.state import ResumePoint, TrainState
 from trinityx_ds.train.step import train_step
@@ -102,6 +103,8 @@ class StageRun:
         self.trainable = select_trainable(self.model, stage, cfg.train.train_experts_in_stage2,
                                           self.external_experts)
         self.tokenizer = load_tokenizer(model_path, cfg.model.tokenizer)
+        # stage 1's loss (experts.objective); stage 2 trains the router on SFT rows whatever it is
+        self.objective = Objective(cfg.experts.objective_of(expert), self.stage_cfg) if stage == 1 else None
         self.engine = None  # run() starts it
         self.task_sets: dict | None = None  # {task: (train rows, held-out rows)}, read by run()
 
@@ -121,8 +124,16 @@ class StageRun:
         return text
 
     def _datasets(self):
-        sets = build_task_datasets(self.cfg.data, self.tokenizer, self.cfg.experts.names, self.cfg.seed)
-        train = sets[self.expert][0] if self.stage == 1 else mixture(sets, self.cfg.seed)
+        """Stage 1: this expert's training rows, or its preference pairs under dpo/simpo. Stage 2:
+        the mixture of every task's SFT rows (a preference task's chosen responses, with its task
+        label: what the router must recognise is the task, and the chosen response is the task's
+        behaviour), and the held-out rows that validate the routing."""
+        cfg = self.cfg
+        if self.objective is not None and self.objective.pairs:
+            train, _ = build_pair_datasets(cfg.data, self.tokenizer, cfg.experts.names, cfg.seed, self.expert)
+            return train, None
+        sets = build_task_datasets(cfg.data, self.tokenizer, cfg.experts.names, cfg.seed)
+        train = sets[self.expert][0] if self.stage == 1 else mixture(sets, cfg.seed)
         return train, sets
 
     def _write_run_files(self, tag: str) -> None:
@@ -135,8 +146,9 @@ class StageRun:
         train, self.task_sets = self._datasets()
         engine = self.engine = initialize(self.model, self.trainable, cfg, sc, dims.dp)
         self.external.build_optimizer(sc)
+        pairs = self.objective is not None and self.objective.pairs
         batches = Batches(train, sc.micro_batch * sc.grad_accum, cfg.seed, pad_id(self.tokenizer),
-                          rank=dims.dp_rank, world=dims.dp)
+                          rank=dims.dp_rank, world=dims.dp, collate_fn=collate_pairs if pairs else collate)
         state = TrainState(self.ckpt, self.resume, engine, self.external, batches, self.model, self.moe, self.arch,
                            dims, self.stage, self.expert, cfg.train.train_experts_in_stage2, cfg.train.keep_last,
                            self._write_run_files)
@@ -161,7 +173,8 @@ class StageRun:
             batch = next(batches)
             stats = train_step(engine, self.blocks, batch, stage=self.stage, micro_batch=sc.micro_batch,
                                grad_accum=sc.grad_accum, names=cfg.experts.names,
-                               dp_group=ps.get_data_parallel_group(), dp=dims.dp, external=self.external)
+                               dp_group=ps.get_data_parallel_group(), dp=dims.dp, external=self.external,
+                               objective=self.objective)
             step += 1
             stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(time.time() - t0, 1e-9)
             stats |= step_flops(cfg, self.arch, self.moe, self.stage, stats["train/tokens_per_s"],

@@ -36,23 +36,38 @@ def record_routing(ctx: RoutingContext, stats: dict, names: list[str], grad_accu
 
 
 def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int, grad_accum: int,
-               names: list[str], dp_group, dp: int, external=None) -> dict:
+               names: list[str], dp_group, dp: int, external=None, objective=None) -> dict:
     """One optimizer step over `grad_accum` micro-batches of `big_batch`; returns the step's scalars
     (`_tokens`: this rank's token count). Stage 1 forces every token to its one expert; stage 2
     routes and adds the router losses. `external`: experts held outside the engine, stepped after
-    the engine's last micro-batch."""
+    the engine's last micro-batch. `objective` (train/objectives.py, stage 1): a preference loss
+    over `micro_batch` pairs per micro-batch (2 rows each); None or sft: the LM loss."""
     stats: dict[str, float] = {}
     task_sum, task_cnt = torch.zeros(len(names)), torch.zeros(len(names))
     tokens = 0
+    pairs = objective is not None and objective.pairs
+    rows = micro_batch * (2 if pairs else 1)
+    pref: dict[str, float] = {}
     for i in range(grad_accum):
-        batch = {k: v[i * micro_batch:(i + 1) * micro_batch] for k, v in big_batch.items()}
+        batch = {k: v[i * rows:(i + 1) * rows] for k, v in big_batch.items()}
         ids, labels = batch["input_ids"], batch["labels"]
+        ref_BS = None
+        if pairs and objective.needs_reference():
+            # the reference policy: the same engine with the expert off (the frozen backbone)
+            set_routing_context(blocks, RoutingContext(reference=True, compute_losses=False))
+            with torch.no_grad():
+                ref_BS = engine(ids, labels)
         local_ex, task_N = local_examples(batch)
         ctx = RoutingContext.from_batch(labels, local_ex, task_N, force_expert=0 if stage == 1 else None,
                                         compute_losses=stage == 2)
         set_routing_context(blocks, ctx)
         token_loss_BS = engine(ids, labels)
-        loss = masked_mean_loss(token_loss_BS, labels)
+        if pairs:
+            loss, micro = objective.loss(token_loss_BS, labels, ref_BS)
+            for k, v in micro.items():
+                pref[k] = pref.get(k, 0.0) + v / grad_accum
+        else:
+            loss = masked_mean_loss(token_loss_BS, labels)
         engine.backward(loss)
         engine.step()
         with torch.no_grad():
@@ -66,9 +81,12 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         record_routing(ctx, stats, names, grad_accum)
     if external is not None and external.trains:
         external.step()
-    mean_loss = stats["train/loss"].clone()  # what the data-parallel ranks optimise together
-    dist.all_reduce(mean_loss, group=dp_group)
-    stats["train/loss"] = mean_loss.item() / dp
+    # what the data-parallel ranks optimise together, and the preference scalars over all their pairs
+    keys = sorted(pref)
+    summed = torch.cat([stats["train/loss"].reshape(1).float(), torch.tensor([pref[k] for k in keys])])
+    dist.all_reduce(summed, group=dp_group)
+    stats["train/loss"] = summed[0].item() / dp
+    stats |= {k: v / dp for k, v in zip(keys, summed[1:].tolist())}
     if stage == 2:
         for t, name in enumerate(names):
             if task_cnt[t] > 0:
