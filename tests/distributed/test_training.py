@@ -97,7 +97,9 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-RESUME = {"train.stage1": {"steps": 12}, "train.checkpoint_every": 3, "train.keep_last": 2}
+# the harm expert trains with DPO: its reference forward and pair batches must resume exactly too
+RESUME = {"train.stage1": {"steps": 12}, "train.checkpoint_every": 3, "train.keep_last": 2,
+          "experts.objective": {"help": "sft", "harm": "dpo", "honest": "sft"}}
 
 
 @pytest.fixture(scope="module")

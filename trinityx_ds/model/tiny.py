@@ -31,13 +31,21 @@ def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, t
     return out
 
 
+# What the tiny tokenizer is trained on: a fixed list, so a new fixture does not change the
+# tokenizer (and every tiny test's token ids) under the tests that already exist.
+TOKENIZER_TEXTS = ("README.md", "alpaca_3_malformed.jsonl", "alpaca_tiny.json", "alpaca_tiny.jsonl",
+                   "beavertails_tiny.csv", "chat_tiny.jsonl", "hh_rlhf_tiny.jsonl", "self_instruct_tiny.jsonl",
+                   "truthfulqa_tiny.csv", "truthfulqa_tiny.jsonl")
+
+
 def make_tiny_tokenizer(out: str | Path, vocab_size: int = 1000) -> Path:
     """A byte-level BPE trained on the project's fixture texts (deterministic, offline), with
     bos/eos/pad tokens and no chat template (the data room's default template applies)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    fixtures = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "data").glob("*"))
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+    fixtures = [folder / name for name in TOKENIZER_TEXTS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
