@@ -298,7 +298,11 @@ def _truthfulqa_pairs(row: dict, cap: int) -> list[tuple]:
     best = _text(row, "best_answer")
     correct = [best] + [a for a in _answers(row, "correct_answers") if a != best]
     prompt = [{"role": "user", "content": _text(row, "question")}]
-    return [(prompt, good, bad) for good, bad in _cycle_pairs(correct, _answers(row, "incorrect_answers"), cap)]
+    # a few TruthfulQA rows list one answer as both correct and incorrect: no preference there
+    incorrect = [a for a in _answers(row, "incorrect_answers") if a not in set(correct)]
+    if not incorrect:
+        raise Malformed("every incorrect answer is also listed as correct: no preference pair")
+    return [(prompt, good, bad) for good, bad in _cycle_pairs(correct, incorrect, cap)]
 
 
 def _messages(value, at: str) -> list[dict]:
