@@ -14,7 +14,7 @@ from typing import Literal
 
 MlpProj = Literal["gate_proj", "up_proj", "down_proj"]
 DataFormat = Literal["alpaca", "self_instruct", "hh_rlhf", "beavertails", "truthfulqa", "chat_jsonl"]
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values the backbone reproduces exactly
+from trinityx_ds.config.families import SUPPORTED_MODEL_TYPES  # noqa: F401  (re-exported: one list, families.py)
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 TOL = 1e-4
+SEQ_LEN = 24
+
+
+def check_models(folders: list[str], tp: int, seq_len: int = SEQ_LEN) -> None:
+    """Refuses, in one line naming the folder and the field, a model the backbone would not
+    reproduce (config/families.py), a TP it cannot split, or a sliding window shorter than the
+    check's sequences: before torchrun starts, so no rank dies with a traceback."""
+    from trinityx_ds.config.families import sliding_window_problem
+    from trinityx_ds.model.arch import ArchError, ModelArch
+    from trinityx_ds.model.weights import META, read_meta
+
+    for folder in folders:
+        path = Path(folder)
+        try:
+            arch = ModelArch.from_dict(read_meta(path)["arch"]) if (path / META).is_file() \
+                else ModelArch.from_hf_dir(path)
+            arch.check_tp(tp)
+            problem = sliding_window_problem(arch.hf_config, seq_len, key="parity sequence length")
+            if problem:
+                raise ArchError(problem)
+        except ArchError as e:
+            raise ArchError(f"{folder}: {e}") from None
 
 
 def parity_ok(r: dict) -> bool:
@@ -33,7 +55,7 @@ def parity_ok(r: dict) -> bool:
             and not r["missing"] and not r["unexpected"] and r["mapped_exact"])
 
 
-def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> dict:
+def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) -> dict:
     """Max abs differences of logits, loss, input-embedding gradient and re-mapped logits."""
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
@@ -64,7 +86,8 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     shards = [None] * tp
     dist.all_gather_object(shards, {k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)},
                            group=parallel_state.get_tensor_model_parallel_group())
-    mapped = dict(LlamaAdapter(arch, tp).unshard(lambda r, n: shards[r][n]))
+    adapter = LlamaAdapter(arch, tp)
+    mapped = dict(adapter.unshard(lambda r, n: shards[r][n]))
 
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     ref_logits = ref(ids).logits
@@ -77,7 +100,8 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     missing = [m for m in missing if not (arch.tie_word_embeddings and m == "lm_head.weight")]
     with torch.no_grad():
         mapped_logits = fresh(ids).logits
-    mapped_exact = all(torch.equal(mapped[k], v) for k, v in ref.state_dict().items() if k in mapped)
+    # bit for bit, or for Gemma's norms the same (1 + w) multiplier (what the fold keeps: llama_adapter)
+    mapped_exact = all(adapter.hf_equal(k, mapped[k], v) for k, v in ref.state_dict().items() if k in mapped)
     with torch.no_grad():  # transformers' own fp32 rounding error: the floor any fp32 parity can reach
         ref_fp32_error = (ref_logits.double() - ref.double()(ids).logits).abs().max().item()
     return {
@@ -99,6 +123,7 @@ def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
     """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table."""
     from trinityx_ds.parallel.env import cpu_env, launch_torchrun
 
+    check_models(models, tp)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "parity.json"
         proc = launch_torchrun(["-m", "trinityx_ds.eval.parity", str(tp), str(out), *models], tp, timeout,
@@ -115,11 +140,19 @@ def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
     return results
 
 
-def main(argv: list[str]) -> None:
-    """torchrun entry: argv = [tp, result_json_path_or_-, folder...]; rank 0 writes the results."""
+def main(argv: list[str]) -> int:
+    """torchrun entry: argv = [tp, result_json_path_or_-, folder...]; rank 0 writes the results.
+    A model it cannot check: one line on every rank, exit 2, before the process group."""
+    from trinityx_ds.errors import one_line_errors
+
+    return one_line_errors("parity", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
     from trinityx_ds.parallel.groups import init_parallel
 
     tp, out, folders = int(argv[0]), argv[1], argv[2:]
+    check_models(folders, tp)
     dims = init_parallel(tp=tp)
     results = [backbone_parity(f, dims.tp, dims.tp_rank) for f in folders]
     if dims.rank == 0:
@@ -129,7 +162,8 @@ def main(argv: list[str]) -> None:
         else:
             with open(out, "w") as f:
                 f.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -94,7 +94,7 @@ class MoCaEBlock(nn.Module):
             self.linear_fc1, self.linear_fc2 = base_mlp.linear_fc1, base_mlp.linear_fc2
             ffn_local = base_mlp.linear_fc2.weight.shape[1]
             self.experts = LoRAExperts(E, hidden, ffn_local, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                       cfg.lora_targets, dtype=dtype)
+                                       cfg.lora_targets, dtype=dtype, activation=base_mlp.config.activation_func)
         else:
             ids = list(range(E)) if local_expert_ids is None else local_expert_ids
             self.experts = FullExperts(base_mlp.config, E, ids, ep_group)

@@ -36,6 +36,9 @@ def backbone_param_names(arch: ModelArch) -> list[str]:
                  "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     if arch.qkv_bias:
         per_layer.insert(2, "self_attention.linear_qkv.bias")
+    if arch.qk_norm:
+        at = per_layer.index("self_attention.linear_proj.weight")
+        per_layer[at:at] = ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     for i in range(arch.num_layers):
         names += [f"decoder.layers.{i}.{s}" for s in per_layer]
     names.append("decoder.final_layernorm.weight")
