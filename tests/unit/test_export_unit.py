@@ -23,7 +23,7 @@ from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
 from trinityx_ds.storage.sources import CheckpointError, SafetensorsSource
 from trinityx_ds.model.mocae import MoCaEConfig
-from trinityx_ds.model.tiny import make_tiny_model
+from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model
 
 TOL = 1e-4
 IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -92,9 +92,11 @@ def test_trinityx_export_holds_every_expert_tensor(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind,base,extra", [("lora", "llama", {}), ("full", "llama", {}), ("lora", "qwen2", {}),
-                                             ("full", "mistral", {"tie_word_embeddings": True})])
+                                             ("full", "mistral", {"tie_word_embeddings": True}),
+                                             ("lora", "gemma", TINY_GEMMA), ("full", "gemma", TINY_GEMMA),
+                                             ("lora", "qwen3", TINY_QWEN3)])
 def test_dense_export_equals_the_forced_expert(tmp_path, tiny, kind, base, extra):
-    model = tiny if base == "llama" else make_tiny_model(tmp_path / base, model_type=base, **extra)
+    model = tiny if base == "llama" else make_tiny_model(tmp_path / base, **{"model_type": base, **extra})
     run = make_run(tmp_path, model, kind=kind)
     forced = logits(export_hf(run, tmp_path / "hf"), TrinityXForCausalLM, force_expert="harm")
     routed = logits(tmp_path / "hf", TrinityXForCausalLM)

@@ -19,27 +19,6 @@ TOL = 1e-4
 SEQ_LEN = 24
 
 
-def check_models(folders: list[str], tp: int, seq_len: int = SEQ_LEN) -> None:
-    """Refuses, in one line naming the folder and the field, a model the backbone would not
-    reproduce (config/families.py), a TP it cannot split, or a sliding window shorter than the
-    check's sequences: before torchrun starts, so no rank dies with a traceback."""
-    from trinityx_ds.config.families import sliding_window_problem
-    from trinityx_ds.model.arch import ArchError, ModelArch
-    from trinityx_ds.model.weights import META, read_meta
-
-    for folder in folders:
-        path = Path(folder)
-        try:
-            arch = ModelArch.from_dict(read_meta(path)["arch"]) if (path / META).is_file() \
-                else ModelArch.from_hf_dir(path)
-            arch.check_tp(tp)
-            problem = sliding_window_problem(arch.hf_config, seq_len, key="parity sequence length")
-            if problem:
-                raise ArchError(problem)
-        except ArchError as e:
-            raise ArchError(f"{folder}: {e}") from None
-
-
 def parity_ok(r: dict) -> bool:
     """The verdict on one `backbone_parity` result.
 
@@ -120,10 +99,13 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) 
 
 
 def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
-    """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table."""
+    """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table.
+    A model it cannot check is refused here, in one line, before torchrun starts."""
+    from trinityx_ds.model.weights import check_model_folders
+
     from trinityx_ds.parallel.env import cpu_env, launch_torchrun
 
-    check_models(models, tp)
+    check_model_folders(models, tp, SEQ_LEN, key="parity sequence length")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "parity.json"
         proc = launch_torchrun(["-m", "trinityx_ds.eval.parity", str(tp), str(out), *models], tp, timeout,
@@ -149,10 +131,11 @@ def main(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from trinityx_ds.model.weights import check_model_folders
     from trinityx_ds.parallel.groups import init_parallel
 
     tp, out, folders = int(argv[0]), argv[1], argv[2:]
-    check_models(folders, tp)
+    check_model_folders(folders, tp, SEQ_LEN, key="parity sequence length")
     dims = init_parallel(tp=tp)
     results = [backbone_parity(f, dims.tp, dims.tp_rank) for f in folders]
     if dims.rank == 0:

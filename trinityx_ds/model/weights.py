@@ -94,6 +94,30 @@ def open_source(path: str | Path):
     return ModelArch.from_hf_dir(path), SafetensorsSource(path)
 
 
+def check_model_folders(folders, tp: int, seq_len: int | None = None, key: str = "data.max_seq_len") -> None:
+    """Refuses, in one line naming the folder and the field, a model (HF folder or import-hf
+    checkpoint) the backbone would not reproduce (config/families.py), a TP it cannot split, or a
+    sliding window shorter than `seq_len`. What `parity` and `eval` run before any process starts,
+    so no rank dies with a traceback."""
+    from trinityx_ds.config.families import sliding_window_problem
+    from trinityx_ds.model.arch import ArchError
+
+    for folder in folders:
+        path = Path(folder)
+        try:
+            if (path / META).is_file():
+                hf = read_meta(path).get("hf_config") or {}
+                arch = ModelArch.from_hf_dict(hf) if hf else ModelArch.from_dict(read_meta(path)["arch"])
+            else:
+                arch = ModelArch.from_hf_dir(path)
+            arch.check_tp(tp)
+            problem = sliding_window_problem(arch.hf_config, seq_len, key=key) if seq_len else None
+            if problem:
+                raise ArchError(problem)
+        except ArchError as e:
+            raise ArchError(f"{folder}: {e}") from None
+
+
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, src, arch: ModelArch, tp: int, tp_rank: int, moe_cfg=None) -> list[str]:
     """Copies this rank's slice of every backbone (and, with `moe_cfg`, MoCaE) tensor of `model`
