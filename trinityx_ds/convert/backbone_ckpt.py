@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.arch import ArchError, ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
 from trinityx_ds.model.weights import FORMAT, META, backbone_param_names, shard_file
 from trinityx_ds.storage.sources import SafetensorsSource
@@ -33,7 +33,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int, dtype: str = "fp
     from trinityx_ds.model.backbone import DTYPES  # megatron: imported only when converting
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    arch = ModelArch.from_hf_dir(hf_dir)
+    try:
+        arch = ModelArch.from_hf_dir(hf_dir)
+    except ArchError as e:  # one line naming the folder and the field, before anything is written
+        raise ArchError(f"{hf_dir}: {e}" if str(e).startswith("config.json") else str(e)) from None
     adapter = LlamaAdapter(arch, tp)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")

@@ -115,7 +115,7 @@ def check_model_folders(folders, tp: int, seq_len: int | None = None, key: str =
             if problem:
                 raise ArchError(problem)
         except ArchError as e:
-            raise ArchError(f"{folder}: {e}") from None
+            raise ArchError(f"{folder}: {e}" if not str(e).startswith(str(folder)) else str(e)) from None
 
 
 @torch.no_grad()
