@@ -67,7 +67,7 @@ def test_gemma_norm_fold_is_exact_where_it_can_be():
     assert torch.equal(folded, 1.0 + w.float())  # GemmaRMSNorm: output * (1.0 + self.weight.float())
     back = unfold_norm(folded)
     assert torch.equal(fold_norm(back), folded)  # same multiplier, every value
-    representable = folded.double() == 1.0 + w.double()
+    representable = folded.double() - 1.0 == w.double()  # 1 + w is exactly an fp32 number (exact in fp64)
     assert torch.equal(back == w, representable)  # w exact iff 1 + w is an fp32 number
     assert representable[w <= -0.5].all() and not representable.all()  # both cases occur
 
