@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from trinityx_ds.model.arch import ArchError, ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
-from trinityx_ds.model.weights import FORMAT, META, backbone_param_names, shard_file
+from trinityx_ds.model.weights import FORMAT, META, ORIGINALS, backbone_param_names, shard_file
 from trinityx_ds.storage.sources import SafetensorsSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -49,6 +49,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int, dtype: str = "fp
         shard = {n: adapter.shard(n, src, rank).to(DTYPES[dtype]).contiguous() for n in names}
         save_file(shard, shard_file(tmp, rank), metadata={"format": FORMAT, "tp_rank": str(rank)})
         del shard
+    folded = adapter.folded_names()
+    if folded:  # Gemma: the fold may not give w back bit for bit; keep it (model/weights.py)
+        save_file({n: src.read(n).to(DTYPES[dtype]).contiguous() for n in folded}, tmp / ORIGINALS)
     meta = {"format": FORMAT, "version": 1, "tp": tp, "dtype": dtype, "source": str(hf_dir.resolve()),
             "padded_vocab_size": adapter.padded_vocab, "hf_config": arch.hf_config, "arch": arch.to_dict()}
     (tmp / META).write_text(json.dumps(meta, indent=2))

@@ -18,6 +18,9 @@ in fp32 (tests/unit/test_families.py):
 - w itself comes back bit for bit only where 1 + w is representable (every w in [-2, -0.5], and
   w that are multiples of 2^-23 below 1); other w come back rounded to the fold's precision
   (|error| <= 2^-24), a w the model never computed with. `hf_equal` is the exactness test.
+  An import-hf checkpoint therefore also keeps the original w (`folded_names`, a few vectors per
+  layer; model/weights.py), and its HF view returns those wherever they still fold to the weights
+  it holds: an export from it, and the parity reference, get the HF folder's bits back.
 """
 from __future__ import annotations
 
@@ -135,6 +138,11 @@ class LlamaAdapter:
 
     def _unfolded(self, hf: str, t: torch.Tensor) -> torch.Tensor:
         return unfold_norm(t) if self.arch.norm_plus_one and hf.endswith(_FOLDED) else t
+
+    def folded_names(self) -> list[str]:
+        """The HF tensors the fold changes (Gemma's norm weights; none for other families): what an
+        import-hf checkpoint also keeps as they were, so its HF view gives them back bit for bit."""
+        return [n for n in self.hf_names() if self.arch.norm_plus_one and n.endswith(_FOLDED)]
 
     def hf_equal(self, hf: str, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether two HF tensors make transformers compute bit-identically: equal, or for Gemma's

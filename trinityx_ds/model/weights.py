@@ -14,15 +14,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, mocae_role
 from trinityx_ds.storage.layout import IMPORT_META as META
-from trinityx_ds.storage.sources import CheckpointError, MissingTensor, SafetensorsSource, UnshardedSource
+from trinityx_ds.storage.sources import (ChainSource, CheckpointError, DictSource, MissingTensor, SafetensorsSource,
+                                         UnshardedSource)
 
 FORMAT = "trinityx-backbone"
+# the HF tensors the adapter's fold changes (Gemma's (1 + w) norms), as the HF folder held them
+ORIGINALS = "hf_originals.safetensors"
 
 
 def shard_file(folder: Path, rank: int) -> Path:
@@ -81,8 +85,22 @@ class ShardedCheckpoint:
             raise MissingTensor(f"{shard_file(self.folder, rank)}: tensor {name!r} is missing")
         return f.get_tensor(name)
 
-    def hf_view(self) -> UnshardedSource:
-        return UnshardedSource(LlamaAdapter(self.arch, self.tp), self.shard)
+    def hf_view(self):
+        """HF tensors rebuilt from the shards; Gemma's norm weights as the HF folder held them
+        (ORIGINALS) wherever they still fold to the shards' weights, which unfolding alone cannot
+        always give back bit for bit (model/llama_adapter.py)."""
+        adapter = LlamaAdapter(self.arch, self.tp)
+        view = UnshardedSource(adapter, self.shard)
+        path = self.folder / ORIGINALS
+        if not path.is_file():
+            return view
+        try:
+            originals = load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        kept = {n: t for n, t in originals.items() if n in adapter.folded_names()
+                and adapter.hf_equal(n, t, view.read(n)) and t.dtype == view.read(n).dtype}
+        return ChainSource([DictSource(kept), view]) if kept else view
 
 
 def open_source(path: str | Path):
