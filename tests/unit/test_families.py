@@ -191,3 +191,14 @@ def test_parity_command_exits_2_without_a_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("trinityx ")]
     assert len(lines) == 1 and "model_type: 'gemma2'" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("name,tp", [("gemma-7b", 8), ("qwen3-8b", 4)])
+def test_preset_builds_per_rank_what_the_plan_counts(name, tp):
+    """The megatron model of the preset (GeGLU, head_dim 256 / q-k layernorms), built per TP rank on
+    the meta device with LoRA experts, holds exactly the parameters the planner counts."""
+    from trinityx_ds.plan import MoCaEPlan, load_arch
+    from trinityx_ds.plan.verify import verify_layout
+
+    got = verify_layout(load_arch(name)[1], MoCaEPlan(kind="lora"), tp=tp, stages=(2,), ranks=(0, tp - 1))
+    assert len(got) == 2 and all(c.ok for c in got), [c.describe() for c in got]
