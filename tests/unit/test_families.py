@@ -130,8 +130,6 @@ def test_preset_parameter_count_is_what_transformers_builds(name):
     ({"model_type": "gemma", "query_pre_attn_scalar": 144}, "query_pre_attn_scalar: 144 — must equal head_dim (16)"),
     ({"model_type": "gemma", "use_bidirectional_attention": True}, "use_bidirectional_attention: True — causal"),
     ({"model_type": "qwen3", "attention_bias": True}, "attention_bias: True — qwen3 without attention bias only"),
-    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1,
-      "layer_types": ["full_attention", "sliding_attention"]}, "layer_types: 'mixed full/sliding attention'"),
     ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type: 'yarn'"),
 ])
 def test_unsupported_settings_are_named(cfg, field):
@@ -174,6 +172,10 @@ def test_parity_refuses_a_window_shorter_than_its_sequences(tmp_path, capsys):
     ({"model_type": "gemma2"}, "config.json model_type: 'gemma2' — supported:"),
     ({"model_type": "gemma", "attn_logit_softcapping": 50.0}, "config.json attn_logit_softcapping: 50.0"),
     ({"model_type": "mistral", "sliding_window": 32}, "data.max_seq_len: 64 — must not exceed the model's sliding_window (32)"),
+    # Qwen3 windows the layers from max_window_layers on: exact while sequences fit, refused beyond
+    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1,
+      "layer_types": ["full_attention", "sliding_attention"]},
+     "data.max_seq_len: 64 — must not exceed the model's sliding_window (32)"),
 ])
 @pytest.mark.parametrize("nproc", [["--nproc", "2"], []])  # the launcher, or a rank under torchrun/srun
 def test_train_refuses_in_one_line(tmp_path, capsys, bad, fragment, nproc):

@@ -41,7 +41,8 @@ def hidden_act(cfg: dict) -> str:
 def hf_config_problems(cfg: dict) -> list[str]:
     """Every setting of an HF config.json the backbone would not compute exactly; [] when it would.
 
-    A sliding window is not a problem here (it is exact while sequences fit in it): the sequence
+    A sliding window is not a problem here, on every layer or on some (Qwen2/Qwen3's
+    `max_window_layers`): attention is exact while sequences fit in the window, so the sequence
     length is checked against it where it is known (`sliding_window_problem`).
     """
     model_type = cfg.get("model_type")
@@ -66,11 +67,6 @@ def hf_config_problems(cfg: dict) -> list[str]:
     head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // max(int(cfg.get("num_attention_heads") or 1), 1))
     if pre_attn is not None and pre_attn != head_dim:
         out.append(_line("query_pre_attn_scalar", pre_attn, f"must equal head_dim ({head_dim}): 1/sqrt(head_dim) scaling only"))
-    if model_type == "qwen3" and cfg.get("use_sliding_window"):
-        types = cfg.get("layer_types") or []
-        if types and len(set(types)) > 1:
-            out.append(_line("layer_types", "mixed full/sliding attention",
-                             "one attention kind for every layer (use_sliding_window: false for Qwen3)"))
     for key in ("rope_scaling", "rope_parameters"):
         rope = cfg.get(key) or {}
         kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
