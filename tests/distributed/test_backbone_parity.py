@@ -6,7 +6,7 @@ import pytest
 
 from trinityx_ds.convert.bundled import smollm2_gguf, smollm2_hf_dir
 from trinityx_ds.eval.parity import TOL, parity_ok
-from trinityx_ds.model.tiny import make_tiny_model
+from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model
 
 WORKER = Path(__file__).parent / "workers" / "backbone_parity.py"
 
@@ -26,12 +26,20 @@ def tiny_models(tmp_path_factory):
         str(make_tiny_model(root / "qwen2", model_type="qwen2", use_sliding_window=False)),
         # Mistral
         str(make_tiny_model(root / "mistral", model_type="mistral", sliding_window=None)),
+        # Gemma: GeGLU, (1 + w) norms (folded), sqrt(hidden) embedding scale, head_dim 16 != 48 / 6,
+        # tied, 3 KV groups (TP=2 pads one), vocab 1001
+        str(make_tiny_model(root / "gemma", **TINY_GEMMA)),
+        # Qwen3: per-head q/k RMSNorm, head_dim 24 != 64 / 6, 3 KV groups, vocab 1003, untied
+        str(make_tiny_model(root / "qwen3", **TINY_QWEN3)),
     ]
 
 
 def _check(results: dict, strict: bool) -> None:
-    """strict: the 1e-4 bound itself (tiny models, where transformers' own fp32 error is far below)."""
+    """strict: the 1e-4 bound itself (tiny models, where transformers' own fp32 error is far below).
+    Prints each model's figures (pytest -s shows them): the numbers the docs quote."""
     for folder, r in results.items():
+        print(f"{Path(folder).name} tp={r['tp']}: logits {r['logits']:.2e} loss {r['loss']:.2e} "
+              f"emb_grad {r['emb_grad']:.2e} mapped_logits {r['mapped_logits']:.2e} mapped_exact {r['mapped_exact']}")
         assert parity_ok(r), (Path(folder).name, r)
         if strict:
             assert r["ref_fp32_error"] < TOL, r  # so parity_ok held this model to 1e-4 itself

@@ -120,7 +120,7 @@ CASES = [
     ("model-no-config-json", model_folder({}), None, "model.checkpoint", "no readable trinityx_meta.json", 1),
     ("hf-no-config-json", model_folder({"other.json": {}}), None, "model.hf_path", "no readable config.json", 1),
     ("model-type", model_folder({"trinityx_meta.json": {"hf_config": GPT2}}), None, "model.checkpoint",
-     "model_type 'gpt2' is not supported", 1),
+     "config.json model_type: 'gpt2' — supported: llama, mistral, qwen2, gemma, qwen3", 1),
     ("model-both", edit({"model.checkpoint": "elsewhere"}), None, "model.checkpoint", "not both", 1),
     ("model-neither", edit({"model.hf_path": None}), None, "model.hf_path", "None — set exactly one", 1),
     ("dtype-enum", edit({"model.dtype": "fp64"}), None, "model.dtype", "'fp64' — one of \"fp32\", \"bf16\"", 1),

@@ -4,6 +4,7 @@ tests check the exported model against the megatron model; these check the forma
 other, the round trip, the tensor count, bounded memory and the errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -23,7 +24,7 @@ from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
 from trinityx_ds.storage.sources import CheckpointError, SafetensorsSource
 from trinityx_ds.model.mocae import MoCaEConfig
-from trinityx_ds.model.tiny import make_tiny_model
+from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model
 
 TOL = 1e-4
 IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -92,9 +93,11 @@ def test_trinityx_export_holds_every_expert_tensor(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind,base,extra", [("lora", "llama", {}), ("full", "llama", {}), ("lora", "qwen2", {}),
-                                             ("full", "mistral", {"tie_word_embeddings": True})])
+                                             ("full", "mistral", {"tie_word_embeddings": True}),
+                                             ("lora", "gemma", TINY_GEMMA), ("full", "gemma", TINY_GEMMA),
+                                             ("lora", "qwen3", TINY_QWEN3)])
 def test_dense_export_equals_the_forced_expert(tmp_path, tiny, kind, base, extra):
-    model = tiny if base == "llama" else make_tiny_model(tmp_path / base, model_type=base, **extra)
+    model = tiny if base == "llama" else make_tiny_model(tmp_path / base, **{"model_type": base, **extra})
     run = make_run(tmp_path, model, kind=kind)
     forced = logits(export_hf(run, tmp_path / "hf"), TrinityXForCausalLM, force_expert="harm")
     routed = logits(tmp_path / "hf", TrinityXForCausalLM)
@@ -122,6 +125,15 @@ def test_mixtral_equals_trinityx_where_exact(tmp_path, tiny, top_k):
     assert (got - want).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("base,reason", [("gemma", "model_type: 'gemma' — Mixtral has no (1 + w) RMSNorm"),
+                                         ("qwen3", "model_type: 'qwen3' — Mixtral attention has no q/k RMSNorm")])
+def test_mixtral_refused_for_gemma_and_qwen3(tmp_path, base, reason):
+    model = make_tiny_model(tmp_path / base, **(TINY_GEMMA if base == "gemma" else TINY_QWEN3))
+    with pytest.raises(ExportRefused, match=re.escape(reason)):
+        export_hf(make_run(tmp_path, model, kind="full", top_k="all"), tmp_path / "mixtral", fmt="mixtral")
+    assert not (tmp_path / "mixtral").exists()
+
+
 @pytest.mark.parametrize("setting,kw", [
     ("experts.kind", {"kind": "lora"}),
     ("router.importance", {"kind": "full", "importance": [1.0, 2.0, 1.0]}),
@@ -135,12 +147,14 @@ def test_mixtral_refused_where_not_exact(tmp_path, tiny, setting, kw):
         export_hf(run, tmp_path / "mixtral", fmt="mixtral")
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
-def test_import_then_export_is_bit_identical(tmp_path, tiny, kind):
+@pytest.mark.parametrize("kind,base", [("lora", "llama"), ("full", "llama"), ("lora", "gemma")])
+def test_import_then_export_is_bit_identical(tmp_path, tiny, kind, base):
+    """Gemma too: its backbone checkpoint keeps the (1 + w) norms' original w (model/weights.py)."""
     from trinityx_ds.config import load_config
     from trinityx_ds.model.weights import read_meta
 
-    run = make_run(tmp_path, tiny, kind=kind, importance=[1.0, 2.0, 0.5], norm=True)
+    model = tiny if base == "llama" else make_tiny_model(tmp_path / base, **TINY_GEMMA)
+    run = make_run(tmp_path, model, kind=kind, importance=[1.0, 2.0, 0.5], norm=True)
     first = export_hf(run, tmp_path / "hf", max_shard_bytes=200_000)
     imported = import_trinityx(first, tmp_path / "imported", tp=1)
     second = export_hf(imported, tmp_path / "hf2", max_shard_bytes=200_000)

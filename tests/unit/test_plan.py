@@ -28,7 +28,8 @@ def run_plan(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("name, published", [
     ("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320), ("llama-2-70b", LLAMA2_70B),
     ("mistral-7b", 7_241_732_096), ("llama-3-8b", 8_030_261_248), ("llama-3-70b", 70_553_706_496),
-    ("smollm2-135m", 134_515_008),
+    ("smollm2-135m", 134_515_008), ("llama-3.1-8b", 8_030_261_248), ("llama-3.1-70b", 70_553_706_496),
+    ("gemma-7b", 8_537_680_896), ("qwen3-8b", 8_190_735_360), ("qwen3-32b", 32_762_123_264),
 ])
 def test_preset_parameter_counts_are_the_published_ones(name, published):
     assert backbone_params(load_arch(name)[1]) == published

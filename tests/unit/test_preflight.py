@@ -81,11 +81,12 @@ def test_unwritable_output_dir(tmp_path, model_dir, capsys):
 
 
 def test_unsupported_model_refused_before_launch(tmp_path, model_dir, capsys):
-    gemma = tmp_path / "gemma"
-    shutil.copytree(model_dir, gemma)
-    hf = json.loads((gemma / "config.json").read_text())
-    (gemma / "config.json").write_text(json.dumps({**hf, "model_type": "gemma"}))
-    cfg = write_config(tmp_path, gemma)
+    gemma2 = tmp_path / "gemma2"
+    shutil.copytree(model_dir, gemma2)
+    hf = json.loads((gemma2 / "config.json").read_text())
+    (gemma2 / "config.json").write_text(json.dumps({**hf, "model_type": "gemma2"}))
+    cfg = write_config(tmp_path, gemma2)
     assert main(["train", "experts", "--config", str(cfg), "--nproc", "2"]) == 2
     err = capsys.readouterr().err
-    assert "model_type 'gemma' is not supported" in err and "Traceback" not in err
+    assert "config.json model_type: 'gemma2' — supported: llama, mistral, qwen2, gemma, qwen3" in err
+    assert "Traceback" not in err

@@ -14,6 +14,7 @@ import sys
 
 import yaml
 
+from trinityx_ds.config.families import hf_config_problems, sliding_window_problem
 from trinityx_ds.config.schema import SUPPORTED_MODEL_TYPES, ConfigError, RunConfig, problem
 from trinityx_ds.config.typed import build
 from trinityx_ds.storage.layout import IMPORT_META  # written by `trinityx import-hf`; "hf_config": the HF config.json
@@ -88,9 +89,11 @@ def _model_problems(cfg: RunConfig, check_paths: bool) -> list[str]:
     if not isinstance(hf, dict):
         return [problem(key, folder, f"{name} holds no HF config mapping")]
     out = []
-    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        out.append(problem(key, folder, f"model_type {hf.get('model_type')!r} is not supported; "
-                                        f"one of {', '.join(SUPPORTED_MODEL_TYPES)}"))
+    # the family and its settings: the rule ModelArch applies, read here before any process starts
+    out += [problem(key, folder, p) for p in hf_config_problems(hf)]
+    window = sliding_window_problem(hf, cfg.data.max_seq_len)
+    if window and hf.get("model_type") in SUPPORTED_MODEL_TYPES:
+        out.append(window)
     sizes = {}
     for field in (*_TP_SPLIT, "num_attention_heads", "num_hidden_layers"):
         value = hf.get(field)

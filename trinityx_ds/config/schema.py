@@ -17,7 +17,7 @@ DataFormat = Literal["alpaca", "self_instruct", "hh_rlhf", "beavertails", "truth
 PAIR_FORMATS = ("hh_rlhf", "truthfulqa", "beavertails", "preference")  # formats that give preference pairs
 Objective = Literal["sft", "dpo", "simpo"]
 PREFERENCE_OBJECTIVES = ("dpo", "simpo")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values the backbone reproduces exactly
+from trinityx_ds.config.families import SUPPORTED_MODEL_TYPES  # noqa: F401, E402  (re-exported: one list, families.py)
 
 
 class ConfigError(ValueError):

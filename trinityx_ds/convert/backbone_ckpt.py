@@ -9,9 +9,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.arch import ArchError, ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
-from trinityx_ds.model.weights import FORMAT, META, backbone_param_names, shard_file
+from trinityx_ds.model.weights import FORMAT, META, ORIGINALS, backbone_param_names, shard_file
 from trinityx_ds.storage.sources import SafetensorsSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -33,7 +33,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int, dtype: str = "fp
     from trinityx_ds.model.backbone import DTYPES  # megatron: imported only when converting
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    arch = ModelArch.from_hf_dir(hf_dir)
+    try:
+        arch = ModelArch.from_hf_dir(hf_dir)
+    except ArchError as e:  # one line naming the folder and the field, before anything is written
+        raise ArchError(f"{hf_dir}: {e}" if str(e).startswith("config.json") else str(e)) from None
     adapter = LlamaAdapter(arch, tp)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
@@ -46,6 +49,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int, dtype: str = "fp
         shard = {n: adapter.shard(n, src, rank).to(DTYPES[dtype]).contiguous() for n in names}
         save_file(shard, shard_file(tmp, rank), metadata={"format": FORMAT, "tp_rank": str(rank)})
         del shard
+    folded = adapter.folded_names()
+    if folded:  # Gemma: the fold may not give w back bit for bit; keep it (model/weights.py)
+        save_file({n: src.read(n).to(DTYPES[dtype]).contiguous() for n in folded}, tmp / ORIGINALS)
     meta = {"format": FORMAT, "version": 1, "tp": tp, "dtype": dtype, "source": str(hf_dir.resolve()),
             "padded_vocab_size": adapter.padded_vocab, "hf_config": arch.hf_config, "arch": arch.to_dict()}
     (tmp / META).write_text(json.dumps(meta, indent=2))

@@ -1,7 +1,7 @@
 """The three export formats: the HF config of each, and the stream of (HF name, tensor) that fills it.
 
     trinityx   the whole MoCaE model (convert/hf_model), its tensors as the source holds them
-    dense      one expert merged into a plain Llama/Mistral/Qwen2 (LoRA: W + s B A)
+    dense      one expert merged into a plain Llama/Mistral/Qwen2/Qwen3/Gemma (LoRA: W + s B A)
     mixtral    only where Mixtral computes exactly what TrinityX computes; otherwise
                `ExportRefused` names the setting that prevents it
 
@@ -80,7 +80,8 @@ def model_layout(s: ExportSource) -> dict[str, tuple]:
 
 
 def _arch_name(model_type: str) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}[model_type]
 
 
 # ---------------------------------------------------------------------------------------- streams
@@ -143,6 +144,11 @@ def _mixtral_refusal(s: ExportSource) -> str | None:
         return "router.normalize_output: true — Mixtral has no post-mix RMSNorm"
     if arch.qkv_bias:
         return f"model qkv bias ({arch.model_type}) — Mixtral attention has no bias"
+    if arch.model_type == "gemma":
+        return ("model_type: 'gemma' — Mixtral has no (1 + w) RMSNorm, no sqrt(hidden) embedding scale and no GeGLU "
+                "(export as trinityx or dense)")
+    if arch.qk_norm:
+        return f"model_type: {arch.model_type!r} — Mixtral attention has no q/k RMSNorm (export as trinityx or dense)"
     if _dtype(s) != torch.float32:
         return f"model dtype {_dtype(s)} — Mixtral computes router logits in the model dtype, TrinityX in fp32"
     E = moe.num_experts

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 TOL = 1e-4
+SEQ_LEN = 24
 
 
 def parity_ok(r: dict) -> bool:
@@ -33,7 +34,7 @@ def parity_ok(r: dict) -> bool:
             and not r["missing"] and not r["unexpected"] and r["mapped_exact"])
 
 
-def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> dict:
+def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) -> dict:
     """Max abs differences of logits, loss, input-embedding gradient and re-mapped logits."""
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
@@ -64,7 +65,8 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     shards = [None] * tp
     dist.all_gather_object(shards, {k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)},
                            group=parallel_state.get_tensor_model_parallel_group())
-    mapped = dict(LlamaAdapter(arch, tp).unshard(lambda r, n: shards[r][n]))
+    adapter = LlamaAdapter(arch, tp)
+    mapped = dict(adapter.unshard(lambda r, n: shards[r][n]))
 
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     ref_logits = ref(ids).logits
@@ -77,7 +79,8 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
     missing = [m for m in missing if not (arch.tie_word_embeddings and m == "lm_head.weight")]
     with torch.no_grad():
         mapped_logits = fresh(ids).logits
-    mapped_exact = all(torch.equal(mapped[k], v) for k, v in ref.state_dict().items() if k in mapped)
+    # bit for bit, or for Gemma's norms the same (1 + w) multiplier (what the fold keeps: llama_adapter)
+    mapped_exact = all(adapter.hf_equal(k, mapped[k], v) for k, v in ref.state_dict().items() if k in mapped)
     with torch.no_grad():  # transformers' own fp32 rounding error: the floor any fp32 parity can reach
         ref_fp32_error = (ref_logits.double() - ref.double()(ids).logits).abs().max().item()
     return {
@@ -96,9 +99,13 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = 24) -> di
 
 
 def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
-    """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table."""
+    """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table.
+    A model it cannot check is refused here, in one line, before torchrun starts."""
+    from trinityx_ds.model.weights import check_model_folders
+
     from trinityx_ds.parallel.env import cpu_env, launch_torchrun
 
+    check_model_folders(models, tp, SEQ_LEN, key="parity sequence length")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "parity.json"
         proc = launch_torchrun(["-m", "trinityx_ds.eval.parity", str(tp), str(out), *models], tp, timeout,
@@ -115,11 +122,20 @@ def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
     return results
 
 
-def main(argv: list[str]) -> None:
-    """torchrun entry: argv = [tp, result_json_path_or_-, folder...]; rank 0 writes the results."""
+def main(argv: list[str]) -> int:
+    """torchrun entry: argv = [tp, result_json_path_or_-, folder...]; rank 0 writes the results.
+    A model it cannot check: one line on every rank, exit 2, before the process group."""
+    from trinityx_ds.errors import one_line_errors
+
+    return one_line_errors("parity", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    from trinityx_ds.model.weights import check_model_folders
     from trinityx_ds.parallel.groups import init_parallel
 
     tp, out, folders = int(argv[0]), argv[1], argv[2:]
+    check_model_folders(folders, tp, SEQ_LEN, key="parity sequence length")
     dims = init_parallel(tp=tp)
     results = [backbone_parity(f, dims.tp, dims.tp_rank) for f in folders]
     if dims.rank == 0:
@@ -129,7 +145,8 @@ def main(argv: list[str]) -> None:
         else:
             with open(out, "w") as f:
                 f.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

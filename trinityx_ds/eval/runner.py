@@ -85,7 +85,26 @@ def _check(args) -> list[str]:
         raise ValueError(f"--prompts {bad[0]}: FORMAT=PATH, FORMAT one of {', '.join(get_args(DataFormat))}")
     if args.write_temperature and (args.variant != "trinityx" or "routing" not in suites):
         raise ValueError("--write-temperature: only with --variant trinityx and the routing suite")
+    _check_model(args)
     return suites
+
+
+def _check_model(args) -> None:
+    """The model the evaluation builds, refused in one line if the backbone cannot reproduce it
+    (a run's config names it; a run config with problems says so itself, ConfigError)."""
+    from trinityx_ds.config import load_config
+    from trinityx_ds.model.weights import check_model_folders
+
+    layout = RunLayout(args.checkpoint)
+    if layout.is_run():
+        cfg = load_config(str(args.config or layout.run_config_file()), check_paths=False)
+        folder, tp, seq_len = cfg.model.checkpoint or cfg.model.hf_path, args.tp or cfg.parallel.tp, cfg.data.max_seq_len
+    elif (Path(args.checkpoint) / "config.json").is_file() and \
+            json.loads((Path(args.checkpoint) / "config.json").read_text()).get("model_type") == "trinityx":
+        return  # an exported TrinityX folder: checked by ModelArch when it is opened
+    else:
+        folder, tp, seq_len = args.checkpoint, args.tp or 1, None
+    check_model_folders([folder], tp, args.max_seq_len or seq_len, key="--max-seq-len" if args.max_seq_len else "data.max_seq_len")
 
 
 def default_out(args) -> Path:

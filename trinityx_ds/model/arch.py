@@ -1,4 +1,5 @@
-"""Architecture numbers of a Llama-family model, read from a Hugging Face config.
+"""Architecture numbers of a Llama-family model (Llama, Mistral, Qwen2, Qwen3, Gemma), read from a
+Hugging Face config.
 
 One neutral description shared by the backbone builder, the HF adapters and the planner,
 so none of them parses HF configs on its own.
@@ -9,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trinityx_ds.config.schema import SUPPORTED_MODEL_TYPES
+from trinityx_ds.config.families import hf_config_problems, hidden_act, sliding_window, sliding_window_problem
 
 
 class ArchError(ValueError):
@@ -33,18 +34,19 @@ class ModelArch:
     max_position_embeddings: int = 4096
     rope_scaling: dict | None = None
     sliding_window: int | None = None
+    # the family's differences from Llama, each reproduced exactly (model/backbone.py, llama_adapter.py):
+    hidden_act: str = "silu"  # gated MLP activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma's GeGLU)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE (megatron's qk_layernorm)
+    norm_plus_one: bool = False  # Gemma: RMSNorms multiply by (1 + w); megatron's weight holds 1 + w
+    embedding_scale: bool = False  # Gemma: embeddings times sqrt(hidden), rounded to the model's dtype
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "ModelArch":
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ArchError(f"config.json model_type: {model_type!r} — supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ArchError(f"config.json hidden_act: {act!r} — only 'silu' (SwiGLU) is supported")
-        if cfg.get("mlp_bias"):
-            raise ArchError("config.json mlp_bias: true — Llama-family MLPs without bias only")
+        problems = hf_config_problems(cfg)  # the one rule (config/families.py), also read before launch
+        if problems:
+            raise ArchError(problems[0])
+        model_type = cfg["model_type"]
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         rope_params = cfg.get("rope_parameters") or {}
@@ -53,12 +55,10 @@ class ModelArch:
             rope_scaling = dict(rope_params)
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind not in ("llama3", "linear", "default"):
-                raise ArchError(f"config.json rope_scaling.rope_type: {kind!r} — supported: llama3, linear")
             if kind == "default":
                 rope_scaling = None
         theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
+        gemma = model_type == "gemma"
         return cls(
             model_type=model_type,
             vocab_size=int(cfg["vocab_size"]),
@@ -70,11 +70,15 @@ class ModelArch:
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             rope_scaling=rope_scaling,
-            sliding_window=int(window) if window else None,
+            sliding_window=sliding_window(cfg),
+            hidden_act=hidden_act(cfg),
+            qk_norm=model_type == "qwen3",
+            norm_plus_one=gemma,
+            embedding_scale=gemma,
             hf_config=dict(cfg),
         )
 
@@ -87,8 +91,10 @@ class ModelArch:
 
     def check_seq_len(self, seq_len: int) -> None:
         # Windowed attention is not reproduced; it is exact only while sequences fit in the window.
-        if self.sliding_window is not None and seq_len > self.sliding_window:
-            raise ArchError(f"data.max_seq_len: {seq_len} — must not exceed the model's sliding_window ({self.sliding_window})")
+        problem = sliding_window_problem({"model_type": self.model_type, "use_sliding_window": True,
+                                          "sliding_window": self.sliding_window}, seq_len)
+        if problem:
+            raise ArchError(problem)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,5 +1,13 @@
 """The backbone: a megatron-core GPTModel (local layer spec, no Transformer Engine) built from
-Llama-family architecture numbers, with the padded vocabulary masked out of logits and losses."""
+Llama-family architecture numbers (Llama, Mistral, Qwen2, Qwen3, Gemma), with the padded
+vocabulary masked out of logits and losses.
+
+What each family needs beyond Llama, all from megatron's own config and spec: Qwen2's qkv bias
+(`add_qkv_bias`), Qwen3's per-head q/k RMSNorm (`qk_layernorm`), an explicit head_dim
+(`kv_channels`), Gemma's GeGLU (`activation_func` + `gated_linear_unit`). Gemma's (1 + w) RMSNorm
+weights are folded into the weights by the adapter (model/llama_adapter.py); its sqrt(hidden)
+embedding scale is the one thing megatron has no setting for: a forward hook on the embedding.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -16,10 +24,23 @@ from trinityx_ds.model.arch import ModelArch, padded_vocab_size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' `gelu_pytorch_tanh` (Gemma's GeGLU), by name so configs stay picklable."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def activation(arch: ModelArch):
+    """The gated MLP's activation: what megatron's MLP, the LoRA experts and full experts all run."""
+    return ACTIVATIONS[arch.hidden_act]
+
+
 def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
                        sequence_parallel: bool = False, activation_checkpointing: bool = False,
                        init_weights: bool = True, cpu_init: bool = False) -> TransformerConfig:
-    """A TransformerConfig that computes exactly what transformers' Llama/Mistral/Qwen2 compute.
+    """A TransformerConfig that computes exactly what transformers' Llama/Mistral/Qwen2/Qwen3/Gemma compute.
 
     cpu_init: megatron's CPU-initialisation path even with a GPU; it allocates on the default
     device, so it is the path that honours `torch.device("meta")`.
@@ -35,9 +56,10 @@ def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str 
         kv_channels=arch.head_dim,
         ffn_hidden_size=arch.intermediate_size,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=activation(arch),
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
         hidden_dropout=0.0,
@@ -68,6 +90,19 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
+def _scale_embeddings(module, inputs, embeddings_SBH: torch.Tensor) -> torch.Tensor:
+    """Gemma's input scale, as transformers applies it: sqrt(hidden) rounded to fp32, then to the
+    embeddings' dtype (bf16: 55.5 for Gemma-7B, not 55.43), times the looked-up rows.
+
+    A hook on megatron's embedding module (whose output is [S, B, H], already scattered for
+    sequence parallelism: the scale is elementwise, so either way is exact); the output layer
+    reads the unscaled weight, as Gemma's tied lm_head does.
+    """
+    hidden = embeddings_SBH.shape[-1]
+    scale = torch.tensor(hidden ** 0.5, dtype=torch.float32).to(embeddings_SBH.dtype)
+    return embeddings_SBH * scale.to(embeddings_SBH.device)
+
+
 class Backbone(GPTModel):
     """GPTModel plus what a Llama user expects: true-vocab logits and response-token losses.
 
@@ -81,7 +116,7 @@ class Backbone(GPTModel):
         kind = rope.get("rope_type", rope.get("type"))
         super().__init__(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
             vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=pre_process,
@@ -93,6 +128,8 @@ class Backbone(GPTModel):
             parallel_output=True,
         )
         self.arch = arch
+        if arch.embedding_scale and pre_process:
+            self.embedding.register_forward_hook(_scale_embeddings)
         if kind == "llama3":
             from trinityx_ds.parallel.megatron_compat import rope_apply_scaling
 

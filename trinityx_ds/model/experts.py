@@ -4,7 +4,9 @@
 token; since the down projection is linear, the base down projection also runs once, on the
 routing-weighted mixture of the experts' activations:
     y = (sum_i w_i a_i) W_down^T + sum_i w_i s (a_i A_down,i^T) B_down,i^T,
-    a_i = silu(x W_gate^T + s (x A_gate,i^T) B_gate,i^T) * (x W_up^T + s (x A_up,i^T) B_up,i^T).
+    a_i = act(x W_gate^T + s (x A_gate,i^T) B_gate,i^T) * (x W_up^T + s (x A_up,i^T) B_up,i^T),
+act the base FFN's own gated activation (silu: SwiGLU; tanh GELU: Gemma's GeGLU), taken from its
+megatron config so an expert never computes another activation than the FFN it adapts.
 `FullExperts`: whole FFNs upcycled from the base FFN, each TP-sharded like it and spread over the
 expert-parallel group; tokens travel by all-to-all (`parallel/dispatch.py`).
 
@@ -31,11 +33,12 @@ TARGETS = PROJECTIONS
 
 
 class LoRAExperts(nn.Module):
-    """E low-rank expert deltas of one TP-sharded SwiGLU FFN, stacked on a leading expert dim."""
+    """E low-rank expert deltas of one TP-sharded gated FFN, stacked on a leading expert dim."""
 
     def __init__(self, num_experts: int, hidden: int, ffn_local: int, rank: int, alpha: float,
-                 dropout: float = 0.0, targets=TARGETS, dtype=torch.float32):
+                 dropout: float = 0.0, targets=TARGETS, dtype=torch.float32, activation=F.silu):
         super().__init__()
+        self.activation = activation
         self.num_experts, self.rank, self.scale = num_experts, rank, alpha / rank
         self.targets = tuple(targets)
         self.dropout = nn.Dropout(dropout)
@@ -101,7 +104,7 @@ class LoRAExperts(nn.Module):
                 g = torch.addmm(g, low["gate_proj"] * onehot_TEr, B["gate_proj"], alpha=self.scale)
             if "up_proj" in low:
                 u = torch.addmm(u, low["up_proj"] * onehot_TEr, B["up_proj"], alpha=self.scale)
-            a_TF = F.silu(g) * u
+            a_TF = self.activation(g) * u
             if "down_proj" in self.targets:
                 partial = (self.dropout(a_TF) @ self._stacked_A("down_proj").t()) * onehot_TEr
                 if weight_mix_TK is not None:
@@ -119,7 +122,8 @@ class LoRAExperts(nn.Module):
 
 
 class FullExperts(nn.Module):
-    """This EP rank's whole-FFN experts (global indices `local_ids`), each a TP-sharded megatron MLP."""
+    """This EP rank's whole-FFN experts (global indices `local_ids`), each a TP-sharded megatron MLP
+    built from the backbone's config, so it runs the backbone's activation (SwiGLU or GeGLU)."""
 
     def __init__(self, config, num_experts: int, local_ids: list[int], ep_group=None):
         super().__init__()

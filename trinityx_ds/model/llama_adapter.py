@@ -4,6 +4,23 @@
 Both directions meet in one neutral format: HF names with full, unpadded tensors. The HF side is
 read through `TensorSource` (a safetensors folder or a checkpoint of ours), by slices, so a rank
 reads only the rows or columns it owns.
+
+Families: Qwen3's q_norm / k_norm are megatron's q_layernorm / k_layernorm (one head_dim vector,
+replicated over TP). Gemma's RMSNorms multiply by (1 + w); megatron's RMSNorm multiplies by its
+weight, so the weight holds 1 + w ("folded" at import, in fp32: the very multiplier transformers
+computes, `1.0 + w.float()`) and w = weight - 1 comes back at export ("unfolded"). What is exact,
+in fp32 (tests/unit/test_families.py):
+- fold: the megatron weight equals transformers' multiplier bit for bit, so the two compute alike;
+- unfold: by Sterbenz' lemma weight - 1 is exact for every weight in [0.5, 2^24], and a folded
+  weight below 0.5 came from a w in [-2, -0.5] where 1 + w was exact, so fold(unfold(weight)) ==
+  weight for every folded fp32 w >= -2: the exported model multiplies by the same (1 + w), bit
+  for bit, and import -> export -> import is the identity on megatron weights;
+- w itself comes back bit for bit only where 1 + w is representable (every w in [-2, -0.5], and
+  w that are multiples of 2^-23 below 1); other w come back rounded to the fold's precision
+  (|error| <= 2^-24), a w the model never computed with. `hf_equal` is the exactness test.
+  An import-hf checkpoint therefore also keeps the original w (`folded_names`, a few vectors per
+  layer; model/weights.py), and its HF view returns those wherever they still fold to the weights
+  it holds: an export from it, and the parity reference, get the HF folder's bits back.
 """
 from __future__ import annotations
 
@@ -31,6 +48,8 @@ _LAYER_MAP = {
     "self_attention.linear_qkv.weight": (None, "qkv"),
     "self_attention.linear_qkv.bias": (None, "qkv"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "row"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", "replicated"),  # Qwen3
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", "replicated"),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", "replicated"),
     "mlp.linear_fc1.weight": (None, "fc1"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight", "row"),
@@ -40,6 +59,20 @@ _GLOBAL_MAP = {
     "decoder.final_layernorm.weight": ("model.norm.weight", "replicated"),
     "output_layer.weight": ("lm_head.weight", "vocab"),
 }
+
+
+# Gemma's (1 + w) norms, by HF suffix; Qwen3's q/k norms are plain RMSNorms in every family
+_FOLDED = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")
+
+
+def fold_norm(w: torch.Tensor) -> torch.Tensor:
+    """Gemma HF weight w -> megatron RMSNorm weight: transformers' multiplier `1.0 + w.float()`."""
+    return 1.0 + w.float()
+
+
+def unfold_norm(weight: torch.Tensor) -> torch.Tensor:
+    """megatron RMSNorm weight -> Gemma HF weight, in the weight's dtype (exactness: module doc)."""
+    return (weight.float() - 1.0).to(weight.dtype)
 
 
 def _hf_layer(i: int, suffix: str) -> str:
@@ -83,7 +116,7 @@ class LlamaAdapter:
             hf, kind = _GLOBAL_MAP[name]
             if hf == "lm_head.weight" and a.tie_word_embeddings:
                 hf = "model.embed_tokens.weight"
-            return self._read(src, hf, kind, rank)
+            return self._folded(hf, self._read(src, hf, kind, rank))
         m = _LAYER.match(name)
         if not m or m.group(2) not in _LAYER_MAP:
             raise KeyError(f"{name}: no Hugging Face counterpart in the Llama adapter")
@@ -97,7 +130,26 @@ class LlamaAdapter:
             gate = src.read(_hf_layer(i, "mlp.gate_proj.weight"), 0, f0, f1)
             up = src.read(_hf_layer(i, "mlp.up_proj.weight"), 0, f0, f1)
             return torch.cat([gate, up], 0)
-        return self._read(src, _hf_layer(i, hf), kind, rank)
+        return self._folded(hf, self._read(src, _hf_layer(i, hf), kind, rank))
+
+    def _folded(self, hf: str, t: torch.Tensor) -> torch.Tensor:
+        """Gemma's norm weights as megatron multiplies by them (fp32); any other tensor as read."""
+        return fold_norm(t) if self.arch.norm_plus_one and hf.endswith(_FOLDED) else t
+
+    def _unfolded(self, hf: str, t: torch.Tensor) -> torch.Tensor:
+        return unfold_norm(t) if self.arch.norm_plus_one and hf.endswith(_FOLDED) else t
+
+    def folded_names(self) -> list[str]:
+        """The HF tensors the fold changes (Gemma's norm weights; none for other families): what an
+        import-hf checkpoint also keeps as they were, so its HF view gives them back bit for bit."""
+        return [n for n in self.hf_names() if self.arch.norm_plus_one and n.endswith(_FOLDED)]
+
+    def hf_equal(self, hf: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether two HF tensors make transformers compute bit-identically: equal, or for Gemma's
+        norms equal multipliers 1 + w (fp32), which is all the fold keeps (module doc)."""
+        if self.arch.norm_plus_one and hf.endswith(_FOLDED):
+            return torch.equal(fold_norm(a), fold_norm(b))
+        return torch.equal(a, b)
 
     def _read(self, src: TensorSource, hf: str, kind: str, rank: int) -> torch.Tensor:
         a = self.arch
@@ -135,6 +187,8 @@ class LlamaAdapter:
                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
             if a.qkv_bias:
                 names += [_hf_layer(i, f"self_attn.{p}_proj.bias") for p in "qkv"]
+            if a.qk_norm:
+                names += [_hf_layer(i, f"self_attn.{p}_norm.weight") for p in "qk"]
         names.append("model.norm.weight")
         if not a.tie_word_embeddings:
             names.append("lm_head.weight")
@@ -151,7 +205,8 @@ class LlamaAdapter:
         yield "model.embed_tokens.weight", torch.cat([shard(r, "embedding.word_embeddings.weight") for r in ranks])[: a.vocab_size]
         for i in range(a.num_layers):
             pre = f"decoder.layers.{i}."
-            yield _hf_layer(i, "input_layernorm.weight"), shard(0, pre + "input_layernorm.weight")
+            yield _hf_layer(i, "input_layernorm.weight"), self._unfolded("input_layernorm.weight",
+                                                                         shard(0, pre + "input_layernorm.weight"))
             for part in ("weight", "bias") if a.qkv_bias else ("weight",):
                 qkv = torch.cat([shard(r, pre + f"self_attention.linear_qkv.{part}") for r in ranks])
                 tail = qkv.shape[1:]
@@ -159,14 +214,18 @@ class LlamaAdapter:
                 q, k, v = qkv.split([hpg * d, d, d], 1)
                 for p, t in zip("qkv", (q, k, v)):
                     yield _hf_layer(i, f"self_attn.{p}_proj.{part}"), t.reshape(-1, *tail).contiguous()
+            if a.qk_norm:
+                for p in "qk":
+                    yield _hf_layer(i, f"self_attn.{p}_norm.weight"), shard(0, pre + f"self_attention.{p}_layernorm.weight")
             yield _hf_layer(i, "self_attn.o_proj.weight"), torch.cat(
                 [shard(r, pre + "self_attention.linear_proj.weight") for r in ranks], 1)[:, : a.num_heads * d].contiguous()
-            yield _hf_layer(i, "post_attention_layernorm.weight"), shard(0, pre + "pre_mlp_layernorm.weight")
+            yield _hf_layer(i, "post_attention_layernorm.weight"), self._unfolded(
+                "post_attention_layernorm.weight", shard(0, pre + "pre_mlp_layernorm.weight"))
             fc1 = [shard(r, pre + "mlp.linear_fc1.weight").chunk(2, 0) for r in ranks]
             yield _hf_layer(i, "mlp.gate_proj.weight"), torch.cat([g for g, _ in fc1]).contiguous()
             yield _hf_layer(i, "mlp.up_proj.weight"), torch.cat([u for _, u in fc1]).contiguous()
             yield _hf_layer(i, "mlp.down_proj.weight"), torch.cat(
                 [shard(r, pre + "mlp.linear_fc2.weight") for r in ranks], 1)
-        yield "model.norm.weight", shard(0, "decoder.final_layernorm.weight")
+        yield "model.norm.weight", self._unfolded("model.norm.weight", shard(0, "decoder.final_layernorm.weight"))
         if not a.tie_word_embeddings:
             yield "lm_head.weight", torch.cat([shard(r, "output_layer.weight") for r in ranks])[: a.vocab_size]

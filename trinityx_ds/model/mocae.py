@@ -97,7 +97,7 @@ class MoCaEBlock(nn.Module):
             self._base = (base_mlp,)  # a tuple is not registered: its fc1/fc2 are this block's children
             ffn_local = base_mlp.linear_fc2.weight.shape[1]
             self.experts = LoRAExperts(E, hidden, ffn_local, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                       cfg.lora_targets, dtype=dtype)
+                                       cfg.lora_targets, dtype=dtype, activation=base_mlp.config.activation_func)
         else:
             ids = list(range(E)) if local_expert_ids is None else local_expert_ids
             self.experts = FullExperts(base_mlp.config, E, ids, ep_group)

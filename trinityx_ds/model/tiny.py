@@ -9,6 +9,13 @@ import torch
 TINY = dict(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             tie_word_embeddings=False, rms_norm_eps=1e-6)
+# make_tiny_model(out, **TINY_GEMMA): the tests' odd-sized members of the other families. Both have
+# 3 KV groups (TP=2 pads one), a head_dim that is not hidden / heads, and a vocab that is no
+# multiple of 2; Gemma ties its embeddings (as Gemma does), Qwen3 does not.
+TINY_GEMMA = dict(model_type="gemma", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=16,
+                  intermediate_size=96, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh")
+TINY_QWEN3 = dict(model_type="qwen3", hidden_size=64, num_attention_heads=6, num_key_value_heads=3, head_dim=24,
+                  vocab_size=1003, use_sliding_window=False)
 
 
 def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, tokenizer: bool = True,

@@ -14,15 +14,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, mocae_role
 from trinityx_ds.storage.layout import IMPORT_META as META
-from trinityx_ds.storage.sources import CheckpointError, MissingTensor, SafetensorsSource, UnshardedSource
+from trinityx_ds.storage.sources import (ChainSource, CheckpointError, DictSource, MissingTensor, SafetensorsSource,
+                                         UnshardedSource)
 
 FORMAT = "trinityx-backbone"
+# the HF tensors the adapter's fold changes (Gemma's (1 + w) norms), as the HF folder held them
+ORIGINALS = "hf_originals.safetensors"
 
 
 def shard_file(folder: Path, rank: int) -> Path:
@@ -36,6 +40,9 @@ def backbone_param_names(arch: ModelArch) -> list[str]:
                  "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     if arch.qkv_bias:
         per_layer.insert(2, "self_attention.linear_qkv.bias")
+    if arch.qk_norm:
+        at = per_layer.index("self_attention.linear_proj.weight")
+        per_layer[at:at] = ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     for i in range(arch.num_layers):
         names += [f"decoder.layers.{i}.{s}" for s in per_layer]
     names.append("decoder.final_layernorm.weight")
@@ -78,8 +85,22 @@ class ShardedCheckpoint:
             raise MissingTensor(f"{shard_file(self.folder, rank)}: tensor {name!r} is missing")
         return f.get_tensor(name)
 
-    def hf_view(self) -> UnshardedSource:
-        return UnshardedSource(LlamaAdapter(self.arch, self.tp), self.shard)
+    def hf_view(self):
+        """HF tensors rebuilt from the shards; Gemma's norm weights as the HF folder held them
+        (ORIGINALS) wherever they still fold to the shards' weights, which unfolding alone cannot
+        always give back bit for bit (model/llama_adapter.py)."""
+        adapter = LlamaAdapter(self.arch, self.tp)
+        view = UnshardedSource(adapter, self.shard)
+        path = self.folder / ORIGINALS
+        if not path.is_file():
+            return view
+        try:
+            originals = load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        kept = {n: t for n, t in originals.items() if n in adapter.folded_names()
+                and adapter.hf_equal(n, t, view.read(n)) and t.dtype == view.read(n).dtype}
+        return ChainSource([DictSource(kept), view]) if kept else view
 
 
 def open_source(path: str | Path):
@@ -89,6 +110,30 @@ def open_source(path: str | Path):
         ckpt = ShardedCheckpoint(path)
         return ckpt.arch, ckpt.hf_view()
     return ModelArch.from_hf_dir(path), SafetensorsSource(path)
+
+
+def check_model_folders(folders, tp: int, seq_len: int | None = None, key: str = "data.max_seq_len") -> None:
+    """Refuses, in one line naming the folder and the field, a model (HF folder or import-hf
+    checkpoint) the backbone would not reproduce (config/families.py), a TP it cannot split, or a
+    sliding window shorter than `seq_len`. What `parity` and `eval` run before any process starts,
+    so no rank dies with a traceback."""
+    from trinityx_ds.config.families import sliding_window_problem
+    from trinityx_ds.model.arch import ArchError
+
+    for folder in folders:
+        path = Path(folder)
+        try:
+            if (path / META).is_file():
+                hf = read_meta(path).get("hf_config") or {}
+                arch = ModelArch.from_hf_dict(hf) if hf else ModelArch.from_dict(read_meta(path)["arch"])
+            else:
+                arch = ModelArch.from_hf_dir(path)
+            arch.check_tp(tp)
+            problem = sliding_window_problem(arch.hf_config, seq_len, key=key) if seq_len else None
+            if problem:
+                raise ArchError(problem)
+        except ArchError as e:
+            raise ArchError(f"{folder}: {e}" if not str(e).startswith(str(folder)) else str(e)) from None
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Per TP rank of one decoder layer (d = head_dim, padded heads nh and groups ng, see
 `ModelArch.padded_kv_heads`): two RMSNorms 2H (replicated); linear_qkv (nh + 2 ng) d / tp x H
-(+ the same as bias with qkv_bias); linear_proj H x nh d / tp; linear_fc1 2F/tp x H (SwiGLU's
+(+ the same as bias with qkv_bias); linear_proj H x nh d / tp (+ 2 d: Qwen3's q/k norms); linear_fc1 2F/tp x H (SwiGLU's
 gate|up fused); linear_fc2 H x F/tp. Embedding and output layer: padded vocab / tp x H; the
 embedding lives on the first pipeline stage, the final norm and the output layer on the last
 (no output weight where tied embeddings share the first stage's). Layers split evenly by PP.
@@ -94,10 +94,12 @@ def stage_layers(arch: ModelArch, pp: int, pp_rank: int) -> range:
 
 
 def attention_params(arch: ModelArch, tp: int) -> int:
-    """linear_qkv (+ bias) and linear_proj of one layer on one TP rank."""
+    """linear_qkv (+ bias) and linear_proj of one layer on one TP rank, and Qwen3's q/k RMSNorms
+    (one head_dim vector each, replicated)."""
     q, kv = arch.padded_heads(tp) * arch.head_dim, arch.padded_kv_heads(tp) * arch.head_dim
     qkv_rows = (q + 2 * kv) // tp
-    return qkv_rows * arch.hidden_size + qkv_rows * arch.qkv_bias + arch.hidden_size * q // tp
+    return (qkv_rows * arch.hidden_size + qkv_rows * arch.qkv_bias + arch.hidden_size * q // tp
+            + 2 * arch.head_dim * arch.qk_norm)
 
 
 def ffn_params(arch: ModelArch, tp: int) -> int:

@@ -8,6 +8,9 @@ rebuild RUN           (torchrun) the model of a trained run, read as StageRun re
 train CONFIG FORCE    (torchrun) stage 2 of CONFIG as `trinityx train router` runs it; then the
                       live training model (ZeRO partitions, TP shards, EP-placed experts as
                       trained) writes OUT/reference.pt, OUT = the config's output.dir.
+pipeline CONFIG FORCE (torchrun) stage 1 (every expert) then stage 2 of CONFIG in one job, as the
+                      two `trinityx train` commands run them; then, like `train`, the live stage-2
+                      model writes OUT/reference.pt.
 hf FOLDER REF OPTS    (plain python, HF_HUB_OFFLINE) loads FOLDER with AutoModelForCausalLM, as
                       a user would: registered through `import trinityx_ds`, or with
                       trust_remote_code in a process that never imports trinityx_ds; prints the
@@ -71,19 +74,22 @@ from trinityx_ds.model.mocae import RoutingContext, set_routing_context  # noqa:
 from trinityx_ds.parallel.groups import destroy_parallel, init_parallel  # noqa: E402
 
 
-def references(model, blocks, arch, force: int) -> dict:
+def references(model, blocks, arch, force: int, forward=None) -> dict:
+    """`forward` (default `model.logits`): the live engine for a ZeRO-3 run, whose forward gathers
+    what a tied output layer reads from the embedding (called outside it, ZeRO-3 has released it)."""
     ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(11))
     out = {"ids": ids, "force": torch.tensor(force)}
+    forward = forward or model.logits
     with torch.no_grad():
-        out["routed"] = model.logits(ids)
+        out["routed"] = forward(ids)
         top_k = [b.router.top_k for b in blocks]
         for b in blocks:
             b.router.top_k = b.router.num_experts
-        out["dense"] = model.logits(ids)
+        out["dense"] = forward(ids)
         for b, k in zip(blocks, top_k):
             b.router.top_k = k
         set_routing_context(blocks, RoutingContext(force_expert=force, compute_losses=False))
-        out["forced"] = model.logits(ids)
+        out["forced"] = forward(ids)
         set_routing_context(blocks, None)
     return out
 
@@ -154,16 +160,28 @@ def train(config: str, force: int) -> None:
     run = StageRun(load_config(config), 2)
     summary = run.run()
     run.model.eval()
-    ref = references(run.model, run.blocks, run.arch, force)
+    ref = references(run.model, run.blocks, run.arch, force, forward=run.engine)
     if run.dims.rank == 0:
         torch.save(ref, Path(run.cfg.output.dir) / "reference.pt")
     write_result({"step": summary["step"]})
+
+
+def pipeline(config: str, force: int) -> None:
+    from trinityx_ds.config import load_config
+    from trinityx_ds.train.stages import StageRun
+
+    cfg = load_config(config)
+    steps = {name: StageRun(cfg, 1, name).run()["step"] for name in cfg.experts.names}
+    train(config, force)  # stage 2 reads the stage-1 files just written (StageRun ends on a barrier)
+    write_result({"stage1_steps": steps})
 
 
 if mode == "build":
     build(sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4]))
 elif mode == "train":
     train(sys.argv[2], int(sys.argv[3]))
+elif mode == "pipeline":
+    pipeline(sys.argv[2], int(sys.argv[3]))
 else:
     rebuild(Path(sys.argv[2]))
 destroy_parallel()

@@ -5,7 +5,7 @@ Standalone (torch and transformers only): exported folders carry this file, so
 """
 from transformers import PretrainedConfig
 
-BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "qwen3")
 MOCAE_DEFAULTS = {
     "expert_names": ["help", "harm", "honest"],
     "kind": "lora",  # lora: low-rank deltas of the base FFN; full: whole FFNs
@@ -22,7 +22,7 @@ MOCAE_DEFAULTS = {
 
 
 class TrinityXConfig(PretrainedConfig):
-    """The backbone's own HF fields (Llama, Mistral or Qwen2, named by `base_model_type`) and
+    """The backbone's own HF fields (Llama, Mistral, Qwen2, Qwen3 or Gemma, named by `base_model_type`) and
     `mocae`. `force_expert` (index or name, None: routed) sends every token to one expert."""
 
     model_type = "trinityx"
@@ -51,6 +51,7 @@ class TrinityXConfig(PretrainedConfig):
     use_sliding_window: bool = False
     max_window_layers: int = 28
     layer_types: list[str] | None = None
+    use_bidirectional_attention: bool | None = None  # Gemma's field (refused when set: causal only)
     base_model_type: str = "llama"
     mocae: dict | None = None
     force_expert: int | str | None = None
@@ -63,7 +64,7 @@ class TrinityXConfig(PretrainedConfig):
         self.mocae = {**MOCAE_DEFAULTS, **(self.mocae or {})}
         if self.mocae["top_k"] == "all":
             self.mocae["top_k"] = len(self.mocae["expert_names"])
-        if self.base_model_type == "qwen2":  # Qwen2Model reads per-layer attention types
+        if self.base_model_type in ("qwen2", "qwen3"):  # Qwen2Model / Qwen3Model read per-layer attention types
             self.sliding_window = self.sliding_window if self.use_sliding_window else None
             if self.layer_types is None:
                 windowed = self.sliding_window is not None

@@ -1,4 +1,6 @@
-"""TrinityX for transformers: a Llama, Mistral or Qwen2 decoder whose chosen layers' MLP is a
+"""TrinityX for transformers: a Llama, Mistral, Qwen2, Qwen3 or Gemma decoder (transformers' own
+model class for `base_model_type`: Gemma's (1 + w) norms and scaled embeddings, Qwen3's q/k norms
+come with it) whose chosen layers' MLP is a
 mixture of HHH experts under a calibrated router (MoCaE), computing what the training model's
 `MoCaEBlock` computes:
 
@@ -7,8 +9,9 @@ mixture of HHH experts under a calibrated router (MoCaE), computing what the tra
 The router runs in fp32 (ties in p go to the lowest expert index, as the training model's stable
 sort does). LoRA experts share the base FFN:
     y = (sum_i w_i a_i) W_down^T + sum_i w_i s (a_i A_down,i^T) B_down,i^T,
-    a_i = silu(x W_gate^T + s (x A_gate,i^T) B_gate,i^T) * (x W_up^T + s (x A_up,i^T) B_up,i^T).
-Parameter names are the HF-side names of trinityx_ds.model.mocae_adapter.
+    a_i = act(x W_gate^T + s (x A_gate,i^T) B_gate,i^T) * (x W_up^T + s (x A_up,i^T) B_up,i^T),
+act the base model's `hidden_act` (silu: SwiGLU; gelu_pytorch_tanh: Gemma's GeGLU), for LoRA and
+full experts alike. Parameter names are the HF-side names of trinityx_ds.model.mocae_adapter.
 
 Standalone (torch and transformers only): exported folders carry this file, so
 `trust_remote_code=True` works where trinityx_ds is not installed.
@@ -20,17 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_trinityx import TrinityXConfig
 
-_BASE = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model"}
+_BASE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma"}
+
+
+def _base_module(model_type: str):
+    # imported on use: keeps this module importable while transformers itself is still loading
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 def _base_model_class(model_type: str):
-    # imported on use: keeps this module importable while transformers itself is still loading
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return getattr(module, _BASE[model_type])
+    return getattr(_base_module(model_type), _BASE[model_type] + "Model")
+
 
 
 class TrinityXRouter(nn.Module):
@@ -83,6 +92,7 @@ class TrinityXMoCaE(nn.Module):
         super().__init__()
         m, H, Fd = config.mocae, config.hidden_size, config.intermediate_size
         self.config, self.kind, self.names = config, m["kind"], list(m["expert_names"])
+        self.act_fn = ACT2FN[config.hidden_act]
         for name, layer in _ffn(H, Fd).items():
             self.add_module(name, layer)
         self.router = TrinityXRouter(H, m)
@@ -124,7 +134,7 @@ class TrinityXMoCaE(nn.Module):
             ex, x = self.experts[self.names[e]], x_TH[tok]
             g = gate_TF[tok] + ex["gate_proj"](x) if "gate_proj" in ex else gate_TF[tok]
             u = up_TF[tok] + ex["up_proj"](x) if "up_proj" in ex else up_TF[tok]
-            a = F.silu(g) * u
+            a = self.act_fn(g) * u
             mix_TF = mix_TF.index_add(0, tok, w * a)
             if "down_proj" in ex:
                 extra_TH = extra_TH.index_add(0, tok, w * ex["down_proj"](a))
@@ -134,7 +144,7 @@ class TrinityXMoCaE(nn.Module):
         y_TH = torch.zeros_like(x_TH)
         for e, tok, w in self._routed(idx_TK, w_TK, x_TH.dtype):
             ex, x = self.experts[self.names[e]], x_TH[tok]
-            y_TH = y_TH.index_add(0, tok, w * ex["down_proj"](F.silu(ex["gate_proj"](x)) * ex["up_proj"](x)))
+            y_TH = y_TH.index_add(0, tok, w * ex["down_proj"](self.act_fn(ex["gate_proj"](x)) * ex["up_proj"](x)))
         return y_TH
 
 
@@ -145,7 +155,8 @@ class TrinityXForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = TrinityXConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                         "GemmaDecoderLayer"]
     _keep_in_fp32_modules_strict = ["router"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _supports_sdpa = True
@@ -163,6 +174,14 @@ class TrinityXForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_decoder(self):
         return self.model
+
+    def _init_weights(self, module):
+        """transformers' initialisation, plus what Gemma's own `_init_weights` adds and this class
+        would otherwise miss: the non-persistent sqrt(hidden) embedding scale, which a model built
+        on the meta device (every `from_pretrained`) gets only from here."""
+        super()._init_weights(module)
+        if hasattr(module, "scalar_embed_scale") and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+            init.constant_(module.embed_scale, module.scalar_embed_scale)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
