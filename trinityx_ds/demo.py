@@ -9,14 +9,16 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import yaml
 
 from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.storage.resources import data_file, package_root
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+RECIPE = data_file("configs", "demo.yaml")  # package data: the same in a checkout and an installed wheel
 
 
 def default_model(out_dir: Path, name: str | None) -> Path:
@@ -41,7 +43,10 @@ def write_run_config(out: Path, checkpoint: Path, tp: int, steps: int | None) ->
     cfg["output"]["dir"] = str(out.resolve())
     for task in cfg["data"]["tasks"].values():
         for src in task:
-            src["path"] = str((RECIPE.parent / src["path"]).resolve())
+            # relative paths are written from the checkout's configs/ (../trinityx_ds/fixtures/...):
+            # resolved against the folder holding the package, they name the same shipped
+            # fixtures in a checkout and in site-packages (RECIPE itself may be a symlinked path)
+            src["path"] = os.path.normpath(package_root() / "configs" / src["path"])
     if steps:
         for stage in ("stage1", "stage2"):
             cfg["train"][stage].update(steps=steps, warmup_steps=min(cfg["train"][stage]["warmup_steps"], steps - 1))

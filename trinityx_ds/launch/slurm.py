@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 JOBS = ("experts", "router", "export", "eval")  # pipeline order; each depends on the one it needs
 NEEDS = {"router": "experts", "export": "router", "eval": "router"}
 _VAR = re.compile(r"\{\{(\w+)(\|q)?\}\}")
@@ -158,14 +157,16 @@ class Rendered:
 
 
 def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | None = None,
-           templates: Path = TEMPLATES) -> Rendered:
+           templates: Path | None = None) -> Rendered:
     """Writes launch.sh, one .sbatch per job and submit.sh into `out_dir` (default
     <output.dir>/slurm). Checks the run config against each job's world size first, so a
     layout that cannot tile the job fails here, not on the cluster."""
     from trinityx_ds.config import load_config
+    from trinityx_ds.storage.resources import data_dir
 
+    templates = Path(templates) if templates is not None else data_dir("slurm")  # shipped with the package
     if not (templates / "launch.sh").is_file():
-        raise FileNotFoundError(f"{templates}: the sbatch templates are not there (they ship with the source tree)")
+        raise FileNotFoundError(f"{templates}: no launch.sh — not a folder of sbatch templates")
     run_config = Path(run_config).resolve()
     load_config(str(run_config), world_size=slurm.expert_nodes * slurm.procs)
     run_cfg = load_config(str(run_config), world_size=slurm.nodes * slurm.procs)

@@ -9,16 +9,18 @@ from pathlib import Path
 import torch
 
 from trinityx_ds.parallel.deepspeed_compat import load_weights_only
+from trinityx_ds.storage.resources import data_file
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def zero_file(parallel) -> Path | None:
-    """The ds_configs file a run uses: its own `parallel.ds_config`, else the stock one."""
+    """The ds_configs file a run uses: its own `parallel.ds_config`, else the stock one shipped as
+    package data (storage/resources.py: found the same way in a checkout and an installed wheel).
+    None only where no stock file exists for the setting (e.g. zero1 with offload)."""
     if parallel.ds_config:
         return Path(parallel.ds_config)
     name = f"zero{parallel.zero_stage}{'_offload' if parallel.offload == 'cpu' else ''}.json"
-    path = DS_CONFIGS / name
+    path = data_file("ds_configs", name)
     return path if path.is_file() else None
 
 
