@@ -226,7 +226,11 @@ def test_reports_and_compare(tmp_path):
     assert "| backbone | backbone | 0.250 | 0.500 | 0.500 | – | – | – | – |" in table
 
 
-def test_cli_arguments():
+def test_cli_arguments(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)  # "m" is a plain HF model folder here: only its config.json is read
+    transformers.LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2).save_pretrained("m")
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--checkpoint", "run", "--hh", "a.jsonl", "--hh", "b.jsonl",
@@ -238,5 +242,7 @@ def test_cli_arguments():
         _check(parser.parse_args(["eval", "--checkpoint", "m", "--suite", "routing", "--write-temperature"]))
     args = parser.parse_args(["eval", "--checkpoint", "m", "--suite", "generate", "--prompts", "alpaca=p.json"])
     assert _check(args) == ["generate"] and args.variant == "backbone"  # a plain model's default
+    with pytest.raises(ValueError, match="nothing/config.json: no such file"):  # refused before any rank starts
+        _check(parser.parse_args(["eval", "--checkpoint", "nothing", "--suite", "generate", "--prompts", "alpaca=p.json"]))
     args = parser.parse_args(["eval", "compare", "x", "y", "--out", "cmp"])
     assert args.eval_command == "compare" and args.folders == ["x", "y"]
