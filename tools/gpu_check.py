@@ -174,7 +174,7 @@ def check_training(tmp: Path, device: str, env: dict, timeout: float) -> list[di
         left = timeout - (time.time() - t0)
         code, text = _run([sys.executable, "-m", "trinityx_ds.cli", "train", *args, "--config", str(cfg),
                            "--nproc", "1"], max(left, 1), env)
-        mfile = tmp / "train" / "out" / (f"stage1/help" if stage == 1 else "stage2") / "metrics.jsonl"
+        mfile = tmp / "train" / "out" / ("stage1/help" if stage == 1 else "stage2") / "metrics.jsonl"
         losses = [m["train/loss"] for m in metrics(mfile) if "train/loss" in m] if mfile.is_file() else []
         tps = [m["train/tokens_per_s"] for m in metrics(mfile) if "train/tokens_per_s" in m] if losses else []
         ok = code == 0 and len(losses) == 5 and all(math.isfinite(x) for x in losses)
