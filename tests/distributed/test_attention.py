@@ -28,8 +28,10 @@ def test_sdpa_equals_eager_with_mocae(run_dist, smollm2_shaped, tp):
     for kind in ("lora", "full"):
         k = r[kind]
         print(f"tp={tp} {kind}: logits {k['logits']:.1e} loss {k['loss']:.1e} grad {k['grad']:.1e} "
-              f"(largest grad {k['grad_scale']:.1e}, router {k['router_grad']:.1e}, {k['n_grads']} tensors)")
+              f"(largest grad {k['grad_scale']:.1e}, router {k['router_grad']:.1e}, {k['n_grads']} tensors; "
+              f"recomputed: {k['recompute_grad']:.1e})")
         assert k["core"] == ["DotProductAttention", "SDPAttention"], k["core"]
         assert k["n_grads"] == k["n_params"]  # every parameter got a gradient, on every rank
         assert k["router_grad"] > 0
         assert k["logits"] <= 1e-5 and k["loss"] <= 1e-5 and k["grad"] <= 1e-5, k
+        assert k["recompute_grad"] <= 1e-6, k  # activation recomputation changes nothing

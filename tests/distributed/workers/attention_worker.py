@@ -1,7 +1,8 @@
 """Worker for the core-attention test. argv: TINY_DIR JSON{"tp"}.
 
-At this run's TP, builds the MoCaE model (LoRA and full experts, top-2, router losses on) once with
-`eager` and once with `sdpa` core attention from the same weights, runs one forward and backward
+At this run's TP, builds the MoCaE model (LoRA and full experts, top-2, router losses on) with
+`eager`, with `sdpa`, and with `sdpa` under full activation recomputation (the router losses ride
+the recomputed layers), all from the same weights, runs one forward and backward
 with every parameter trainable, and reports the largest differences in logits, loss and every
 gradient over all ranks (fp32), plus which attention module each build holds.
 """
@@ -33,8 +34,8 @@ labels[0, :3] = -100  # a prompt: masked out of the loss and of the router losse
 set_router_loss_scale(1.0)
 
 
-def run(attention: str, cfg: MoCaEConfig) -> dict:
-    model, blocks = build_model(arch, dims, cfg, attention=attention)
+def run(attention: str, cfg: MoCaEConfig, recompute: bool = False) -> dict:
+    model, blocks = build_model(arch, dims, cfg, attention=attention, activation_checkpointing=recompute)
     missing = load_weights(model, mocae_source(folder, cfg, seed=2), arch, dims.tp, dims.tp_rank, moe_cfg=cfg)
     assert missing == [], missing
     for p in model.parameters():
@@ -56,19 +57,21 @@ def run(attention: str, cfg: MoCaEConfig) -> dict:
 out = {"tp": dims.tp, "heads": [arch.num_heads, arch.num_kv_heads, arch.padded_heads(dims.tp), arch.padded_kv_heads(dims.tp)]}
 for kind in ("lora", "full"):
     cfg = MoCaEConfig(kind=kind, top_k=2)
-    eager, sdpa = run("eager", cfg), run("sdpa", cfg)
-    assert sorted(eager["grads"]) == sorted(sdpa["grads"])
+    eager, sdpa, sdpa_rc = run("eager", cfg), run("sdpa", cfg), run("sdpa", cfg, recompute=True)
+    assert sorted(eager["grads"]) == sorted(sdpa["grads"]) == sorted(sdpa_rc["grads"])
     diffs = torch.tensor([
         (eager["logits"] - sdpa["logits"]).abs().max().item(),
         (eager["loss"] - sdpa["loss"]).abs().item(),
         max((eager["grads"][n] - sdpa["grads"][n]).abs().max().item() for n in eager["grads"]),
         max(g.abs().max().item() for g in eager["grads"].values()),
+        # sdpa under full activation recomputation: the same function, recomputed in backward
+        max((sdpa_rc["grads"][n] - sdpa["grads"][n]).abs().max().item() for n in sdpa["grads"]),
     ])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
     n_grads = torch.tensor([len(eager["grads"]), eager["n_params"]])
     dist.all_reduce(n_grads, op=dist.ReduceOp.MIN)
     out[kind] = {"logits": diffs[0].item(), "loss": diffs[1].item(), "grad": diffs[2].item(),
-                 "grad_scale": diffs[3].item(), "n_grads": int(n_grads[0]), "n_params": int(n_grads[1]),
+                 "grad_scale": diffs[3].item(), "recompute_grad": diffs[4].item(), "n_grads": int(n_grads[0]), "n_params": int(n_grads[1]),
                  "core": [eager["core"], sdpa["core"]],
                  "router_grad": max(eager["grads"][n].abs().max().item() for n in eager["grads"] if ".router." in n)}
 write_result(out)
