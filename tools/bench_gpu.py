@@ -63,7 +63,8 @@ def run_variant(key: str, args) -> dict:
 
     dims = init_parallel(tp=1, seed=0)
     try:
-        model, blocks = build_model(arch, dims, moe, dtype=args.dtype, activation_checkpointing=args.act_ckpt)
+        model, blocks = build_model(arch, dims, moe, dtype=args.dtype, activation_checkpointing=args.act_ckpt,
+                                    attention=args.attention)
         model.to("cuda" if gpu else "cpu")
         with torch.no_grad():  # random weights; RMSNorm weights 1 as in a real checkpoint
             for name, p in model.named_parameters():
@@ -127,10 +128,12 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence [2048; tiny: 64]")
     ap.add_argument("--micro-batch", type=int, default=None,
-                    help="[2; 4 wants a 141 GB GPU: eager attention keeps s x s scores; tiny: 2]")
+                    help="[2; eager attention at 4 wants a 141 GB GPU: it keeps s x s scores; tiny: 2]")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1, help="ZeRO stage [1]")
     ap.add_argument("--act-ckpt", action="store_true", help="full activation checkpointing")
+    ap.add_argument("--attention", choices=("sdpa", "eager", "te"), default="sdpa",
+                    help="core attention (model.attention) [sdpa]")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps [5; tiny: 1]")
     ap.add_argument("--steps", type=int, default=None, help="timed steps [20; tiny: 3]")
@@ -174,7 +177,7 @@ def report(rows: dict, args) -> str:
     model = "tiny-llama" if args.tiny else "~1B Llama (h 2048, 16 layers, 32/8 heads, FFN 5632)"
     mem = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     lines = [f"{model}: {first['params']:,} params (a); {args.dtype}, ZeRO-{args.zero}, micro-batch "
-             f"{args.micro_batch} x seq {args.seq} x grad-accum {args.grad_accum}, act-ckpt "
+             f"{args.micro_batch} x seq {args.seq} x grad-accum {args.grad_accum}, {args.attention} attention, act-ckpt "
              f"{'on' if args.act_ckpt else 'off'}, {args.steps} timed steps after {args.warmup}; {first['device']}",
              f"{'variant':<34}{'trainable':>14}{'step s':>9}{'tokens/s':>11}{'x(a)':>7}{'TFLOP/s':>9}{'MFU':>7}"
              f"{'x(a)':>7}{mem:>14}{'x(a)':>7}"]

@@ -82,6 +82,34 @@ def test_router_and_full_experts_ep3_zero3_equal_plain_single_process(run_dist, 
     _same_run(ref, got, micro_batches=5 * 2)
 
 
+def test_stage2_router_gradient_under_fp16_equals_fp32(run_dist, tmp_path, model_dir):
+    """A router-only stage-2 step (SGD, lr 1, no clipping: the update is minus the gradient) under
+    fp16 equals the fp32 step within fp16's error, router losses weighted up so they carry much of
+    the router's gradient (their scale: tests/unit/test_loss_scale.py). Found here: DeepSpeed 0.19.8's
+    ZeRO optimizer takes its dtype from the first trainable tensor, the fp32 router, so it scales
+    nothing (loss scale 1.0) and its fp32 masters start from the fp16-rounded router values."""
+    common = {"train.stage2": {"steps": 1, "lr": 1.0, "micro_batch": 2, "grad_accum": 2, "optimizer": "sgd",
+                               "grad_clip": 0.0},
+              "router": {"top_k": 2, "temperature_mode": "learnable",
+                         "losses": {"kl_prev": 0.0, "entropy": 1.0, "kl_uniform": 1.0, "task_ce": 1.0}},
+              "parallel.zero_stage": 2}
+    got = {}
+    for dtype in ("fp32", "fp16"):
+        cfg = write_config(tmp_path / dtype, model_dir, **common, **{"model.dtype": dtype})
+        write_random_experts(cfg)
+        got[dtype] = run_dist(WORKER, 1, "router_grad", str(cfg), timeout=240)
+    f32, f16 = got["fp32"], got["fp16"]
+    assert f16["dtype"] == "torch.float16" and f16["loss_scale"] == 1.0 == f32["loss_scale"], got
+    assert f16["skipped_steps"] == 0 == f32["skipped_steps"], got  # an overflow would skip the update
+    for name, u32 in f32["update"].items():
+        u32, u16 = torch.tensor(u32), torch.tensor(f16["update"][name])
+        if name.endswith("router.weight"):  # starts at 0: no fp16 rounding in its update
+            assert u32.abs().max() > 0.1, name
+            assert (u16 - u32).abs().max().item() <= 1e-2 * u32.abs().max().item(), name
+        else:  # log temperature: gradient 0 at a zero router; its start value rounded to fp16 (2^-11)
+            assert (u16 - u32).abs().max().item() <= 2e-4, name
+
+
 def _launch(cfg: Path, fault: str | None = None):
     env = cpu_env({"PYTHONPATH": str(ROOT), **({"TRINITYX_FAULT": fault} if fault else {})})
     return launch_torchrun([WORKER, "cli", str(cfg), "experts --only harm"], 2, 300, env=env, cwd=ROOT)

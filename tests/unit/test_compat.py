@@ -325,6 +325,16 @@ def test_engine_counters_on_a_real_engine(ds, engine):
     assert set(r["types"]) == {"int"}, message
 
 
+def test_backward_loss_scale_is_what_engine_backward_gives_the_loss(ds):
+    """The router losses' gradient (train/step.py) is set from it: fp16 2^16 at the start, else 1."""
+    r = _check(ds, "loss_scale")
+    message = _fix("DeepSpeedEngine.backward's loss scaling (ZeROOptimizer.scale_if_loss)",
+                   "deepspeed_compat.backward_loss_scale")
+    assert {k: v["scale"] for k, v in r.items()} == {"zero1_fp16": 2.0 ** 16, "zero3_fp16": 2.0 ** 16,
+                                                     "zero1_bf16": 1.0, "zero1_fp32": 1.0}, message
+    assert all(v["given"] == v["scale"] for v in r.values()), (message, r)
+
+
 # ---------------------------------------------------------------------------- the worker side
 def _record(fn, *args) -> dict:
     try:
@@ -474,6 +484,35 @@ def _counters(engine, step) -> dict:
     return {"counters": counters, "types": [type(v).__name__ for c in counters for v in c.values()]}
 
 
+def _loss_scale_checks() -> dict:
+    """backward_loss_scale against the factor engine.backward really gives the loss (the gradient
+    reaching it, times grad_accum 2), under fp16 (ZeRO-1 and ZeRO-3), bf16 and fp32."""
+    import deepspeed
+
+    from trinityx_ds.parallel.groups import DeepSpeedMPU
+
+    out = {}
+    for name, stage, prec in (("zero1_fp16", 1, "fp16"), ("zero3_fp16", 3, "fp16"), ("zero1_bf16", 1, "bf16"),
+                              ("zero1_fp32", 1, "fp32")):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "gradient_clipping": 0.0, "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+                  "bf16": {"enabled": prec == "bf16"}, "steps_per_print": 10 ** 9}
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                               optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               config=config, mpu=DeepSpeedMPU())
+        x = torch.randn(2, 4, dtype=next(engine.module.parameters()).dtype)
+        loss = engine(x).float().pow(2).sum()
+        seen = []
+        loss.register_hook(lambda g: seen.append(float(g)))
+        scale = dc.backward_loss_scale(engine)
+        engine.backward(loss)
+        out[name] = {"scale": scale, "given": seen[0] * 2}
+    return out
+
+
 def _worker() -> None:
     from megatron.core import parallel_state
 
@@ -484,7 +523,8 @@ def _worker() -> None:
     init_distributed()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     write_result({"groups": _record(_groups_checks), "zero1": _record(_engine_checks, 1, False),
-                  "bf16": _record(_engine_checks, 1, True), "zero3": _record(_engine_checks, 3, False)})
+                  "bf16": _record(_engine_checks, 1, True), "zero3": _record(_engine_checks, 3, False),
+                  "loss_scale": _record(_loss_scale_checks)})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -124,6 +125,11 @@ CASES = [
     ("model-both", edit({"model.checkpoint": "elsewhere"}), None, "model.checkpoint", "not both", 1),
     ("model-neither", edit({"model.hf_path": None}), None, "model.hf_path", "None — set exactly one", 1),
     ("dtype-enum", edit({"model.dtype": "fp64"}), None, "model.dtype", "'fp64' — one of \"fp32\", \"bf16\"", 1),
+    ("attention-enum", edit({"model.attention": "flash"}), None, "model.attention",
+     "'flash' — one of \"sdpa\", \"eager\", \"te\"", 1),
+    *([("attention-te-absent", edit({"model.attention": "te"}), None, "model.attention",
+        "'te' — Transformer Engine is not installed here; use sdpa", 1)]
+      if importlib.util.find_spec("transformer_engine") is None else []),
     ("kind-enum", edit({"experts.kind": "lorax"}), None, "experts.kind", "'lorax' — one of \"lora\", \"full\"", 1),
     ("negative-lr", edit({"train.stage1.lr": -1e-3}), None, "train.stage1.lr", "-0.001 — a number > 0", 1),
     ("warmup-ge-steps", edit({"train.stage2": {"steps": 5, "warmup_steps": 5}}), None, "train.stage2.warmup_steps",

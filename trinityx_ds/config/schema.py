@@ -45,9 +45,17 @@ class ModelConfig:
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
     tokenizer: str | None = None
+    # core attention (model/attention.py): torch SDPA (no [b, heads, s, s] scores), megatron's eager
+    # reference, or Transformer Engine's where it is installed
+    attention: Literal["sdpa", "eager", "te"] = "sdpa"
 
     def problems(self, at: str) -> list[str]:
         out: list[str] = []
+        if self.attention == "te":
+            import importlib.util  # not transformer_engine itself: a config check starts no CUDA
+
+            _need(out, importlib.util.find_spec("transformer_engine") is not None, f"{at}.attention", self.attention,
+                  "Transformer Engine is not installed here; use sdpa (the default) or eager")
         if self.hf_path is None and self.checkpoint is None:
             out.append(problem(f"{at}.hf_path", None, f"set exactly one of {at}.hf_path (HF folder) "
                                                      f"or {at}.checkpoint (folder from `trinityx import-hf`)"))

@@ -120,7 +120,8 @@ def load_lm(checkpoint: str, variant: str, *, config: str | None = None, tp: int
         sources += expert_sources(layout, arch, moe, cfg.train.train_experts_in_stage2)
         routed = not variant.startswith("expert:")
         sources += router_source(layout, required=variant in ("h3fusion", "trinityx")) if routed else []
-    model, blocks = assemble(arch, dims, moe, sources, where=checkpoint, dtype=cfg.model.dtype if cfg else "fp32")
+    model, blocks = assemble(arch, dims, moe, sources, where=checkpoint, dtype=cfg.model.dtype if cfg else "fp32",
+                             attention=cfg.model.attention if cfg else "sdpa")
     model.eval()
     if variant.startswith("expert:"):  # as in stage 1: every token to the one expert
         set_routing_context(blocks, RoutingContext(force_expert=0, compute_losses=False))

@@ -1,6 +1,6 @@
-"""The backbone: a megatron-core GPTModel (local layer spec, no Transformer Engine) built from
-Llama-family architecture numbers (Llama, Mistral, Qwen2, Qwen3, Gemma), with the padded
-vocabulary masked out of logits and losses.
+"""The backbone: a megatron-core GPTModel (local layer spec, its core attention chosen by
+`model.attention`: model/attention.py) built from Llama-family architecture numbers (Llama,
+Mistral, Qwen2, Qwen3, Gemma), with the padded vocabulary masked out of logits and losses.
 
 What each family needs beyond Llama, all from megatron's own config and spec: Qwen2's qkv bias
 (`add_qkv_bias`), Qwen3's per-head q/k RMSNorm (`qk_layernorm`), an explicit head_dim
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from trinityx_ds.model.arch import ModelArch, padded_vocab_size
+from trinityx_ds.model.attention import layer_spec, needs_mask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,12 +111,12 @@ class Backbone(GPTModel):
     """
 
     def __init__(self, arch: ModelArch, config: TransformerConfig, *, pre_process: bool = True,
-                 post_process: bool = True):
+                 post_process: bool = True, attention: str = "sdpa"):
         rope = arch.rope_scaling or {}
         kind = rope.get("rope_type", rope.get("type"))
         super().__init__(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
+            transformer_layer_spec=layer_spec(arch, attention),
             vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=pre_process,
@@ -127,7 +127,7 @@ class Backbone(GPTModel):
             seq_len_interpolation_factor=float(rope["factor"]) if kind == "linear" else None,
             parallel_output=True,
         )
-        self.arch = arch
+        self.arch, self.attention = arch, attention
         if arch.embedding_scale and pre_process:
             self.embedding.register_forward_hook(_scale_embeddings)
         if kind == "llama3":
@@ -156,8 +156,8 @@ class Backbone(GPTModel):
     def local_logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """This TP rank's vocab slice of the logits, [S, B, V/tp], padded columns at -inf."""
         # GPTModel returns [B, S, V/tp] when labels is None; keep megatron's [S, B, V] for losses.
-        logits_BSV = GPTModel.forward(self, input_ids_BS, position_ids=None,
-                                     attention_mask=causal_mask(input_ids_BS.shape[1], input_ids_BS.device))
+        mask = causal_mask(input_ids_BS.shape[1], input_ids_BS.device) if needs_mask(self.attention) else None
+        logits_BSV = GPTModel.forward(self, input_ids_BS, position_ids=None, attention_mask=mask)
         return self._mask_padded_vocab(logits_BSV.transpose(0, 1))
 
     def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,10 @@ class Backbone(GPTModel):
 
 def build_backbone(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
                    sequence_parallel: bool = False, activation_checkpointing: bool = False,
-                   init_weights: bool = True, meta: bool = False) -> Backbone:
+                   init_weights: bool = True, meta: bool = False, attention: str = "sdpa") -> Backbone:
     """Builds this rank's part of the backbone; megatron's parallel state must be initialised.
+
+    attention: the core attention (`model.attention`: sdpa, eager or te; model/attention.py).
 
     meta: shapes only, nothing allocated (a 70B layout checked on a laptop, plan/verify.py).
     """
@@ -188,7 +190,8 @@ def build_backbone(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "f
     with torch.device("meta") if meta else contextlib.nullcontext():
         return Backbone(arch, config,
                         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+                        attention=attention)
 
 
 def masked_mean_loss(token_loss_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

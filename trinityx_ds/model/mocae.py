@@ -48,8 +48,10 @@ class RoutingContext:
 
 
 class _AttachLoss(torch.autograd.Function):
-    """Returns y unchanged; in backward gives `loss` the gradient `scale` (1 / grad-accum steps
-    under DeepSpeed, times the fp16 loss scale) so it is optimised with the LM loss."""
+    """Returns y unchanged; in backward gives `loss` the gradient `scale` so it is optimised with
+    the LM loss: what DeepSpeed's backward multiplies the LM loss by, 1 / grad-accum steps times
+    fp16's current loss scale (set before each backward by train/step.py from the engine; without
+    the loss scale, fp16's unscaling would leave the router losses' gradient 2^16 times small)."""
 
     scale = 1.0
 

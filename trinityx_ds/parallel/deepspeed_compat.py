@@ -98,6 +98,27 @@ def link_optimizer_fragments(opt) -> None:
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
+def backward_loss_scale(engine) -> float:
+    """The factor `engine.backward` multiplies a loss by after dividing it by the accumulation
+    steps: fp16's current (dynamic) loss scale, 1.0 under bf16 and fp32.
+
+    Mirrors DeepSpeed 0.19.8's `DeepSpeedEngine.backward`: a ZeROOptimizer (ZeRO 1-3 and the bf16
+    optimizer) scales by `optimizer.scale_if_loss` (its `loss_scaler`, a custom scale, or torch's
+    autocast GradScaler), a ZeRO-0 engine under torch autocast by `torch_autocast_z0_gradscaler`,
+    anything else not at all. Probing `scale_if_loss` with a one-element loss gives exactly the
+    number it would apply, whichever of its branches is taken. Read it before every backward: the
+    dynamic scaler changes it at each step that overflows or that ends a clean window.
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, ZeROOptimizer):
+        probe = torch.ones((), device=engine.device, requires_grad=True) * 1.0  # one element, a grad_fn: a "loss"
+        return float(opt.scale_if_loss(probe).detach())
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
+
+
 def engine_counters(engine) -> dict[str, int]:
     """The engine's step counters (its optimizer steps, samples seen, skipped steps), which its own
     checkpoints save and a resume from the universal copy restores with `set_engine_counters`."""

@@ -99,6 +99,8 @@ def _apply_run_config(args, stages: tuple[int, ...], world: int) -> None:
     args.tp, args.pp, args.ep, args.zero, args.offload = p.tp, p.pp, p.ep, p.zero_stage, p.offload == "cpu"
     args.act_ckpt, args.seq_len = cfg.model.activation_checkpointing, cfg.data.max_seq_len
     args.sequence_parallel, args.moe = cfg.model.sequence_parallel, moe
+    # sdpa and te keep no s x s scores: the planner's "flash" activation model
+    args.attention = "eager" if cfg.model.attention == "eager" else "flash"
     if args.model is None:
         args.model = cfg.model.hf_path or cfg.model.checkpoint
 

@@ -23,7 +23,6 @@ from trinityx_ds.data.dataset import Batches, build_pair_datasets, build_task_da
 from trinityx_ds.data.tokenizer import load_tokenizer, pad_id
 from trinityx_ds.model.assemble import assemble, expert_sources
 from trinityx_ds.model.experts import lora_init_tensors
-from trinityx_ds.model.mocae import set_router_loss_scale
 from trinityx_ds.model.mocae_spec import MoCaEConfig, mocae_role
 from trinityx_ds.model.weights import open_source
 from trinityx_ds.parallel.deepspeed_compat import engine_counters
@@ -96,7 +95,8 @@ class StageRun:
             sources += expert_sources(self.layout, self.arch, self.moe, final=False)
         self.model, self.blocks = assemble(self.arch, self.dims, self.moe, sources, where=model_path,
                                            dtype=cfg.model.dtype, upcycled_experts=stage == 1,
-                                           activation_checkpointing=cfg.model.activation_checkpointing)
+                                           activation_checkpointing=cfg.model.activation_checkpointing,
+                                           attention=cfg.model.attention)
         outside = stage == 2 and self.moe.kind == "full"
         self.external = ExternalExperts.place(self.blocks, self.dims) if outside else ExternalExperts([], self.dims)
         self.external_experts = self.external.modules
@@ -161,7 +161,6 @@ class StageRun:
             log.bar.write(f"resumed from {self.ckpt.tag_dir(self.resume.tag)} at step {start}"
                           + (f" (resharded from {self.resume.state.get('layout')} to {self.resume.layout})"
                              if self.resume.resharded else ""))
-        set_router_loss_scale(1.0 / sc.grad_accum)
         preempt = Preemption()
         guard = DivergenceGuard(cfg.train.stop_on_nonfinite, cfg.train.max_skipped_steps,
                                 f"train.stage{self.stage}" + (f" (expert {self.expert})" if self.expert else ""),

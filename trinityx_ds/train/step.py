@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from trinityx_ds.model.backbone import masked_mean_loss
-from trinityx_ds.model.mocae import RoutingContext, set_routing_context
+from trinityx_ds.model.mocae import RoutingContext, set_router_loss_scale, set_routing_context
+from trinityx_ds.parallel.deepspeed_compat import backward_loss_scale
 
 
 def local_examples(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +74,10 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
                 pref[k] = pref.get(k, 0.0) + v / grad_accum
         else:
             loss = masked_mean_loss(token_loss_BS, labels)
+        # the router losses enter the backward through _AttachLoss, not through `loss`: give them
+        # what engine.backward gives `loss` (1 / grad_accum, times fp16's current loss scale, which
+        # the optimizer divides out again), as megatron refreshes MoEAuxLossAutoScaler's scale
+        set_router_loss_scale(backward_loss_scale(engine) / grad_accum)
         engine.backward(loss)
         engine.step()
         with torch.no_grad():

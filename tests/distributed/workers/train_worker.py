@@ -3,6 +3,9 @@
 cli   : `trinityx train EXTRA --config CONFIG` as a user runs it (EXTRA: experts|router [--only X]).
 router_ds : stage 2 through DeepSpeed; reports its ZeRO stage, whether parameters are partitioned,
             the losses, the final router tensors and every rank's routing EMA.
+router_grad : one stage-2 step (SGD, lr 1, no clipping) through DeepSpeed on one process; reports
+            every router tensor's update (its fp32 master after the step minus the weight before:
+            minus the gradient), the engine's loss scale and skipped steps.
 router_plain : the same stage 2 on one process without DeepSpeed (torch SGD, experts included
             when the run trains them), as the reference.
 """
@@ -29,6 +32,21 @@ from trinityx_ds.train.gather import gather_mocae_tensors  # noqa: E402
 cfg = load_config(config)
 run = StageRun(cfg, 2)
 result = {}
+if mode == "router_grad":
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from trinityx_ds.parallel.deepspeed_compat import backward_loss_scale
+
+    before = {n: p.detach().float().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    run.run()
+    after = {n: safe_get_full_fp32_param(p) for n, p in run.model.named_parameters() if n in before}
+    result["update"] = {n: (after[n] - before[n]).tolist() for n in before}
+    result["loss_scale"] = backward_loss_scale(run.engine)
+    result["skipped_steps"] = run.engine.skipped_steps
+    result["dtype"] = str(next(run.model.parameters()).dtype)
+    destroy_parallel()
+    write_result(result)
+    sys.exit(0)
 if mode == "router_ds":
     summary = run.run()
     engine = run.engine
