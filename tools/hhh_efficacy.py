@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import re
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from trinityx_ds.eval.heldout import COLUMNS, figures, launch, result_file, split_samples
+from trinityx_ds.eval.heldout import COLUMNS, figures, fixture_samples, launch, result_file, split_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["backbone", "expert:help", "expert:harm", "expert:honest", "uniform", "h3fusion", "trinityx"]
@@ -161,21 +160,8 @@ def _smoke(out: Path) -> tuple[Path, Path]:
 
     from trinityx_ds.model.tiny import make_tiny_model
 
-    fix, data = ROOT / "trinityx_ds" / "fixtures" / "data", out / "smoke_data"
-    (data / "truthfulqa").mkdir(parents=True, exist_ok=True)
-    for sub in ("hh_rlhf", "alpaca", "beavertails"):
-        (data / sub).mkdir(exist_ok=True)
-    rows = [json.loads(line) for line in (fix / "truthfulqa_tiny.jsonl").read_text().splitlines()]
-    with open(data / "truthfulqa/TruthfulQA_v1_817.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
-        for r in rows:
-            w.writerow([r["type"], r["category"], r["question"], r["best_answer"], "; ".join(r["correct_answers"]),
-                        "; ".join(r["incorrect_answers"]), r["source"]])
-    with gzip.open(data / "hh_rlhf/harmless-base-test.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.write((fix / "hh_rlhf_tiny.jsonl").read_text())
-    alpaca = [json.loads(line) for line in (fix / "alpaca_tiny.jsonl").read_text().splitlines()]
-    (data / "alpaca/alpaca_200_first.json").write_text(json.dumps(alpaca))
+    fix, data = ROOT / "trinityx_ds" / "fixtures" / "data", fixture_samples(out / "smoke_data")
+    (data / "beavertails").mkdir(exist_ok=True)
     shutil.copy(fix / "self_instruct_tiny.jsonl", data / "alpaca/seed_tasks.jsonl")
     shutil.copy(fix / "beavertails_pairs_tiny.csv", data / "beavertails/artkit_beavertails_sample.csv")
     model = out / "smoke_model"

@@ -1,7 +1,6 @@
 """eval/heldout.py: the prompt-disjoint cut of real samples, the per-item figures, and the paired
 bootstrap the demo's HHH report and tools/hhh_efficacy.py print."""
 import csv
-import gzip
 import json
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from trinityx_ds.data.formats import hh_rlhf_pairs
-from trinityx_ds.eval.heldout import (bootstrap, figures, hh_opening, per_item, side_by_side, significantly_negative,
+from trinityx_ds.eval.heldout import (bootstrap, figures, fixture_samples, hh_opening, per_item, side_by_side, significantly_negative,
                                       split_samples)
 
 FIX = Path(__file__).resolve().parents[2] / "trinityx_ds" / "fixtures" / "data"
@@ -66,25 +65,6 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
     assert lo_s < 0.5 < hi_s and lo_l < 0.5 < hi_l and (hi_l - lo_l) < 0.25 * (hi_s - lo_s)
 
 
-def _samples_from_fixtures(root: Path) -> Path:
-    """A folder laid out like ../shared/data, written from the project's own fixtures."""
-    (root / "truthfulqa").mkdir(parents=True)
-    (root / "hh_rlhf").mkdir()
-    (root / "alpaca").mkdir()
-    rows = [json.loads(line) for line in (FIX / "truthfulqa_tiny.jsonl").read_text().splitlines()]
-    with open(root / "truthfulqa/TruthfulQA_v1_817.csv", "w", newline="", encoding="utf-8-sig") as f:
-        w = csv.writer(f)
-        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
-        for r in rows * 2:  # every question twice: a question's rows must land on one side together
-            w.writerow([r["type"], r["category"], r["question"], r["best_answer"], "; ".join(r["correct_answers"]),
-                        "; ".join(r["incorrect_answers"]), r["source"]])
-    with gzip.open(root / "hh_rlhf/harmless-base-test.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.write((FIX / "hh_rlhf_tiny.jsonl").read_text())
-    alpaca = [json.loads(line) for line in (FIX / "alpaca_tiny.jsonl").read_text().splitlines()]
-    (root / "alpaca/alpaca_200_first.json").write_text(json.dumps(alpaca))
-    return root
-
-
 def _check_split(paths: dict, n_tqa: int, n_hh: int, n_help: int, exclude: frozenset = frozenset()):
     def questions(p):
         with open(p, encoding="utf-8-sig", newline="") as f:
@@ -102,7 +82,7 @@ def _check_split(paths: dict, n_tqa: int, n_hh: int, n_help: int, exclude: froze
 
 
 def test_split_samples_is_by_prompt_on_the_fixture_layout(tmp_path):
-    data = _samples_from_fixtures(tmp_path / "samples")
+    data = fixture_samples(tmp_path / "samples", repeat_questions=2)
     keep = frozenset({hh_opening((FIX / "hh_rlhf_tiny.jsonl").read_text().splitlines()[0])})
     paths = split_samples(data, tmp_path / "split", 5, 4, 4, seed=3, hh_exclude=keep)
     _check_split(paths, 5, 4, 4, keep)

@@ -101,6 +101,27 @@ def split_samples(data: Path, out: Path, n_tqa: int, n_hh: int, n_help: int, see
     return paths
 
 
+def fixture_samples(root: Path, repeat_questions: int = 1) -> Path:
+    """A samples folder laid out like the real ones (SAMPLE_FILES), written from the project's own
+    fixtures: what tools/hhh_efficacy.py --smoke runs on and the tests split. `repeat_questions`:
+    each TruthfulQA question that many rows (a question's rows must stay on one side together)."""
+    fix, root = Path(__file__).resolve().parents[1] / "fixtures" / "data", Path(root)  # shipped in the wheel
+    for sub in ("truthfulqa", "hh_rlhf", "alpaca"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (fix / "truthfulqa_tiny.jsonl").read_text().splitlines()]
+    with open(root / SAMPLE_FILES["truthfulqa"], "w", newline="", encoding="utf-8-sig") as f:
+        w = csv.writer(f)
+        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        for r in rows * repeat_questions:
+            w.writerow([r["type"], r["category"], r["question"], r["best_answer"], "; ".join(r["correct_answers"]),
+                        "; ".join(r["incorrect_answers"]), r["source"]])
+    with gzip.open(root / SAMPLE_FILES["hh"], "wt", encoding="utf-8") as f:
+        f.write((fix / "hh_rlhf_tiny.jsonl").read_text())
+    alpaca = [json.loads(line) for line in (fix / "alpaca_tiny.jsonl").read_text().splitlines()]
+    (root / SAMPLE_FILES["alpaca"]).write_text(json.dumps(alpaca))
+    return root
+
+
 # ---------------------------------------------------------------- evaluation (one torchrun job)
 
 def result_file(out: Path, variant: str) -> Path:
