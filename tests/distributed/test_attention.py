@@ -1,6 +1,8 @@
 """`model.attention: sdpa` (torch's scaled_dot_product_attention) computes what megatron's eager
 DotProductAttention computes: logits and every gradient, with MoCaE blocks and their router
-losses, on a SmolLM2-shaped model (9 heads, 3 KV groups: TP=2 pads a query group)."""
+losses, on a SmolLM2-shaped model (9 heads, 3 KV groups: TP=2 pads a query group); and activation
+recomputation (`model.activation_checkpointing`: full with either attention, selective with eager)
+changes no gradient."""
 from pathlib import Path
 
 import json
@@ -29,9 +31,13 @@ def test_sdpa_equals_eager_with_mocae(run_dist, smollm2_shaped, tp):
         k = r[kind]
         print(f"tp={tp} {kind}: logits {k['logits']:.1e} loss {k['loss']:.1e} grad {k['grad']:.1e} "
               f"(largest grad {k['grad_scale']:.1e}, router {k['router_grad']:.1e}, {k['n_grads']} tensors; "
-              f"recomputed: {k['recompute_grad']:.1e})")
+              "recomputed: " + ", ".join(f"{n} {v:.1e}" for n, v in k["recompute_grad"].items()) + ")")
         assert k["core"] == ["DotProductAttention", "SDPAttention"], k["core"]
         assert k["n_grads"] == k["n_params"]  # every parameter got a gradient, on every rank
         assert k["router_grad"] > 0
         assert k["logits"] <= 1e-5 and k["loss"] <= 1e-5 and k["grad"] <= 1e-5, k
-        assert k["recompute_grad"] <= 1e-6, k  # activation recomputation changes nothing
+        assert all(v <= 1e-6 for v in k["recompute_grad"].values()), k  # recomputation changes nothing
+        # the recomputation really ran: core attention twice in the step (forward, then in backward)
+        # under full and selective, and only selective wraps the core attention alone
+        assert k["core_calls"] == {"none": 1, "sdpa full": 2, "eager full": 2, "eager selective": 2}, k
+        assert k["selective"] == {"none": False, "sdpa full": False, "eager full": False, "eager selective": True}

@@ -61,3 +61,26 @@ def test_sdpa_refuses_a_mask_rather_than_ignoring_it():
     k = torch.randn(4, 1, 3, 8)
     with pytest.raises(ValueError, match="without a mask"):
         _module()(q, k, k, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode,fields", [
+    ("none", dict(recompute_granularity=None)),
+    (False, dict(recompute_granularity=None)),
+    ("full", dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
+    (True, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
+    ("selective", dict(recompute_granularity="selective", recompute_modules=["core_attn"], recompute_num_layers=None)),
+])
+def test_activation_checkpointing_modes_as_megatron_reads_them(mode, fields):
+    """What megatron's Attention reads: selective = `checkpoint_core_attention` (core_attn only)."""
+    from trinityx_ds.model.backbone import transformer_config
+
+    tc = transformer_config(ARCH, activation_checkpointing=mode)
+    assert {k: getattr(tc, k) for k in fields} == fields
+
+
+def test_selective_with_a_fused_kernel_is_refused():
+    from trinityx_ds.model.backbone import build_backbone
+
+    with pytest.raises(ValueError, match="'selective' — recomputes only the attention scores, which "
+                                         "model.attention: sdpa never keeps"):
+        build_backbone(ARCH, activation_checkpointing="selective", attention="sdpa", meta=True)

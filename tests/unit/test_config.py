@@ -127,6 +127,11 @@ CASES = [
     ("dtype-enum", edit({"model.dtype": "fp64"}), None, "model.dtype", "'fp64' — one of \"fp32\", \"bf16\"", 1),
     ("attention-enum", edit({"model.attention": "flash"}), None, "model.attention",
      "'flash' — one of \"sdpa\", \"eager\", \"te\"", 1),
+    ("recompute-enum", edit({"model.activation_checkpointing": "some"}), None, "model.activation_checkpointing",
+     "'some' — one of \"none\", \"full\", \"selective\" or true or false", 1),
+    ("selective-with-sdpa", edit({"model.activation_checkpointing": "selective"}), None,
+     "model.activation_checkpointing", "'selective' — recomputes only the attention scores, which model.attention: "
+     "sdpa (a fused kernel) never keeps", 1),
     *([("attention-te-absent", edit({"model.attention": "te"}), None, "model.attention",
         "'te' — Transformer Engine is not installed here; use sdpa", 1)]
       if importlib.util.find_spec("transformer_engine") is None else []),
@@ -249,6 +254,15 @@ def _leaves(data: dict, prefix: str = ""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("value,mode", [(True, "full"), (False, "none"), ("none", "none"), ("full", "full"),
+                                        ("selective", "selective")])
+def test_activation_checkpointing_bools_read_as_modes(tmp_path, base, value, mode):
+    """YAML from when the key was a bool keeps its meaning, normalised to the string."""
+    path = edit({"model.activation_checkpointing": value, "model.attention": "eager"})(tmp_path, base)
+    cfg = load_config(str(path))
+    assert cfg.model.activation_checkpointing == mode
 
 
 def test_garbage_values_give_problems_not_exceptions():

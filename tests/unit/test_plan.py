@@ -207,12 +207,13 @@ def test_zero_buffer_defaults_are_deepspeeds():
 
 def test_activation_terms():
     arch = load_arch("llama-2-70b")[1]
-    moe, lay = MoCaEPlan(), Layout(tp=8, seq_len=4096, micro_batch=1)
+    moe, lay = MoCaEPlan(), Layout(tp=8, seq_len=4096, micro_batch=1, attention="eager")
     s, b, a, t = 4096, 1, 64, 8
     eager = layer_activations(arch, lay, moe, 2, mocae=False)
-    flash = layer_activations(arch, replace(lay, attention="flash"), moe, 2, mocae=False)
-    # flash drops the s^2 scores and keeps Q, K, V unexpanded: 8 s b h_q -> 4 s b (h_q + h_kv)
+    flash = layer_activations(arch, replace(lay, attention="sdpa"), moe, 2, mocae=False)
+    # a fused kernel drops the s^2 scores and keeps Q, K, V unexpanded: 8 s b h_q -> 4 s b (h_q + h_kv)
     assert eager - flash == 6 * a * s * s * b / t + (8 * 8192 - 4 * (8192 + 1024)) * s * b / t
+    assert layer_activations(arch, replace(lay, attention="te"), moe, 2, mocae=False) == flash
     sp = layer_activations(arch, replace(lay, sequence_parallel=True), moe, 2, mocae=False)
     assert eager - sp == 8 * s * b * 8192 * (1 - 1 / t)
     lora = layer_activations(arch, lay, replace(moe, top_k=2), 2, mocae=True)
@@ -221,6 +222,19 @@ def test_activation_terms():
     full = stage_memory(arch, moe, lay, cluster, 2).term("activations").value
     ckpt = stage_memory(arch, moe, replace(lay, act_ckpt=True), cluster, 2).term("activations").value
     assert ckpt < full / 10
+    # selective (eager): every layer as a fused kernel keeps it, the one in backward with its recomputed scores
+    sel = stage_memory(arch, moe, replace(lay, act_ckpt="selective"), cluster, 2).term("activations").value
+    mocae = layer_activations(arch, replace(lay, attention="sdpa"), moe, 2, mocae=True)
+    assert sel == 80 * mocae + layer_activations(arch, lay, moe, 2, mocae=True)
+    assert ckpt < sel < full
+    assert replace(lay, act_ckpt=False).act_ckpt == "none" and replace(lay, act_ckpt=True).act_ckpt == "full"
+
+
+def test_selective_only_with_eager_attention():
+    arch, moe, cluster = load_arch("llama-2-7b")[1], MoCaEPlan(), Cluster()
+    assert layout_problems(arch, moe, Layout(act_ckpt="selective", attention="eager"), cluster) == []
+    assert layout_problems(arch, moe, Layout(act_ckpt="selective"), cluster) == [
+        "selective checkpointing recomputes only attention scores, which sdpa attention never keeps"]
 
 
 def test_flops_frozen_weights_cost_4n_trainable_6n():
@@ -231,7 +245,10 @@ def test_flops_frozen_weights_cost_4n_trainable_6n():
     frozen = backbone_params(arch) - 32000 * 4096 - 32 * 2 * 4096 - 4096 + 32 * moe.lora_params(4096, 11008)
     assert model - executed == pytest.approx(2 * frozen)
     recompute, _ = flops_per_token(arch, moe, 2, 4096, act_ckpt=True)
-    assert recompute > executed
+    assert recompute > executed and flops_per_token(arch, moe, 2, 4096, act_ckpt="full")[0] == recompute
+    # selective: one more forward of the core attention (QK^T and AV) in the 32 layers
+    selective, _ = flops_per_token(arch, moe, 2, 4096, act_ckpt="selective")
+    assert selective - executed == pytest.approx(32 * 4 * 4096 * 4096)
 
 
 def test_step_time_and_mfu_follow_the_assumptions():

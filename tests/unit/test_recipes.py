@@ -85,7 +85,9 @@ def test_recipe_reaches_deepspeed_as_planned(name):
         assert ds["train_batch_size"] == 128 and "offload_optimizer" not in ds["zero_optimization"]
     tc = transformer_config(load_arch(model)[1], tp=cfg.parallel.tp, dtype="bf16",
                             activation_checkpointing=cfg.model.activation_checkpointing)
-    assert (tc.recompute_granularity == "full") == plan["act_ckpt"]
+    assert {None: "none"}.get(tc.recompute_granularity, tc.recompute_granularity) == plan["act_ckpt"] == \
+        cfg.model.activation_checkpointing
+    assert plan["attention"] == cfg.model.attention
     # CPU offload is one line of the recipe away: DeepSpeed's CPU Adam, the offload ZeRO file
     cfg.parallel.offload = "cpu"
     ds = deepspeed_config(cfg, cfg.train.stage1, cfg.parallel.dp)

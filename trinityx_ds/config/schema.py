@@ -37,20 +37,49 @@ def _need(out: list[str], ok: bool, key: str, value, allowed: str) -> None:
         out.append(problem(key, value, allowed))
 
 
+Recompute = Literal["none", "full", "selective"]
+RECOMPUTE = ("none", "full", "selective")
+
+
+def recompute_mode(value: bool | str) -> str:
+    """`model.activation_checkpointing` as one of RECOMPUTE: YAML written when it was a bool keeps
+    its meaning (true = full, false = none), and so does code that still passes a bool."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in RECOMPUTE:
+        raise ValueError(problem("model.activation_checkpointing", value, "one of " + ", ".join(RECOMPUTE)))
+    return value
+
+
 @dataclass
 class ModelConfig:
     hf_path: str | None = None
     checkpoint: str | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     sequence_parallel: bool = False
-    activation_checkpointing: bool = False
+    # what backward recomputes instead of keeping (megatron's recompute_granularity):
+    #   none: keep every activation; full: keep each layer's input, recompute the whole layer
+    #   (uniform, 1 layer); selective: recompute only the core attention (its [b, heads, s, s]
+    #   scores and probabilities; megatron's "selective" with recompute_modules ["core_attn"]),
+    #   eager attention only: sdpa and te run fused kernels that keep no scores, so selective would
+    #   only repeat the attention forward; refused there (megatron warns the same for TE's fused one).
+    # true / false (the old bool) are read as full / none and normalised to the string.
+    activation_checkpointing: Recompute | bool = "none"
     tokenizer: str | None = None
     # core attention (model/attention.py): torch SDPA (no [b, heads, s, s] scores), megatron's eager
     # reference, or Transformer Engine's where it is installed
     attention: Literal["sdpa", "eager", "te"] = "sdpa"
 
+    def __post_init__(self):
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
+
     def problems(self, at: str) -> list[str]:
         out: list[str] = []
+        _need(out, recompute_mode(self.activation_checkpointing) != "selective" or self.attention == "eager",
+              f"{at}.activation_checkpointing", "selective",
+              f"recomputes only the attention scores, which {at}.attention: {self.attention} (a fused kernel) "
+              f"never keeps, so it would save nothing; use none or full, or {at}.attention: eager")
         if self.attention == "te":
             import importlib.util  # not transformer_engine itself: a config check starts no CUDA
 

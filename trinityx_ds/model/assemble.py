@@ -63,7 +63,7 @@ def router_source(layout: RunLayout, required: bool) -> list:
 
 
 def assemble(arch, dims, moe, sources: list, *, where: str | Path, dtype: str = "fp32",
-             activation_checkpointing: bool = False, upcycled_experts: bool = False, attention: str = "sdpa"):
+             activation_checkpointing: bool | str = "none", upcycled_experts: bool = False, attention: str = "sdpa"):
     """(model, MoCaE blocks) on this rank: built by `build_model`, every tensor loaded from the
     chained `sources` at this rank's TP slice. `where` names the model source in the error."""
     from trinityx_ds.model.build import build_model  # megatron: only once a model is built

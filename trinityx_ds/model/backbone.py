@@ -18,6 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
+from trinityx_ds.config.schema import recompute_mode
 from trinityx_ds.model.arch import ModelArch, padded_vocab_size
 from trinityx_ds.model.attention import layer_spec, needs_mask
 
@@ -37,17 +38,33 @@ def activation(arch: ModelArch):
     return ACTIVATIONS[arch.hidden_act]
 
 
+def recompute_settings(activation_checkpointing: bool | str) -> dict:
+    """megatron's recompute fields for `model.activation_checkpointing` (a bool still means full/none).
+
+    full: every layer's input kept, the layer recomputed in backward (uniform, 1 layer per unit).
+    selective: megatron's `recompute_granularity="selective"` with `recompute_modules=["core_attn"]`:
+    `Attention` wraps only its core attention in `tensor_parallel.checkpoint`, so Q, K, V are kept
+    and the [b, heads, s, s] scores and probabilities are recomputed (only while training).
+    """
+    mode = recompute_mode(activation_checkpointing)
+    if mode == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if mode == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {}
+
+
 def transformer_config(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
-                       sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                       sequence_parallel: bool = False, activation_checkpointing: bool | str = "none",
                        init_weights: bool = True, cpu_init: bool = False) -> TransformerConfig:
     """A TransformerConfig that computes exactly what transformers' Llama/Mistral/Qwen2/Qwen3/Gemma compute.
 
+    activation_checkpointing: none | full | selective (`recompute_settings`).
     cpu_init: megatron's CPU-initialisation path even with a GPU; it allocates on the default
     device, so it is the path that honours `torch.device("meta")`.
     """
     torch_dtype = DTYPES[dtype]
-    recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1} \
-        if activation_checkpointing else {}
+    recompute = recompute_settings(activation_checkpointing)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -176,14 +193,19 @@ class Backbone(GPTModel):
 
 
 def build_backbone(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
-                   sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                   sequence_parallel: bool = False, activation_checkpointing: bool | str = "none",
                    init_weights: bool = True, meta: bool = False, attention: str = "sdpa") -> Backbone:
     """Builds this rank's part of the backbone; megatron's parallel state must be initialised.
 
     attention: the core attention (`model.attention`: sdpa, eager or te; model/attention.py).
+    activation_checkpointing: none | full | selective; selective only with eager attention (the
+    fused kernels keep no scores for it to drop: the run config refuses it, and so does this).
 
     meta: shapes only, nothing allocated (a 70B layout checked on a laptop, plan/verify.py).
     """
+    if recompute_mode(activation_checkpointing) == "selective" and attention != "eager":
+        raise ValueError(f"model.activation_checkpointing: 'selective' — recomputes only the attention scores, "
+                         f"which model.attention: {attention} never keeps; use none or full, or eager attention")
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
                                 activation_checkpointing=activation_checkpointing,
                                 init_weights=init_weights and not meta, cpu_init=meta)

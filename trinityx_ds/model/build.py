@@ -13,7 +13,7 @@ from trinityx_ds.parallel.groups import ParallelDims, expert_parallel_group
 
 
 def build_model(arch: ModelArch, dims: ParallelDims, moe_cfg: MoCaEConfig | None = None, *, dtype: str = "fp32",
-                activation_checkpointing: bool = False, meta: bool = False,
+                activation_checkpointing: bool | str = "none", meta: bool = False,
                 attention: str = "sdpa") -> tuple[Backbone, list[MoCaEBlock]]:
     """Backbone (weights uninitialised: load them) with the MoCaE blocks `moe_cfg` asks for.
 

@@ -54,15 +54,19 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in LAYOUT_FLAGS:
         g.add_argument(f"--{flag}", type=int, default=None, choices=(1, 2, 3) if flag == "zero" else None)
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None, help="optimizer on CPU")
-    g.add_argument("--act-ckpt", action=argparse.BooleanOptionalAction, default=None,
-                   help="full activation checkpointing")
+    g.add_argument("--act-ckpt", nargs="?", const="full", default=None, choices=("none", "full", "selective"),
+                   help="activation checkpointing, as model.activation_checkpointing: none, full (the flag "
+                        "alone) or selective (core attention only; eager attention)")
+    g.add_argument("--no-act-ckpt", dest="act_ckpt", action="store_const", const="none",
+                   help="the same as --act-ckpt none")
     g.add_argument("--micro-batch", type=int, default=None)
     g.add_argument("--grad-accum", type=int, default=None, help="default: global batch / (micro-batch x dp)")
     g.add_argument("--global-batch", type=int, default=128, help="sequences per optimizer step [128]")
     g.add_argument("--seq-len", type=int, default=None, help="[4096]")
     g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--attention", choices=("eager", "flash"), default="eager",
-                   help="eager: megatron's local-spec attention (materialises s x s scores) [eager]")
+    g.add_argument("--attention", choices=("sdpa", "eager", "te"), default="sdpa",
+                   help="as model.attention: sdpa / te are fused kernels (no s x s scores kept), eager "
+                        "materialises the scores [sdpa, the run config's default]")
     m = parser.add_argument_group("MoCaE")
     m.add_argument("--experts", choices=("lora", "full"), default=None, help="[lora]")
     m.add_argument("--lora-rank", type=int, default=None, help="[8]")
@@ -99,8 +103,7 @@ def _apply_run_config(args, stages: tuple[int, ...], world: int) -> None:
     args.tp, args.pp, args.ep, args.zero, args.offload = p.tp, p.pp, p.ep, p.zero_stage, p.offload == "cpu"
     args.act_ckpt, args.seq_len = cfg.model.activation_checkpointing, cfg.data.max_seq_len
     args.sequence_parallel, args.moe = cfg.model.sequence_parallel, moe
-    # sdpa and te keep no s x s scores: the planner's "flash" activation model
-    args.attention = "eager" if cfg.model.attention == "eager" else "flash"
+    args.attention = cfg.model.attention
     if args.model is None:
         args.model = cfg.model.hf_path or cfg.model.checkpoint
 
@@ -229,7 +232,9 @@ def format_plan(plan: Plan, others: list[Plan], mode: str, considered: int | Non
               for i, term in enumerate(t0.comm)]
     lines += [row("step", [s.throughput.step_s for s in st], ".3f", "compute + bubble + exposed communication"),
               row("executed GFLOP/token", [s.throughput.flops_per_token / 1e9 for s in st], ".1f",
-                  "frozen 4N, trainable 6N, below the first MoCaE layer 2N, + 2N recompute; attention 12 L H s"),
+                  "frozen 4N, trainable 6N, below the first MoCaE layer 2N"
+                  + {"none": "", "full": ", + 2N recompute", "selective": ", + core attention recompute"}[lay.act_ckpt]
+                  + "; attention 12 L H s"),
               row("model GFLOP/token", [s.throughput.model_flops_per_token / 1e9 for s in st], ".1f",
                   "6 N_active + 12 L H s (Megatron / torchtitan MFU count)"),
               row("tokens/s per GPU", [s.throughput.tokens_per_s_per_gpu for s in st], ".0f"),

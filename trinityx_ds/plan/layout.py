@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from trinityx_ds.config.schema import recompute_mode
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.plan.params import MoCaEPlan
 
@@ -62,10 +63,21 @@ class Layout:
     offload: bool = False
     micro_batch: int = 1
     grad_accum: int = 1
-    act_ckpt: bool = False
+    # model.activation_checkpointing: none | full | selective (core attention only, eager only);
+    # a bool still means full / none and is normalised to the string
+    act_ckpt: Literal["none", "full", "selective"] = "none"
     seq_len: int = 4096
     sequence_parallel: bool = False
-    attention: Literal["eager", "flash"] = "eager"  # the local spec's DotProductAttention is eager
+    # model.attention: sdpa and te are fused kernels (no s x s scores kept), eager keeps them
+    attention: Literal["sdpa", "eager", "te"] = "sdpa"
+
+    def __post_init__(self):
+        object.__setattr__(self, "act_ckpt", recompute_mode(self.act_ckpt))
+
+    @property
+    def scores_kept(self) -> bool:
+        """Whether the core attention keeps its [b, heads, s, s] scores for backward (eager only)."""
+        return self.attention == "eager"
 
     def dp(self, world: int) -> int:
         return world // (self.tp * self.pp)
@@ -73,7 +85,7 @@ class Layout:
     def describe(self, world: int) -> str:
         return (f"tp {self.tp}, pp {self.pp}, dp {self.dp(world)}, ep {self.ep}, ZeRO-{self.zero}"
                 f"{' + CPU offload' if self.offload else ''}, micro-batch {self.micro_batch}, grad-accum "
-                f"{self.grad_accum}, act-ckpt {'on' if self.act_ckpt else 'off'}, seq {self.seq_len}, "
+                f"{self.grad_accum}, act-ckpt {self.act_ckpt}, seq {self.seq_len}, "
                 f"{self.attention} attention{', sequence parallel' if self.sequence_parallel else ''}")
 
 
@@ -107,6 +119,8 @@ def layout_problems(arch: ModelArch, moe: MoCaEPlan, lay: Layout, cluster: Clust
         (moe.num_experts % lay.ep == 0, f"ep {lay.ep} must divide the {moe.num_experts} experts"),
         (1 <= moe.top_k <= moe.num_experts, f"top-k {moe.top_k} must be in 1..{moe.num_experts}"),
         (min(lay.micro_batch, lay.grad_accum, lay.seq_len) >= 1, "micro-batch, grad-accum and seq-len must be >= 1"),
+        (lay.act_ckpt != "selective" or lay.scores_kept,
+         f"selective checkpointing recomputes only attention scores, which {lay.attention} attention never keeps"),
     ]
     out += [msg for ok, msg in rules if not ok]
     if arch.sliding_window is not None and lay.seq_len > arch.sliding_window:

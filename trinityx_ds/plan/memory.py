@@ -69,14 +69,18 @@ def zero3_gathered(largest: int, zb: ZeroBuffers = ZeroBuffers()) -> float:
     return 2 * (largest + max(zb.prefetch_bucket_size, largest))
 
 
-def layer_activations(arch: ModelArch, lay: Layout, moe: MoCaEPlan, stage: int, mocae: bool) -> float:
+def layer_activations(arch: ModelArch, lay: Layout, moe: MoCaEPlan, stage: int, mocae: bool,
+                      scores: bool | None = None) -> float:
     """Bytes one decoder layer keeps for backward, one micro-batch.
 
     Korthikanti et al. 2022 (sec. 4) count 34 s b h + 5 a s^2 b for a GPT layer (GeLU MLP of 4h,
     dropout). The same count for the layer this project builds (t = TP, bf16):
       8 s b h      inputs of both RMSNorms, linear_qkv and linear_fc1 (over t with sequence parallel)
-      8 s b h_q/t  Q, K and V after GQA expansion, linear_proj input      (flash: 4 s b (h_q + h_kv)/t)
-      6 a s^2 b/t  softmax output in fp32 and its bf16 copy (no dropout)   (flash: none)
+      8 s b h_q/t  Q, K and V after GQA expansion, linear_proj input      (fused: 4 s b (h_q + h_kv)/t)
+      6 a s^2 b/t  softmax output in fp32 and its bf16 copy (no dropout)   (fused: none)
+    "fused" is sdpa / te (no scores kept), and eager under selective recomputation: megatron's
+    checkpoint keeps the core attention's inputs Q, K, V (K/V before GQA expansion, which eager
+    does inside) and linear_proj keeps its output, exactly the fused kernels' count.
       8 s b F/t    SwiGLU: fc1 output (gate|up), silu(gate), fc2 input
     MoCaE layers replace the FFN term: LoRA experts keep gate, up, silu and product per routed
     expert plus the mixture, (8k + 2) s b F/t; full experts keep per routed expert the dispatched
@@ -86,7 +90,7 @@ def layer_activations(arch: ModelArch, lay: Layout, moe: MoCaEPlan, stage: int, 
     h, F, heads = arch.hidden_size, arch.intermediate_size, arch.padded_heads(t)
     hq, hkv = heads * arch.head_dim, arch.padded_kv_heads(t) * arch.head_dim
     sp = t if lay.sequence_parallel else 1
-    if lay.attention == "eager":
+    if lay.scores_kept if scores is None else scores:
         attn = (8 * s * b * hq + 6 * heads * s * s * b) / t
     else:
         attn = 4 * s * b * (hq + hkv) / t
@@ -106,6 +110,8 @@ def activations(arch: ModelArch, lay: Layout, moe: MoCaEPlan, stage: int, pp_ran
     1F1B keeps min(pp - rank, grad_accum) micro-batches in flight. Full checkpointing (uniform,
     1 layer) keeps each layer's input (2 s b h, over t with SP) plus one recomputed layer. The
     backward of a layer forms gradients shaped like what it saved: one more layer on top.
+    Selective checkpointing (eager only) keeps every layer without its scores; the layer in
+    backward recomputes them, so that one layer counts whole.
     """
     layers = stage_layers(arch, lay.pp, pp_rank)
     chosen = moe.chosen(arch.num_layers)
@@ -113,9 +119,14 @@ def activations(arch: ModelArch, lay: Layout, moe: MoCaEPlan, stage: int, pp_ran
     inflight, top = min(lay.pp - pp_rank, lay.grad_accum), max(per_layer)
     shape = (f"s {lay.seq_len}, b {lay.micro_batch}, h {arch.hidden_size}, F {arch.intermediate_size}, "
              f"a {arch.padded_heads(lay.tp)}, t {lay.tp}, {lay.attention}")
-    if not lay.act_ckpt:
+    if lay.act_ckpt == "none":
         return inflight * sum(per_layer) + top, (f"({inflight} in flight x {len(layers)} + 1 backward) layers x "
                                                  f"{top / GIB:.2f} GiB ({shape})")
+    if lay.act_ckpt == "selective":
+        kept = [layer_activations(arch, lay, moe, stage, i in chosen, scores=False) for i in layers]
+        return inflight * sum(kept) + top, (f"{inflight} in flight x {len(layers)} layers x {max(kept) / GIB:.2f} GiB "
+                                            f"without scores + 1 backward layer x {top / GIB:.2f} GiB with its "
+                                            f"recomputed scores ({shape}, selective)")
     layer_in = 2 * lay.seq_len * lay.micro_batch * arch.hidden_size / (lay.tp if lay.sequence_parallel else 1)
     return (inflight * len(layers) * layer_in + 2 * top,
             f"{inflight} in flight x {len(layers)} layer inputs x {layer_in / GIB:.3f} GiB + (1 recomputed + 1 "

@@ -102,7 +102,7 @@ def candidate_layouts(arch: ModelArch, moe: MoCaEPlan, cluster: Cluster, base: L
         "zero": [1, 2, 3],
         "offload": [False, True],
         "micro_batch": list(MICRO_BATCHES),
-        "act_ckpt": [False, True],
+        "act_ckpt": ["none", "full"] + (["selective"] if base.scores_kept else []),
     }
     axes |= {k: [v] for k, v in fixed.items() if k in axes}
     out = []

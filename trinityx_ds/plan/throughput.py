@@ -6,7 +6,8 @@ parameters without the input embedding (top-k experts only), 12 L H s the attent
 (QK^T and AV, forward 4 L H s, backward twice that). What the GPUs execute differs in a MoCaE
 stage: a frozen weight still needs the activation gradient through it (backward 2 N) but no
 weight gradient, so 4 N for frozen parts, 6 N for trainable ones, 2 N below the lowest MoCaE
-layer (no backward needed there); full activation checkpointing adds one more forward.
+layer (no backward needed there); full activation checkpointing adds one more forward, selective
+one more forward of the core attention (4 H s per token per layer, its QK^T and AV).
     compute = tokens x executed FLOPs / (GPUs x peak x assumed MFU)
 The implied MFU reports the standard count over the whole step time.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trinityx_ds.config.schema import recompute_mode
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.plan.layout import Cluster, Layout, Term
 from trinityx_ds.plan.params import MoCaEPlan, attention_params, ffn_params, stage_layers, stage_moe, zero_parts
@@ -56,8 +58,12 @@ class Throughput:
     mfu: float  # implied by step_s, standard count
 
 
-def flops_per_token(arch: ModelArch, moe: MoCaEPlan, stage: int, seq_len: int, act_ckpt: bool) -> tuple[float, float]:
-    """(executed, standard MFU) FLOPs per token of one training stage (module docstring)."""
+def flops_per_token(arch: ModelArch, moe: MoCaEPlan, stage: int, seq_len: int,
+                    act_ckpt: bool | str) -> tuple[float, float]:
+    """(executed, standard MFU) FLOPs per token of one training stage (module docstring);
+    act_ckpt: none | full | selective (a bool: full / none)."""
+    mode = recompute_mode(act_ckpt)
+    full, selective = mode == "full", mode == "selective"
     H, F, L = arch.hidden_size, arch.intermediate_size, arch.num_layers
     moe = stage_moe(moe, stage, 1)[0]
     chosen, k = moe.chosen(L), moe.routed(stage)
@@ -78,7 +84,7 @@ def flops_per_token(arch: ModelArch, moe: MoCaEPlan, stage: int, seq_len: int, a
         if i < lowest:
             executed += 2 * frozen + scores
         else:
-            executed += 4 * frozen + 6 * train + 3 * scores + act_ckpt * (2 * (frozen + train) + scores)
+            executed += 4 * frozen + 6 * train + 3 * scores + full * (2 * (frozen + train) + scores) + selective * scores
         model += 6 * (frozen + train) + 3 * scores
     out = arch.hidden_size * arch.vocab_size
     return executed + 4 * out, model + 6 * out  # the output layer is outside the checkpointed layers
@@ -108,7 +114,7 @@ def _comm(arch: ModelArch, moe: MoCaEPlan, lay: Layout, cluster: Cluster, stage:
     layers = stage_layers(arch, lay.pp, pp_rank)
     chosen = moe.chosen(arch.num_layers) & set(layers)
     act = 2 * lay.seq_len * lay.micro_batch * arch.hidden_size
-    passes = 2 + lay.act_ckpt
+    passes = 2 + (lay.act_ckpt == "full")  # selective recomputes the core attention: no collective in it
     k = moe.routed(stage) if moe.kind == "full" else 1
     out = []
 
