@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from trinityx_ds.eval.heldout import COLUMNS, figures, fixture_samples, launch, result_file, split_samples
+from trinityx_ds.eval.heldout import COLUMNS, figures, fixture_samples, launch, result_file, split_samples, text_key
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["backbone", "expert:help", "expert:harm", "expert:honest", "uniform", "h3fusion", "trinityx"]
@@ -51,7 +51,7 @@ def split_data(data: Path, out: Path, args) -> dict[str, Path]:
     prompts come from HH-RLHF: those openings train the harm expert (as refusal pairs), so they stay
     on the training side."""
     with open(data / "beavertails/artkit_beavertails_sample.csv", encoding="utf-8-sig", newline="") as f:
-        beavertails = frozenset(" ".join(r["prompt"].split()).casefold() for r in csv.DictReader(f))
+        beavertails = frozenset(text_key(r["prompt"]) for r in csv.DictReader(f))
     return split_samples(data, out, args.tqa, args.hh, args.help_eval, args.seed, hh_exclude=beavertails)
 
 

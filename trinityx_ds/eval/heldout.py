@@ -38,14 +38,19 @@ _HUMAN = re.compile(r"\n\nHuman:(.*?)(?:\n\nAssistant:|$)", re.S)
 
 # ---------------------------------------------------------------- splitting real samples by prompt
 
-def _key(text: str) -> str:
-    return " ".join(text.split()).casefold()
+def text_key(text: str) -> str:
+    """A prompt's key for the split: data.dataset.prompt_key's rule (the one the run's leak check
+    applies), for a prompt given as its text."""
+    from trinityx_ds.data.dataset import prompt_key
+
+    return prompt_key([{"role": "user", "content": text}])
 
 
 def hh_opening(line: str) -> str:
-    """An HH-RLHF row's prompt key: its first human turn (data.dataset.prompt_key's rule)."""
-    m = _HUMAN.search(json.loads(line)["chosen"])
-    return _key(m.group(1)) if m else ""
+    """An HH-RLHF row's prompt key: its first human turn (the whole line where none parses, so a
+    malformed row still lands on one side)."""
+    m = _HUMAN.search("\n\n" + json.loads(line)["chosen"].lstrip())
+    return text_key(m.group(1) if m else line)
 
 
 def take_groups(keys: list[str], n_items: int, seed: int, exclude: frozenset = frozenset()) -> set[str]:
@@ -79,10 +84,10 @@ def split_samples(data: Path, out: Path, n_tqa: int, n_hh: int, n_help: int, see
     with open(data / SAMPLE_FILES["truthfulqa"], encoding="utf-8-sig", newline="") as f:
         header, *rows = list(csv.reader(f))
     q = header.index("Question")
-    held = take_groups([_key(r[q]) for r in rows], n_tqa, seed)
+    held = take_groups([text_key(r[q]) for r in rows], n_tqa, seed)
     for part in ("train", "eval"):
         paths[f"tqa_{part}"] = out / f"truthfulqa_{part}.csv"
-        keep = [r for r in rows if (_key(r[q]) in held) == (part == "eval")]
+        keep = [r for r in rows if (text_key(r[q]) in held) == (part == "eval")]
         with open(paths[f"tqa_{part}"], "w", encoding="utf-8", newline="") as f:
             csv.writer(f).writerows([header, *keep])
     with gzip.open(data / SAMPLE_FILES["hh"], "rt", encoding="utf-8") as f:
@@ -93,7 +98,7 @@ def split_samples(data: Path, out: Path, n_tqa: int, n_hh: int, n_help: int, see
         paths[f"hh_{part}"] = out / f"harmless_{part}.jsonl"
         paths[f"hh_{part}"].write_text("".join(line for line, k in zip(lines, keys) if (k in held) == (part == "eval")))
     alpaca = json.loads((data / SAMPLE_FILES["alpaca"]).read_text())
-    keys = [_key(f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"]) for r in alpaca]
+    keys = [text_key(f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"]) for r in alpaca]
     held = take_groups(keys, n_help, seed)
     for part in ("train", "eval"):
         paths[f"alpaca_{part}"] = out / f"alpaca_{part}.json"
@@ -144,6 +149,9 @@ def evaluate(opts: dict) -> None:
     from trinityx_ds.parallel.groups import destroy_parallel
 
     out = Path(opts["out"])
+    recs, _ = read_source(DataSource(opts["alpaca"], "alpaca"), "help", "skip")
+    help_requests = [Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs]
+    lengths = None  # response lengths in tokens: one tokenizer for every variant of the run
     try:
         for variant in opts["variants"]:
             path = result_file(out, variant)
@@ -152,18 +160,16 @@ def evaluate(opts: dict) -> None:
             t0 = time.time()
             lm = load_lm(opts["run"], variant, tp=opts.get("tp"), max_len=opts.get("max_seq_len"),
                          batch_size=opts.get("batch", 8))
+            if lengths is None:
+                lengths = {"help_tokens": [_n_tokens(lm.tokenizer, r.continuation) for r in help_requests],
+                           "hh_tokens": [[_n_tokens(lm.tokenizer, p.chosen), _n_tokens(lm.tokenizer, p.rejected)]
+                                         for p in _hh_pairs(opts["hh"])]}
             _, tqa_items = suites.truthfulqa_mc(lm, opts["tqa"])
             _, hh_items = suites.hh_preference(lm, [("harmless", opts["hh"])])
-            recs, _ = read_source(DataSource(opts["alpaca"], "alpaca"), "help", "skip")
-            help_ll = lm.logprobs([Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs],
-                                  desc="alpaca reference")
-            tok = lm.tokenizer
             result = {"variant": variant,
                       "tqa_items": [{"mc1": d["mc1"], "mc2": d["mc2"]} for d in tqa_items],
                       "hh_items": [{"c": d["ll_chosen"], "r": d["ll_rejected"]} for d in hh_items],
-                      "help_items": help_ll, "help_tokens": [_n_tokens(tok, r["messages"][-1]["content"]) for r in recs]}
-            pairs = _hh_pairs(opts["hh"])
-            result["hh_tokens"] = [[_n_tokens(tok, p.chosen), _n_tokens(tok, p.rejected)] for p in pairs]
+                      "help_items": lm.logprobs(help_requests, desc="alpaca reference"), **lengths}
             if opts.get("routing") and variant in ("uniform", "h3fusion", "trinityx"):
                 result["routing"], _ = suites.routing(lm, out / variant.replace(":", "-"))
             result["seconds"] = time.time() - t0
@@ -173,7 +179,7 @@ def evaluate(opts: dict) -> None:
                 tmp.write_text(json.dumps(result))
                 tmp.replace(path)
                 print(f"  evaluated {variant}: {result['seconds']:.0f} s", flush=True)
-            del lm, tok
+            del lm
             gc.collect()
             dist.barrier()
     finally:

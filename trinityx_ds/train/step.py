@@ -49,6 +49,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
     task_sum, task_cnt = torch.zeros(len(names)), torch.zeros(len(names))
     tokens = 0
     pairs = objective is not None and objective.pairs
+    needs_reference = pairs and objective.needs_reference()
     rows = micro_batch * (2 if pairs else 1)
     pref: dict[str, float] = {}
     reference_s = 0.0  # this rank's time in the reference forwards: what precomputing them would save
@@ -56,7 +57,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         batch = {k: v[i * rows:(i + 1) * rows] for k, v in big_batch.items()}
         ids, labels = batch["input_ids"], batch["labels"]
         ref_BS = None
-        if pairs and objective.needs_reference():
+        if needs_reference:
             # the reference policy: the same engine with the expert off (the frozen backbone)
             set_routing_context(blocks, RoutingContext(reference=True, compute_losses=False))
             t_ref = time.perf_counter()
@@ -101,7 +102,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         for t, name in enumerate(names):
             if task_cnt[t] > 0:
                 stats[f"train/loss_{name}"] = (task_sum[t] / task_cnt[t]).item()
-    if pairs and objective.needs_reference():
+    if needs_reference:
         stats["time/reference_s"] = reference_s
     stats["_tokens"] = tokens
     return stats
