@@ -63,14 +63,15 @@ def router_source(layout: RunLayout, required: bool) -> list:
 
 
 def assemble(arch, dims, moe, sources: list, *, where: str | Path, dtype: str = "fp32",
-             activation_checkpointing: bool | str = "none", upcycled_experts: bool = False, attention: str = "sdpa"):
+             activation_checkpointing: bool | str = "none", upcycled_experts: bool = False, attention: str = "sdpa",
+             sequence_parallel: bool = False):
     """(model, MoCaE blocks) on this rank: built by `build_model`, every tensor loaded from the
     chained `sources` at this rank's TP slice. `where` names the model source in the error."""
     from trinityx_ds.model.build import build_model  # megatron: only once a model is built
     from trinityx_ds.model.weights import load_weights
 
     model, blocks = build_model(arch, dims, moe, dtype=dtype, activation_checkpointing=activation_checkpointing,
-                                attention=attention)
+                                attention=attention, sequence_parallel=sequence_parallel)
     foreign = load_weights(model, ChainSource(sources), arch, dims.tp, dims.tp_rank, moe)
     unexpected = [n for n in foreign if not may_be_absent(n, upcycled_experts)]
     if unexpected:

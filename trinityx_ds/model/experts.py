@@ -18,6 +18,7 @@ reduce_from_tensor_model_parallel_region.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -27,6 +28,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from torch import nn
 
 from trinityx_ds.model.mocae_spec import PROJECTIONS, expert_shapes
+from trinityx_ds.parallel import sequence as seq
 from trinityx_ds.parallel.dispatch import run_experts
 
 TARGETS = PROJECTIONS
@@ -80,22 +82,38 @@ class LoRAExperts(nn.Module):
         the slot's expert, so no gather/scatter of [T, F] activations is needed. The [T, F] work
         beyond the base FFN is kept to the low-rank updates, each fused into one addmm; with one
         slot, the routing weight scales the [T, H] output instead of the [T, F] activations.
+
+        Sequence parallelism (the base linears built for it): x_TH, the routing and the output are
+        this rank's tokens only; fc1 all-gathers the tokens and fc2 reduce-scatters, as in
+        megatron's MLP, and the low-rank paths follow the same pattern: the replicated factors (gate/up
+        A, down B) run on this rank's tokens with their gradient summed over TP
+        (parallel/sequence.py), the gate/up low-rank activations are all-gathered before meeting the
+        column-parallel side, the down path's partial products reduce-scattered after the
+        row-parallel side.
         """
+        sp = bool(getattr(mlp.linear_fc1, "sequence_parallel", False))
+        if sp:
+            topk_idx_TK = seq.gather_tokens(topk_idx_TK)  # every token's experts, for the TP-sharded [T, F] side
         T, K = topk_idx_TK.shape
         E, r = self.num_experts, self.rank
         fc1_TF2, _ = mlp.linear_fc1(x_TH.unsqueeze(1))
         gate_TF, up_TF = fc1_TF2.squeeze(1).chunk(2, dim=-1)
         x_low = self.dropout(x_TH)
-        # gate/up low-rank activations are replicated across TP: their gradient is all-reduced
-        low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(x_low @ self._stacked_A(t).t())
-               for t in ("gate_proj", "up_proj") if t in self.targets}
+        if sp:  # this rank's tokens through the replicated A; gathered, their gradient reduce-scattered
+            low = {t: seq.gather_tokens(x_low @ seq.shared(self._stacked_A(t)).t())
+                   for t in ("gate_proj", "up_proj") if t in self.targets}
+        else:  # gate/up low-rank activations are replicated across TP: their gradient is all-reduced
+            low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(x_low @ self._stacked_A(t).t())
+                   for t in ("gate_proj", "up_proj") if t in self.targets}
         B = {t: self._stacked_B(t) for t in self.targets}
         # One slot: the weight multiplies the reduced [T, H] output, replicated across TP (its
-        # gradient is whole on every rank). Several: it meets TP-sharded activations (and the down
-        # path's pre-reduce partial sums), so its gradient is partial per rank, summed by the copy
-        # region's backward.
+        # gradient is whole on every rank; under SP both are this rank's tokens). Several: it meets
+        # TP-sharded activations (and the down path's pre-reduce partial sums), so its gradient is
+        # partial per rank, summed by the copy region's backward (under SP, the gather's
+        # reduce-scatter).
         weight_TK = topk_weight_TK.to(x_TH.dtype)
-        weight_mix_TK = None if K == 1 else tensor_parallel.copy_to_tensor_model_parallel_region(weight_TK)
+        weight_mix_TK = (None if K == 1 else seq.gather_tokens(weight_TK) if sp
+                         else tensor_parallel.copy_to_tensor_model_parallel_region(weight_TK))
         mix_TF = down_low = None
         for k in range(K):
             onehot_TEr = F.one_hot(topk_idx_TK[:, k], E).to(x_TH.dtype).repeat_interleave(r, dim=1)
@@ -116,8 +134,12 @@ class LoRAExperts(nn.Module):
         y_TH, _ = mlp.linear_fc2(mix_TF.unsqueeze(1))
         y_TH = y_TH.squeeze(1)
         if down_low is not None:
-            down_low = tensor_parallel.reduce_from_tensor_model_parallel_region(down_low)
-            y_TH = torch.addmm(y_TH, down_low, B["down_proj"], alpha=self.scale)
+            if sp:
+                down_low = seq.reduce_scatter_tokens(down_low)
+                y_TH = torch.addmm(y_TH, down_low, seq.shared(B["down_proj"]), alpha=self.scale)
+            else:
+                down_low = tensor_parallel.reduce_from_tensor_model_parallel_region(down_low)
+                y_TH = torch.addmm(y_TH, down_low, B["down_proj"], alpha=self.scale)
         return y_TH * weight_TK if K == 1 else y_TH
 
 
@@ -130,6 +152,10 @@ class FullExperts(nn.Module):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         self.num_experts, self.local_ids, self.ep_group = num_experts, list(local_ids), ep_group
+        # Under sequence parallelism the block hands the experts the TP group's whole tokens
+        # (model/mocae.py): their own linears must not gather them again.
+        config = copy.copy(config)
+        config.sequence_parallel = False
         spec = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
         self.local = nn.ModuleDict({str(i): MLP(config, spec) for i in self.local_ids})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
 
@@ -20,6 +21,7 @@ from trinityx_ds.model.experts import FullExperts, LoRAExperts
 from trinityx_ds.model.router import CalibratedRouter
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.router_losses import RoutingEMA, router_losses
+from trinityx_ds.parallel import sequence as seq
 
 
 @dataclass
@@ -106,6 +108,8 @@ class MoCaEBlock(nn.Module):
             self.experts.upcycle(base_mlp)
         self.post_norm = nn.RMSNorm(hidden, eps=eps, dtype=dtype) if cfg.normalize_output else None
         self._outside: tuple[nn.Module, ...] = ()  # the experts, when held outside the module tree
+        # sequence parallelism: the backbone's FFN linears were built for it (parallel/sequence.py)
+        self.sequence_parallel = bool(getattr(base_mlp.linear_fc1, "sequence_parallel", False))
 
     def place_experts_outside(self) -> nn.Module:
         """Takes the experts out of this block's module tree (parameters, state_dict, ZeRO's
@@ -125,6 +129,9 @@ class MoCaEBlock(nn.Module):
         return self._outside[0] if self._outside else None
 
     def forward(self, hidden_SBH: torch.Tensor, *args, **kwargs):
+        """hidden_SBH: [S, B, H], or this rank's [S/tp, B, H] under sequence parallelism, where the
+        router, the LoRA paths and the post-mix norm run on this rank's tokens only and the router
+        losses and shares still count every token of the sequence once (parallel/sequence.py)."""
         S, B, H = hidden_SBH.shape
         x_TH = hidden_SBH.reshape(S * B, H)
         ctx = self.ctx or RoutingContext(compute_losses=False)
@@ -134,45 +141,63 @@ class MoCaEBlock(nn.Module):
             if not self._base:
                 raise ValueError("a reference forward (experts off) needs experts.kind: lora")
             return self._base[0](hidden_SBH)
-        out = self.router(x_TH)
+        sp = self.sequence_parallel
+        out = self.router(x_TH, shared=seq.shared if sp else None)
         if ctx.force_expert is not None:
             idx_TK = torch.full((S * B, 1), ctx.force_expert, dtype=torch.long, device=x_TH.device)
             w_TK = torch.ones(S * B, 1, dtype=torch.float32, device=x_TH.device)
         else:
             idx_TK, w_TK = out.topk_idx_TK, out.topk_weight_TK
         if self.cfg.kind == "lora":
-            y_TH = self.expert_module(x_TH, self, idx_TK, w_TK)
+            y_TH = self.expert_module(x_TH, self, idx_TK, w_TK)  # gathers what it needs under SP itself
+        elif sp:
+            # Whole FFN experts: the TP group's tokens on every TP rank, dispatched over EP as
+            # without SP (megatron's MoE dispatchers also gather over TP first); the experts'
+            # computation is replicated over TP, so each rank keeps its slice of the gradients.
+            y_TH = seq.scatter_tokens(self.expert_module(
+                seq.gather_tokens(x_TH, partial_grad=False), seq.gather_tokens(idx_TK),
+                seq.gather_tokens(w_TK, partial_grad=False)))
         else:
             y_TH = self.expert_module(x_TH, idx_TK, w_TK)
         if self.post_norm is not None:
-            y_TH = self.post_norm(y_TH)
+            y_TH = (F.rms_norm(y_TH, (H,), seq.shared(self.post_norm.weight), self.post_norm.eps) if sp
+                    else self.post_norm(y_TH))
         if ctx.force_expert is None and self.ctx is not None:
             recompute = _in_backward()
+            local = seq.local_tokens if sp else (lambda t: t)  # noqa: E731
+            mask_T = local(ctx.mask_T)
             losses = {}
             if ctx.compute_losses:
-                losses = router_losses(out, ctx.mask_T, ctx.example_id_T, ctx.task_label_N, self.cfg.loss_weights,
-                                       None if recompute else self.routing_ema, 0)
+                losses = router_losses(out, mask_T, local(ctx.example_id_T), ctx.task_label_N, self.cfg.loss_weights,
+                                       None if recompute else self.routing_ema, 0,
+                                       **({"reduce": seq.token_sum} if sp else {}))
                 if losses["total"].requires_grad:
                     y_TH = _AttachLoss.apply(y_TH, losses["total"])
             if not recompute:
-                self._record(ctx, out, losses)
+                self._record(ctx, out, losses, mask_T)
         return y_TH.reshape(S, B, H), None
 
     @torch.no_grad()
-    def _record(self, ctx: RoutingContext, out, losses) -> None:
-        mask = ctx.mask_T if ctx.mask_T is not None else torch.ones(out.probs_TE.shape[0], dtype=torch.bool)
+    def _record(self, ctx: RoutingContext, out, losses, mask_T: torch.Tensor | None) -> None:
+        """Losses, the top-1 shares over the valid tokens and (keep_probs) the probabilities of
+        every token, in token order: under SP gathered from the TP group's slices."""
+        mask = mask_T if mask_T is not None else torch.ones(out.probs_TE.shape[0], dtype=torch.bool)
         top1 = out.topk_idx_TK[:, 0][mask]
-        share = torch.bincount(top1, minlength=self.cfg.num_experts).float() / max(int(mask.sum()), 1)
+        counts = torch.cat([torch.bincount(top1, minlength=self.cfg.num_experts).float(), mask.sum().float()[None]])
+        if self.sequence_parallel:
+            counts = seq.token_sum(counts)
+        share = counts[:-1] / counts[-1].clamp_min(1)
         rec = {"losses": {k: v.detach() for k, v in losses.items()}, "share_E": share}
         if ctx.keep_probs:
-            rec["probs_TE"], rec["logits_TE"] = out.probs_TE.detach(), out.logits_TE.detach()
+            probs, logits = out.probs_TE.detach(), out.logits_TE.detach()
+            if self.sequence_parallel:
+                probs, logits = seq.gather_tokens(probs), seq.gather_tokens(logits)
+            rec["probs_TE"], rec["logits_TE"] = probs, logits
         ctx.records[self.layer_id] = rec
 
 
 def attach_mocae(model, cfg: MoCaEConfig, ep_group=None) -> list[MoCaEBlock]:
     """Swaps the MLP of each chosen layer of this rank's (pipeline stage of the) backbone."""
-    if parallel_state.get_tensor_model_parallel_world_size() > 1 and model.config.sequence_parallel:
-        raise ValueError("model.sequence_parallel: true — not supported with MoCaE blocks yet (use false)")
     E = cfg.num_experts
     local_ids = None
     if cfg.kind == "full" and ep_group is not None:

@@ -7,7 +7,7 @@ enough to flip top-k decisions and to bias the calibration the temperature is fi
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,13 +101,21 @@ class CalibratedRouter(nn.Module):
             raise ValueError(f"temperature={temperature} must be > 0")
         self.log_temperature.fill_(math.log(temperature))
 
-    def forward(self, h_TH: torch.Tensor) -> RouterOutput:
-        """Route tokens h_TH [T, H] (leading dims, if any, are flattened into T)."""
+    def forward(self, h_TH: torch.Tensor, shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RouterOutput:
+        """Route tokens h_TH [T, H] (leading dims, if any, are flattened into T).
+
+        shared: applied to each parameter before use. Under sequence parallelism each TP rank routes
+        only its own tokens, so the gradient it computes for the (replicated) router is a partial
+        sum; the MoCaE block passes megatron's copy-to-TP-region here, whose backward all-reduces
+        it over TP, so every rank holds the whole gradient before any optimizer sees it.
+        """
         h_TH = h_TH.reshape(-1, h_TH.shape[-1]).float()
+        p = shared or (lambda t: t)  # noqa: E731
         # autocast would run the projection in bf16 again
         with torch.autocast(h_TH.device.type, enabled=False):
-            logits_TE = F.linear(h_TH, self.weight, self.bias)
-            calibrated_TE = logits_TE / self.log_temperature.exp() + self.log_importance
+            logits_TE = F.linear(h_TH, p(self.weight), None if self.bias is None else p(self.bias))
+            log_t = p(self.log_temperature) if self.log_temperature.requires_grad else self.log_temperature
+            calibrated_TE = logits_TE / log_t.exp() + self.log_importance
             probs_TE = calibrated_TE.softmax(dim=-1)
             # stable sort: among equal probabilities the lowest expert index wins, always
             # (torch.topk does not promise an order for ties; zero-init routing is all ties)

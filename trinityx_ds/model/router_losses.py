@@ -3,9 +3,18 @@
 All terms are fp32 scalars over the valid tokens (mask_T true; None = all valid) and are 0, not
 NaN, when no token is valid. Logs use probabilities clamped at the smallest normal fp32, so a
 probability that underflowed to 0 contributes 0 with a finite gradient.
+
+Every sum over tokens goes through `reduce` (identity by default). Under sequence parallelism a
+TP rank holds only its own slice of the tokens; the MoCaE block passes megatron's
+reduce-from-TP-region (all-reduce forward, identity backward), so every term is the one over all
+tokens, equal on every rank, and each rank's backward gives the exact gradient for its own
+tokens: every token counts exactly once (megatron's MoE aux losses do the same with their
+`sequence_partition_group`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 
 import torch
@@ -15,6 +24,11 @@ from trinityx_ds.config.schema import RouterLossConfig  # the coefficients (pape
 from trinityx_ds.model.router import RouterOutput
 
 _TINY = torch.finfo(torch.float32).tiny
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _log(p: torch.Tensor) -> torch.Tensor:
@@ -28,34 +42,36 @@ def _valid(mask_T: torch.Tensor | None, like_TE: torch.Tensor) -> torch.Tensor:
     return mask_T.reshape(-1).to(torch.float32)
 
 
-def _masked_mean(value_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
-    return (value_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+def _masked_mean(value_T: torch.Tensor, valid_T: torch.Tensor, reduce: Reduce = _same) -> torch.Tensor:
+    num_den = reduce(torch.stack([(value_T * valid_T).sum(), valid_T.sum()]))
+    return num_den[0] / num_den[1].clamp_min(1)
 
 
-def mean_probs(probs_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+def mean_probs(probs_TE: torch.Tensor, mask_T: torch.Tensor | None, reduce: Reduce = _same) -> torch.Tensor:
     """pbar_E: the batch-mean routing distribution over valid tokens (zeros if none)."""
     valid_T = _valid(mask_T, probs_TE)
-    return (probs_TE.float() * valid_T[:, None]).sum(0) / valid_T.sum().clamp_min(1)
+    sums = reduce(torch.cat([(probs_TE.float() * valid_T[:, None]).sum(0), valid_T.sum()[None]]))
+    return sums[:-1] / sums[-1].clamp_min(1)
 
 
-def entropy_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+def entropy_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None, reduce: Reduce = _same) -> torch.Tensor:
     """Mean per-token entropy H(p_t): minimising it makes each token's routing decisive."""
     probs_TE = probs_TE.float()
-    return _masked_mean(-(probs_TE * _log(probs_TE)).sum(-1), _valid(mask_T, probs_TE))
+    return _masked_mean(-(probs_TE * _log(probs_TE)).sum(-1), _valid(mask_T, probs_TE), reduce)
 
 
 def _kl(p_E: torch.Tensor, q_E: torch.Tensor) -> torch.Tensor:
     return (p_E * (_log(p_E) - _log(q_E))).sum()
 
 
-def kl_uniform_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+def kl_uniform_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None, reduce: Reduce = _same) -> torch.Tensor:
     """KL(pbar || uniform) of the batch-mean routing: balanced expert usage on average.
 
     Applied to the batch mean, not per token: per token, KL(p_t || u) = log E - H(p_t), so it
     would only push the entropy term the other way. On the mean it leaves each token free to be
     decisive (low H(p_t)) while the batch as a whole uses all experts.
     """
-    pbar_E = mean_probs(probs_TE, mask_T)
+    pbar_E = mean_probs(probs_TE, mask_T, reduce)
     return _kl(pbar_E, torch.full_like(pbar_E, 1 / pbar_E.numel()))
 
 
@@ -70,6 +86,7 @@ def task_ce_loss(
     mask_T: torch.Tensor | None,
     example_id_T: torch.Tensor,
     task_label_N: torch.Tensor,
+    reduce: Reduce = _same,
 ) -> torch.Tensor:
     """H3Fusion-style supervision: -log pbar_n[label_n], pbar_n = example n's mean routing.
 
@@ -84,13 +101,15 @@ def task_ce_loss(
     sum_NE = probs_TE.new_zeros(num_examples, probs_TE.shape[1])
     sum_NE = sum_NE.index_add(0, example_T, probs_TE * valid_T[:, None])
     count_N = valid_T.new_zeros(num_examples).index_add(0, example_T, valid_T)
+    sums_NE1 = reduce(torch.cat([sum_NE, count_N[:, None]], dim=1))
+    sum_NE, count_N = sums_NE1[:, :-1], sums_NE1[:, -1]
     label_N = task_label_N.reshape(-1).long()
     pbar_N = (sum_NE / count_N.clamp_min(1)[:, None]).gather(1, label_N.clamp_min(0)[:, None])[:, 0]
     return _masked_mean(-_log(pbar_N), ((label_N >= 0) & (count_N > 0)).float())
 
 
 def load_balance_loss(
-    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, mask_T: torch.Tensor | None
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, mask_T: torch.Tensor | None, reduce: Reduce = _same
 ) -> torch.Tensor:
     """Switch-Transformer balance E * sum_i f_i P_i: f_i = share of routed (token, slot)
     assignments on expert i (no gradient), P_i = mean probability; 1 when perfectly balanced."""
@@ -100,14 +119,15 @@ def load_balance_loss(
     routed_E = valid_T.new_zeros(num_experts).index_add(
         0, topk_idx_TK.reshape(-1), valid_T.repeat_interleave(k)
     )
+    routed_E = reduce(routed_E)
     f_E = routed_E / routed_E.sum().clamp_min(1)
-    return num_experts * (f_E * mean_probs(probs_TE, mask_T)).sum()
+    return num_experts * (f_E * mean_probs(probs_TE, mask_T, reduce)).sum()
 
 
-def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None, reduce: Reduce = _same) -> torch.Tensor:
     """ST-MoE z-loss: mean (logsumexp z_t)^2, keeps raw router logits small."""
     logits_TE = logits_TE.float()
-    return _masked_mean(logits_TE.logsumexp(-1).square(), _valid(mask_T, logits_TE))
+    return _masked_mean(logits_TE.logsumexp(-1).square(), _valid(mask_T, logits_TE), reduce)
 
 
 class RoutingEMA(nn.Module):
@@ -161,27 +181,29 @@ def router_losses(
     weights: RouterLossConfig,
     ema: RoutingEMA | None,
     layer: int,
+    reduce: Reduce = _same,
 ) -> dict[str, torch.Tensor]:
     """Every term of one layer (unweighted) plus "total" = their weighted sum.
 
     Terms with weight 0 are computed under no_grad, for logging only. kl_prev is 0 on the
     layer's first batch (no EMA yet) and without `ema`; task_ce is 0 without labels. The EMA is
     updated with this batch's mean afterwards: call once per layer and micro-batch, outside
-    recomputed (activation-checkpointed) regions, or the EMA advances twice.
+    recomputed (activation-checkpointed) regions, or the EMA advances twice. `reduce`: the sum over
+    every rank that holds a slice of the tokens (sequence parallelism), see the module's docstring.
     """
     probs_TE = out.probs_TE
-    pbar_E = mean_probs(probs_TE, mask_T)
+    pbar_E = mean_probs(probs_TE, mask_T, reduce)
     terms = {
-        "entropy": lambda: entropy_loss(probs_TE, mask_T),
-        "kl_uniform": lambda: kl_uniform_loss(probs_TE, mask_T),
-        "load_balance": lambda: load_balance_loss(probs_TE, out.topk_idx_TK, mask_T),
-        "z_loss": lambda: z_loss(out.logits_TE, mask_T),
+        "entropy": lambda: entropy_loss(probs_TE, mask_T, reduce),
+        "kl_uniform": lambda: kl_uniform_loss(probs_TE, mask_T, reduce),
+        "load_balance": lambda: load_balance_loss(probs_TE, out.topk_idx_TK, mask_T, reduce),
+        "z_loss": lambda: z_loss(out.logits_TE, mask_T, reduce),
     }
     if ema is not None:
         prev_E, has_prev = ema.prev(layer)
         terms["kl_prev"] = lambda: kl_prev_loss(pbar_E, prev_E) * has_prev
     if task_label_N is not None and example_id_T is not None:
-        terms["task_ce"] = lambda: task_ce_loss(probs_TE, mask_T, example_id_T, task_label_N)
+        terms["task_ce"] = lambda: task_ce_loss(probs_TE, mask_T, example_id_T, task_label_N, reduce)
 
     zero = probs_TE.new_zeros((), dtype=torch.float32)
     result = {name: zero for name in ("entropy", "kl_prev", "kl_uniform", "task_ce", "load_balance", "z_loss")}
@@ -193,6 +215,6 @@ def router_losses(
         if weight != 0:
             total = total + weight * result[name]
     if ema is not None:
-        ema.update(layer, pbar_E, _valid(mask_T, probs_TE).sum())
+        ema.update(layer, pbar_E, reduce(_valid(mask_T, probs_TE).sum()))
     result["total"] = total
     return result

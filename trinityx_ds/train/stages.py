@@ -96,7 +96,10 @@ class StageRun:
         self.model, self.blocks = assemble(self.arch, self.dims, self.moe, sources, where=model_path,
                                            dtype=cfg.model.dtype, upcycled_experts=stage == 1,
                                            activation_checkpointing=cfg.model.activation_checkpointing,
-                                           attention=cfg.model.attention)
+                                           attention=cfg.model.attention,
+                                           sequence_parallel=cfg.model.sequence_parallel)
+        # sequence parallelism splits every batch's sequence over TP: pad it to a multiple of TP
+        self.pad_to_multiple = self.dims.tp if cfg.model.sequence_parallel else 1
         outside = stage == 2 and self.moe.kind == "full"
         self.external = ExternalExperts.place(self.blocks, self.dims) if outside else ExternalExperts([], self.dims)
         self.external_experts = self.external.modules
@@ -148,7 +151,8 @@ class StageRun:
         self.external.build_optimizer(sc)
         pairs = self.objective is not None and self.objective.pairs
         batches = Batches(train, sc.micro_batch * sc.grad_accum, cfg.seed, pad_id(self.tokenizer),
-                          rank=dims.dp_rank, world=dims.dp, collate_fn=collate_pairs if pairs else collate)
+                          rank=dims.dp_rank, world=dims.dp, pad_to_multiple=self.pad_to_multiple,
+                          collate_fn=collate_pairs if pairs else collate)
         state = TrainState(self.ckpt, self.resume, engine, self.external, batches, self.model, self.moe, self.arch,
                            dims, self.stage, self.expert, cfg.train.train_experts_in_stage2, cfg.train.keep_last,
                            self._write_run_files)
@@ -213,7 +217,7 @@ class StageRun:
             return outputs.write_stage1(self.layout, self.expert, self.model, self.moe, self.arch, self.dims)
         report = routing_report(self.engine, self.model, self.blocks, {n: s[1] for n, s in self.task_sets.items()},
                                 self.cfg.experts.names, self.stage_cfg.micro_batch, pad_id(self.tokenizer),
-                                self.layout.validation_file if self.dims.rank == 0 else None)
+                                self.layout.validation_file if self.dims.rank == 0 else None, self.pad_to_multiple)
         if self.dims.rank == 0:
             log.log(step, {"val/routing_accuracy": report["accuracy"], "val/routing_ece": report["ece"],
                            "val/routing_brier": report["brier"]}, progress=False)

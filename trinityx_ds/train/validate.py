@@ -18,12 +18,13 @@ from trinityx_ds.model.mocae import RoutingContext, set_routing_context
 
 
 @torch.no_grad()
-def routing_probs(engine, blocks, dataset, micro_batch: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_probs(engine, blocks, dataset, micro_batch: int, pad_id: int,
+                  pad_to_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example routing probabilities [N, E] and per-layer mean logits [L, N, E]."""
     probs, logits = [], []
     for i in range(0, len(dataset), micro_batch):
         rows = dataset[i:i + micro_batch]
-        batch = collate([dict(zip(rows, v)) for v in zip(*rows.values())], pad_id)
+        batch = collate([dict(zip(rows, v)) for v in zip(*rows.values())], pad_id, pad_to_multiple)
         ctx = RoutingContext.from_batch(batch["labels"], compute_losses=False, keep_probs=True)
         set_routing_context(blocks, ctx)
         engine(batch["input_ids"], batch["labels"])
@@ -43,7 +44,7 @@ def routing_probs(engine, blocks, dataset, micro_batch: int, pad_id: int) -> tup
 
 
 def routing_report(engine, model, blocks, held_out: dict, names: list[str], micro_batch: int, pad_id: int,
-                   out_file: Path | None = None) -> dict:
+                   out_file: Path | None = None, pad_to_multiple: int = 1) -> dict:
     """The calibration report of the router's task predictions on `held_out` ({task name: its
     held-out rows}), per task accuracy included; written as JSON to `out_file` when given."""
     model.eval()
@@ -51,7 +52,7 @@ def routing_report(engine, model, blocks, held_out: dict, names: list[str], micr
     for task_id, name in enumerate(names):
         held = held_out[name]
         if len(held):
-            p, _ = routing_probs(engine, blocks, held, micro_batch, pad_id)
+            p, _ = routing_probs(engine, blocks, held, micro_batch, pad_id, pad_to_multiple)
             probs.append(p)
             labels.append(torch.full((len(p),), task_id))
     model.train()
