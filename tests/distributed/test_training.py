@@ -39,16 +39,21 @@ def test_expert_training_zero_1_2_3_agree(run_dist, tmp_path, model_dir):
         assert max(abs(a - b) for a, b in zip(losses[1], losses[zero])) <= 1e-5, (losses, zero)
 
 
-def test_router_zero3_tp2_equals_plain_single_process(run_dist, tmp_path, model_dir):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_router_zero3_tp2_equals_plain_single_process(run_dist, tmp_path, model_dir, sp):
+    """Also with sequence parallelism: the 5 steps of the SP run equal the plain run's, step for
+    step (losses), and so do the final router tensors."""
     # kl_prev off: its EMA advances once per rank and step, which a one-process reference cannot mirror
     common = {"train.stage2": {"steps": 5, "lr": 0.5, "micro_batch": 2, "optimizer": "sgd", "grad_clip": 0.0},
               "router": {"top_k": 2, "temperature_mode": "learnable", "losses": {"kl_prev": 0.0}}}
     ref_cfg = write_config(tmp_path / "ref", model_dir, **common)
     write_random_experts(ref_cfg)
-    ds_cfg = write_config(tmp_path / "ds", model_dir, **common, **{"parallel.tp": 2, "parallel.zero_stage": 3})
+    ds_cfg = write_config(tmp_path / "ds", model_dir, **common, **{"parallel.tp": 2, "parallel.zero_stage": 3,
+                                                                    "model.sequence_parallel": sp})
     write_random_experts(ds_cfg)
     ref = run_dist(WORKER, 1, "router_plain", str(ref_cfg), "2")
     got = run_dist(WORKER, 4, "router_ds", str(ds_cfg), timeout=300)  # TP=2 x DP=2: ZeRO-3 partitions over DP
+    assert got["sequence_parallel"] and all(b == sp for b in got["sequence_parallel"]), got["sequence_parallel"]
     _same_run(ref, got, micro_batches=5)
 
 

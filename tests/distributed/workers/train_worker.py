@@ -51,6 +51,7 @@ if mode == "router_ds":
     summary = run.run()
     engine = run.engine
     result["zero_stage"] = engine.zero_optimization_stage()
+    result["sequence_parallel"] = [b.sequence_parallel for b in run.blocks]
     result["partitioned"] = any(getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel() < p.ds_numel
                                 for p in run.model.parameters())
     losses = [json.loads(line)["train/loss"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()
