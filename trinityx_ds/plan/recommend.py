@@ -103,12 +103,15 @@ def candidate_layouts(arch: ModelArch, moe: MoCaEPlan, cluster: Cluster, base: L
         "offload": [False, True],
         "micro_batch": list(MICRO_BATCHES),
         "act_ckpt": ["none", "full"] + (["selective"] if base.scores_kept else []),
+        # SP moves no more bytes than TP's all-reduces and keeps less: listed after "off", so it is
+        # chosen only where it pays (a layout that fits only with it, or a larger micro-batch)
+        "sequence_parallel": [False, True],
     }
     axes |= {k: [v] for k, v in fixed.items() if k in axes}
     out = []
     for values in itertools.product(*axes.values()):
         lay = replace(base, **dict(zip(axes, values)))
-        if cluster.world % (lay.tp * lay.pp):
+        if cluster.world % (lay.tp * lay.pp) or (lay.sequence_parallel and lay.tp == 1):
             continue
         if "grad_accum" not in fixed:
             per_step = lay.micro_batch * lay.dp(cluster.world)

@@ -14,7 +14,10 @@ The implied MFU reports the standard count over the whole step time.
 Communication (ring algorithms; n ranks; busbw from `Cluster.bandwidth`, NVLink inside a node,
 InfiniBand for groups that span nodes, so TP across nodes is penalised):
   TP all-reduce of s b h activations, per layer 2 forward + 2 backward (+2 recompute):
-     2 (n-1)/n x bytes / busbw, on the critical path
+     2 (n-1)/n x bytes / busbw, on the critical path; sequence parallelism turns each into an
+     all-gather plus a reduce-scatter, the same bytes, except around full MoCaE experts, which
+     gather the TP group's tokens and still all-reduce inside (model/mocae.py): half an
+     all-reduce more per such layer and pass
   EP all-to-all of routed tokens (dispatch + combine), forward and backward, exposed
   PP send/receive of s b h per micro-batch; bubble (pp - 1) / grad_accum of compute
   ZeRO-1: gradient all-reduce + parameter all-gather once per step; ZeRO-2: reduce-scatter per
@@ -123,7 +126,8 @@ def _comm(arch: ModelArch, moe: MoCaEPlan, lay: Layout, cluster: Cluster, stage:
         return b, f"{b / 1e9:g} GB/s {'NVLink' if span <= cluster.gpus_per_node else 'IB'}"
 
     if lay.tp > 1:
-        calls = passes * (2 * len(layers) + (k - 1) * len(chosen))
+        calls = passes * (2 * len(layers) + (k - 1) * len(chosen)
+                          + (0.5 * len(chosen) if lay.sequence_parallel and moe.kind == "full" else 0))
         b, b_txt = bw(lay.tp)
         out.append(Term("TP all-reduce", m * calls * _ring(lay.tp, act, b, allreduce=True),
                         f"{m} micro-batches x {calls} all-reduces x 2({lay.tp}-1)/{lay.tp} x {act / 2**20:.0f} MiB "
