@@ -3,6 +3,7 @@ scaled_dot_product_attention), one training step each, on CPU or one GPU.
 
     .venv/bin/python tools/bench_attention.py                    # CPU, s = 2048 and 4096
     .venv/bin/python tools/bench_attention.py --device cuda --seqs 2048,4096,8192
+    .venv/bin/python tools/bench_attention.py --sp                 # also sdpa at TP=2, SP off and on
 
 The model: 4 layers of SmolLM2-135M's attention shape (hidden 576, 9 heads of 64, 3 KV groups,
 FFN 1536), random weights, a vocabulary of 1024 instead of 49152 so the logits do not hide the
@@ -14,6 +15,10 @@ attention's share; batch 1, fp32 on CPU (bf16 on GPU), every parameter trained b
   GPU: torch's peak allocation), which adds the step's transient tensors to the saved ones;
 - step s: the timed step's wall time.
 Targets (issue #14): sdpa's activation memory at s = 4096 at most 0.3x eager's, its step no slower.
+
+--sp adds a second table: sdpa at TP=2 (2 processes, one thread each on CPU), sequence parallelism
+off and on, with what a MoCaE run trains: LoRA experts (rank 8, top-1) in every layer and their
+router, the backbone frozen. Figures are rank 0's (every rank holds the same shapes).
 """
 from __future__ import annotations
 
@@ -39,24 +44,32 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def run_one(attention: str, seq: int, device: str) -> dict:
+def run_one(attention: str, seq: int, device: str, tp: int = 1, sp: bool = False) -> dict:
     import torch
 
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.backbone import masked_mean_loss
     from trinityx_ds.model.build import build_model
+    from trinityx_ds.model.mocae import MoCaEConfig
+    from trinityx_ds.model.mocae_spec import mocae_role
     from trinityx_ds.parallel.groups import destroy_parallel, init_parallel
 
     gpu = device == "cuda"
-    dims = init_parallel(tp=1, seed=0)
+    if gpu and tp > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dims = init_parallel(tp=tp, seed=0)
     try:
         arch = ModelArch.from_hf_dict(SMOLLM2_4L)
-        model, _ = build_model(arch, dims, None, dtype="bf16" if gpu else "fp32", attention=attention)
+        moe = MoCaEConfig(kind="lora", top_k=1) if tp > 1 else None
+        model, _ = build_model(arch, dims, moe, dtype="bf16" if gpu else "fp32", attention=attention,
+                               sequence_parallel=sp)
         model.to(device)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.fill_(1.0) if p.dim() == 1 and "norm" in name else p.normal_(0.0, 0.02)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+                if moe is not None:
+                    p.requires_grad_(mocae_role(name) is not None)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, arch.vocab_size, (1, seq), generator=g).to(device)
         labels = torch.randint(0, arch.vocab_size, (1, seq), generator=g).to(device)
@@ -94,7 +107,8 @@ def run_one(attention: str, seq: int, device: str) -> dict:
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"attention": attention, "seq": seq, "step_s": seconds, "saved_mib": sum(saved.values()) / 2**20,
+        kind = attention if tp == 1 else f"{attention} tp{tp}{' SP' if sp else ''}"
+        return {"attention": kind, "seq": seq, "step_s": seconds, "saved_mib": sum(saved.values()) / 2**20,
                 "peak_mib": peak - before, "loss": loss, "device": torch.cuda.get_device_name() if gpu else "cpu",
                 "core": type(model.decoder.layers[0].self_attention.core_attention).__name__}
     finally:
@@ -120,6 +134,18 @@ def report(rows: list[dict], seqs: list[int]) -> str:
     lines += ["", f"target at s = {s}: sdpa activation memory <= {TARGET_MEMORY}x eager: saved {mem:.2f}x, "
                   f"peak {peak:.2f}x, {'met' if max(mem, peak) <= TARGET_MEMORY else 'MISSED'}; "
                   f"step no slower: {t:.2f}x, {'met' if t <= TARGET_TIME else 'MISSED'}"]
+    if ("sdpa tp2", s) in by:
+        lines += ["", "sdpa at TP=2, LoRA MoCaE blocks in every layer trained (router + experts), backbone frozen; "
+                      "rank 0 of 2",
+                  f"{'s':>6}{'attention':>15}{'saved MiB':>11}{'x no SP':>9}{'peak MiB':>10}{'x no SP':>9}"
+                  f"{'step s':>9}{'x no SP':>9}{'loss':>9}"]
+        for s in seqs:
+            base = by[("sdpa tp2", s)]
+            for kind in ("sdpa tp2", "sdpa tp2 SP"):
+                r = by[(kind, s)]
+                lines.append(f"{s:>6}{kind:>15}{r['saved_mib']:>11,.0f}{r['saved_mib'] / base['saved_mib']:>9.2f}"
+                             f"{r['peak_mib']:>10,.0f}{r['peak_mib'] / base['peak_mib']:>9.2f}{r['step_s']:>9.2f}"
+                             f"{r['step_s'] / base['step_s']:>9.2f}{r['loss']:>9.4f}")
     return "\n".join(lines)
 
 
@@ -129,11 +155,15 @@ def main() -> int:
     ap.add_argument("--seqs", default="2048,4096", help="sequence lengths, comma-separated [2048,4096]")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per run [2]")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # the worker: ATTENTION:SEQ
+    ap.add_argument("--sp", action="store_true", help="also sdpa at TP=2 with sequence parallelism off and on")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the worker: ATTENTION:SEQ[:TP:SP]
     args = ap.parse_args()
     if args.one:
-        attention, seq = args.one.split(":")
-        print("BENCH " + json.dumps(run_one(attention, int(seq), args.device)))
+        attention, seq, *par = args.one.split(":")
+        tp, sp = (int(par[0]), par[1] == "1") if par else (1, False)
+        row = run_one(attention, int(seq), args.device, tp, sp)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("BENCH " + json.dumps(row))
         return 0
     from trinityx_ds.launch.local import cpu_env
 
@@ -142,13 +172,19 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                       os.environ.get("PYTHONPATH")]))
     rows = []
+    runs = [("eager", 1, False), ("sdpa", 1, False)] + ([("sdpa", 2, False), ("sdpa", 2, True)] if args.sp else [])
     for seq in seqs:
-        for attention in ("eager", "sdpa"):
-            argv = [sys.executable, __file__, "--device", args.device, "--one", f"{attention}:{seq}"]
-            proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        for attention, tp, sp in runs:
+            argv = [sys.executable, __file__, "--device", args.device, "--one", f"{attention}:{seq}:{tp}:{int(sp)}"]
+            run_env = env
+            if tp > 1:  # one process per TP rank; on CPU the same two cores, one thread each
+                argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+                        *argv[1:]]
+                run_env = {**env, "OMP_NUM_THREADS": str(max(1, args.threads // tp))} if args.device == "cpu" else env
+            proc = subprocess.run(argv, env=run_env, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
             if proc.returncode or line is None:
-                print(f"bench_attention: {attention} at s = {seq} failed (exit {proc.returncode}):\n"
+                print(f"bench_attention: {attention} tp {tp} sp {sp} at s = {seq} failed (exit {proc.returncode}):\n"
                       f"{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1
             rows.append(json.loads(line[6:]))
