@@ -112,7 +112,8 @@ def figures(rows: list[dict], resamples: int) -> dict:
     return {"items": len(rows), "tokens": int(n.sum()),
             "agreement": (agree.mean(), bootstrap(lambda i: agree[i].mean(), len(rows), resamples)),
             "ll/token routed": routed.sum() / n.sum(),
-            "ll/token cost": (diff.sum() / n.sum(), bootstrap(lambda i: diff[i].sum() / n[i].sum(), len(rows), resamples)),
+            "ll/token cost": (diff.sum() / n.sum(),
+                              bootstrap(lambda i: diff[i].sum() / n[i].sum(), len(rows), resamples)),
             "picks": dict(Counter(r["pick"] for r in rows)), "majorities": dict(Counter(r["majority"] for r in rows))}
 
 

@@ -415,7 +415,8 @@ def test_peft_adapters_on_every_layer_equal_the_forced_experts_and_route_reads_l
         adapter = load_file(folder / "adapter_model.safetensors")
         mine = {k: v for k, v in held.items() if f".experts.{name}." in k}
         assert len(adapter) == len(mine) == 2 * 3 * 2
-        assert all(torch.equal(adapter["base_model.model." + k.replace(f"experts.{name}.", "")], v) for k, v in mine.items())
+        peft_name = {k: "base_model.model." + k.replace(f"experts.{name}.", "") for k in mine}
+        assert all(torch.equal(adapter[peft_name[k]], v) for k, v in mine.items())
         model.config.force_expert = name
         with torch.no_grad():
             forced = model(IDS).logits
@@ -432,9 +433,10 @@ def test_peft_adapters_on_every_layer_equal_the_forced_experts_and_route_reads_l
     assert got_LTE.shape == (2, 10, 3) and torch.allclose(got_LTE[0], want_TE, atol=1e-6)
 
 
-@pytest.mark.parametrize("setting,kw,extra", [("experts.kind: full", {"kind": "full"}, []),
-                                              ("router.normalize_output: true", {"norm": True}, []),
-                                              ("--expert: 'help' — only with --format dense", {}, ["--expert", "help"])])
+@pytest.mark.parametrize("setting,kw,extra", [
+    ("experts.kind: full", {"kind": "full"}, []),
+    ("router.normalize_output: true", {"norm": True}, []),
+    ("--expert: 'help' — only with --format dense", {}, ["--expert", "help"])])
 def test_peft_refused_in_one_line(tmp_path, tiny, capsys, setting, kw, extra):
     from trinityx_ds.cli import main
 
