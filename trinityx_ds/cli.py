@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(exp)
     exp.set_defaults(fn=cmd_export)
 
+    from trinityx_ds.convert.route import add_route_arguments, cmd_route
+
+    rt = sub.add_parser("route", help="which adapter of an `export-hf --format peft` folder serves a request")
+    add_route_arguments(rt)
+    rt.set_defaults(fn=cmd_route)
+
     from trinityx_ds.eval.runner import add_eval_arguments
     from trinityx_ds.launch.slurm import add_slurm_arguments
 

@@ -392,3 +392,66 @@ def test_export_into_an_unwritable_place_is_one_line(tmp_path, tiny, capsys):
     assert main(["export-hf", str(run), str(blocker / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("trinityx export-hf: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_peft_adapters_on_every_layer_equal_the_forced_experts_and_route_reads_layer_0(tmp_path, tiny):
+    """Every MoCaE layer (layers_to_transform [0, 1]): each PEFT adapter on the exported backbone is
+    the TrinityX model with its expert forced; every expert and router tensor is in the export; the
+    route helper's first-layer probabilities are the TrinityX router's (its input is the backbone's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trinityx_ds.convert.route import RequestRouter
+
+    run = make_run(tmp_path, tiny)
+    out = export_hf(run, tmp_path / "peft", fmt="peft")
+    model = TrinityXForCausalLM.from_pretrained(export_hf(run, tmp_path / "hf")).eval()
+    held = mocae_tensors(run)
+    router = load_file(out / "adapters" / "router.safetensors")
+    assert set(router) == {k for k in held if ".mlp.router." in k}
+    for name in ("help", "harm", "honest"):
+        folder = out / "adapters" / name
+        assert json.loads((folder / "adapter_config.json").read_text())["layers_to_transform"] == [0, 1]
+        adapter = load_file(folder / "adapter_model.safetensors")
+        mine = {k: v for k, v in held.items() if f".experts.{name}." in k}
+        assert len(adapter) == len(mine) == 2 * 3 * 2
+        peft_name = {k: "base_model.model." + k.replace(f"experts.{name}.", "") for k in mine}
+        assert all(torch.equal(adapter[peft_name[k]], v) for k, v in mine.items())
+        model.config.force_expert = name
+        with torch.no_grad():
+            forced = model(IDS).logits
+            got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), folder).eval()(IDS).logits
+        assert (got - forced).abs().max() <= TOL, name
+    model.config.force_expert = None
+    first = model.model.layers[0].mlp.router
+    seen = []
+    first.register_forward_hook(lambda mod, args, res: seen.append(args[0].float()))
+    with torch.no_grad():
+        model(IDS[:1])
+    want_TE = (seen[0] @ first.weight.T / first.log_temperature.exp() + first.log_importance).softmax(-1)
+    got_LTE = RequestRouter(out).layer_probs(IDS[0].tolist())
+    assert got_LTE.shape == (2, 10, 3) and torch.allclose(got_LTE[0], want_TE, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting,kw,extra", [
+    ("experts.kind: full", {"kind": "full"}, []),
+    ("router.normalize_output: true", {"norm": True}, []),
+    ("--expert: 'help' — only with --format dense", {}, ["--expert", "help"])])
+def test_peft_refused_in_one_line(tmp_path, tiny, capsys, setting, kw, extra):
+    from trinityx_ds.cli import main
+
+    run = make_run(tmp_path, tiny, **kw)
+    assert main(["export-hf", str(run), str(tmp_path / "peft"), "--format", "peft", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trinityx export-hf: {setting}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "peft").exists()
+
+
+def test_route_refuses_a_folder_without_router_in_one_line(tmp_path, tiny, capsys):
+    from trinityx_ds.cli import main
+
+    dense = export_hf(make_run(tmp_path, tiny), tmp_path / "dense", fmt="dense", expert="help")
+    assert main(["route", "--export", str(dense), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"trinityx route: {dense / 'adapters' / 'router.json'}: missing (not an `export-hf " \
+                          "--format peft` folder)"

@@ -23,7 +23,8 @@ def model_card(s: ExportSource, fmt: str, expert: str | None) -> str:
     """README.md: what was exported, the router settings, and stage 2's calibration figures."""
     arch, moe = s.arch, s.moe
     title = {"trinityx": "TrinityX (MoCaE)", "dense": f"TrinityX expert `{expert}` merged (dense)",
-             "mixtral": "TrinityX as Mixtral"}[fmt] if moe else "TrinityX backbone"
+             "mixtral": "TrinityX as Mixtral", "peft": "TrinityX backbone with one PEFT adapter per expert"}[fmt] \
+        if moe else "TrinityX backbone"
     out = ["---", "library_name: transformers", "tags: [trinityx, mixture-of-experts, calibrated-router]", "---",
            f"# {title}", "",
            f"Base: {arch.model_type}, {arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.vocab_size}. "
@@ -50,5 +51,10 @@ def model_card(s: ExportSource, fmt: str, expert: str | None) -> str:
              "dense": f"A plain model: the `{expert}` expert alone (the router is not part of it).",
              "mixtral": "Exact for the router above: T folded into the gate (W / T), uniform gamma. Tokens whose "
                         "two probabilities are exactly equal break the tie by torch.topk here, by lowest index in "
-                        "TrinityX."}
+                        "TrinityX.",
+             "peft": "A plain model; `adapters/<expert>/` is each expert as a PEFT LoRA adapter (exact: the model with "
+                     "that expert forced), e.g. `vllm serve PATH --enable-lora --lora-modules "
+                     + " ".join(f"{n}=PATH/adapters/{n}" for n in moe.expert_names)
+                     + "`. `trinityx route --export PATH --prompt TEXT` names the adapter the router picks for a "
+                       "request (mean calibrated probability over its tokens)."}
     return "\n".join(out + ["## Use", "", usage[fmt], ""])

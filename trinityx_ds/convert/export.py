@@ -2,8 +2,10 @@
 
 Formats (convert/formats.py): `trinityx` (the whole MoCaE model, loadable with
 AutoModelForCausalLM once trinityx_ds is imported, or anywhere with trust_remote_code), `dense`
-(one expert merged into a plain Llama/Mistral/Qwen2) and `mixtral` (only where Mixtral computes
-exactly what TrinityX computes; otherwise `ExportRefused` names the setting that prevents it).
+(one expert merged into a plain Llama/Mistral/Qwen2), `mixtral` (only where Mixtral computes
+exactly what TrinityX computes; otherwise `ExportRefused` names the setting that prevents it) and
+`peft` (the plain backbone, each LoRA expert a PEFT adapter, the router beside them:
+convert/adapters.py; `trinityx route` picks an adapter per request, convert/route.py).
 Inputs (convert/inputs.py): a training output dir, a training checkpoint of any layout (through
 its universal copy), a TrinityX HF folder, or an import-hf checkpoint (backbone only: a plain
 model). The way back, a TrinityX folder into a run to train on: convert/import_back.py.
@@ -18,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from trinityx_ds.convert.adapters import ADAPTERS, write_adapters
 from trinityx_ds.convert.backbone_ckpt import copy_tokenizer
 from trinityx_ds.convert.card import model_card
 from trinityx_ds.convert.formats import AUTO_MAP, FORMATS, ExportRefused, _plan
@@ -47,6 +50,8 @@ def export_hf(run_or_ckpt: str | Path, out_dir: str | Path, fmt: str = "trinityx
         for name, tensor in tensors:
             writer.add(name, tensor)
         writer.close()
+        if fmt == "peft":  # read before the count below: the adapters and router hold the MoCaE tensors
+            write_adapters(tmp, s, str(Path(out_dir).resolve()))
         missing = sorted(required - s.reads)
         if missing:
             raise CheckpointError(f"{s.where(missing[0])}: {len(missing)} of {len(required)} expert/router tensors "
@@ -81,7 +86,8 @@ def add_export_arguments(p) -> None:
                               "TrinityX HF folder, or import-hf checkpoint")
     p.add_argument("out", help="HF folder to write")
     p.add_argument("--format", choices=FORMATS, default="trinityx",
-                   help="trinityx (MoCaE model), dense (one expert merged), mixtral (where exact)")
+                   help="trinityx (MoCaE model), dense (one expert merged), mixtral (where exact), peft (backbone + "
+                        "one PEFT LoRA adapter per expert + router, for vLLM's --lora-modules and `trinityx route`)")
     p.add_argument("--expert", default=None, help="the expert of --format dense")
     p.add_argument("--config", default=None, help="run config (default: the one saved with the checkpoint; for an "
                                                   "output dir, its latest checkpoint's, stage 2's first, else its "
@@ -96,4 +102,7 @@ def cmd_export(args) -> int:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     print(f"exported {args.run} -> {out} ({args.format}, {len(set(index['weight_map'].values()))} shards, "
           f"{index['metadata']['total_size'] / 1e6:.1f} MB)")
+    if args.format == "peft":
+        names = sorted(p.name for p in (out / ADAPTERS).iterdir() if p.is_dir())
+        print(f"adapters: {', '.join(f'{n}={out / ADAPTERS / n}' for n in names)} (router: {out / ADAPTERS})")
     return 0

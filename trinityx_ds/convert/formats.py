@@ -1,9 +1,11 @@
-"""The three export formats: the HF config of each, and the stream of (HF name, tensor) that fills it.
+"""The four export formats: the HF config of each, and the stream of (HF name, tensor) that fills it.
 
     trinityx   the whole MoCaE model (convert/hf_model), its tensors as the source holds them
     dense      one expert merged into a plain Llama/Mistral/Qwen2/Qwen3/Gemma (LoRA: W + s B A)
     mixtral    only where Mixtral computes exactly what TrinityX computes; otherwise
                `ExportRefused` names the setting that prevents it
+    peft       the plain backbone; its LoRA experts as PEFT adapters and the router beside it
+               (convert/peft.py writes those: the stream here is the backbone alone)
 
 A stream reads one tensor at a time from an `ExportSource` (convert/inputs.py), so the writer
 holds one shard in memory. `_plan` also names the MoCaE tensors the stream must consume: the
@@ -21,7 +23,7 @@ from trinityx_ds.model.mocae_spec import expert_tensors
 if TYPE_CHECKING:
     from trinityx_ds.convert.inputs import ExportSource
 
-FORMATS = ("trinityx", "dense", "mixtral")
+FORMATS = ("trinityx", "dense", "mixtral", "peft")
 # the remote code an exported TrinityX folder ships (export.MODEL_FILES), for AutoConfig / AutoModel
 AUTO_MAP = {"AutoConfig": "configuration_trinityx.TrinityXConfig",
             "AutoModelForCausalLM": "modeling_trinityx.TrinityXForCausalLM"}
@@ -115,6 +117,12 @@ def _dense_tensors(s: ExportSource, expert: str, names):
             yield name, s.read(name)
 
 
+def _backbone_tensors(s: ExportSource, names):
+    """The base model's tensors as the source holds them (the FFN of a MoCaE layer is the LoRA base)."""
+    for name in names:
+        yield name, s.read(name)
+
+
 def _mixtral_tensors(s: ExportSource, names):
     """Router folded to a gate (W / T), experts as w1 (gate), w3 (up), w2 (down); the base FFN goes."""
     for name in names:
@@ -172,6 +180,25 @@ def _mixtral_refusal(s: ExportSource) -> str | None:
     return None
 
 
+_NO_POST_NORM = ("router.normalize_output: true — a plain model has no post-mix RMSNorm, so no {what} equals an "
+                 "expert alone (use --format trinityx with force_expert)")
+
+
+def _peft_refusal(s: ExportSource) -> str | None:
+    """Why a PEFT adapter on the plain backbone would not compute the model with its expert
+    forced, or None. PEFT's LoRA is W x + (alpha / r) B A x on the targeted projections: exactly a
+    LoRA expert alone, and nothing else (a whole FFN, a post-mix norm)."""
+    moe = s.moe
+    if moe is None:
+        return "a backbone without experts has no adapters to export (use --format trinityx)"
+    if moe.kind != "lora":
+        return (f"experts.kind: {moe.kind} — PEFT adapters are LoRA deltas, these experts are whole FFNs "
+                "(export them as trinityx, dense or mixtral)")
+    if moe.normalize_output:
+        return _NO_POST_NORM.format(what="adapter")
+    return None
+
+
 # ---------------------------------------------------------------------------------------- plan
 def _plan(s: ExportSource, fmt: str, expert: str | None):
     """(config, tensor stream, MoCaE tensors the stream must consume) for one format."""
@@ -181,6 +208,12 @@ def _plan(s: ExportSource, fmt: str, expert: str | None):
     if expert is not None and fmt != "dense":
         raise ValueError(f"--expert: {expert!r} — only with --format dense")
     dtype = str(_dtype(s)).removeprefix("torch.")
+    if fmt == "peft":
+        reason = _peft_refusal(s)
+        if reason:
+            raise ExportRefused(reason)
+        config = _base_config(s, dtype=dtype, architectures=[_arch_name(s.arch.model_type)])
+        return config, _backbone_tensors(s, _meta_model(config)), set(s.mocae_files)  # peft.py reads the MoCaE ones
     if moe is None or fmt == "trinityx":
         if fmt == "mixtral":
             raise ExportRefused(_mixtral_refusal(s))
@@ -191,8 +224,7 @@ def _plan(s: ExportSource, fmt: str, expert: str | None):
         if expert not in moe.expert_names:
             raise ValueError(f"--expert: {expert!r} — one of {', '.join(moe.expert_names)}")
         if moe.normalize_output:
-            raise ExportRefused("router.normalize_output: true — a plain model has no post-mix RMSNorm, so no dense "
-                                "model equals an expert alone (use --format trinityx with force_expert)")
+            raise ExportRefused(_NO_POST_NORM.format(what="dense model"))
         config = _base_config(s, dtype=dtype, architectures=[_arch_name(s.arch.model_type)])
         mine = set(expert_tensors(s.mocae_files, expert))
         return config, _dense_tensors(s, expert, _meta_model(config)), mine
