@@ -115,19 +115,25 @@ def run_one(attention: str, seq: int, device: str, tp: int = 1, sp: bool = False
         destroy_parallel()
 
 
+def _table(by: dict, seqs: list[int], kinds: tuple[str, str], against: str, width: int) -> list[str]:
+    """Header and rows of `kinds` at each s, each figure also as a ratio to the first kind's."""
+    lines = [f"{'s':>6}{'attention':>{width}}{'saved MiB':>11}{against:>9}{'peak MiB':>10}{against:>9}"
+             f"{'step s':>9}{against:>9}{'loss':>9}"]
+    for s in seqs:
+        base = by[(kinds[0], s)]
+        for kind in kinds:
+            r = by[(kind, s)]
+            lines.append(f"{s:>6}{kind:>{width}}{r['saved_mib']:>11,.0f}{r['saved_mib'] / base['saved_mib']:>9.2f}"
+                         f"{r['peak_mib']:>10,.0f}{r['peak_mib'] / base['peak_mib']:>9.2f}{r['step_s']:>9.2f}"
+                         f"{r['step_s'] / base['step_s']:>9.2f}{r['loss']:>9.4f}")
+    return lines
+
+
 def report(rows: list[dict], seqs: list[int]) -> str:
     by = {(r["attention"], r["seq"]): r for r in rows}
     lines = [f"4-layer SmolLM2-shaped model (hidden 576, 9 heads x 64, 3 KV groups, FFN 1536, vocab 1024), "
              f"batch 1, one training step; {rows[0]['device']}",
-             f"{'s':>6}{'attention':>11}{'saved MiB':>11}{'x eager':>9}{'peak MiB':>10}{'x eager':>9}"
-             f"{'step s':>9}{'x eager':>9}{'loss':>9}"]
-    for s in seqs:
-        e = by[("eager", s)]
-        for kind in ("eager", "sdpa"):
-            r = by[(kind, s)]
-            lines.append(f"{s:>6}{kind:>11}{r['saved_mib']:>11,.0f}{r['saved_mib'] / e['saved_mib']:>9.2f}"
-                         f"{r['peak_mib']:>10,.0f}{r['peak_mib'] / e['peak_mib']:>9.2f}{r['step_s']:>9.2f}"
-                         f"{r['step_s'] / e['step_s']:>9.2f}{r['loss']:>9.4f}")
+             *_table(by, seqs, ("eager", "sdpa"), "x eager", 11)]
     s = max(seqs)
     e, d = by[("eager", s)], by[("sdpa", s)]
     mem, peak, t = d["saved_mib"] / e["saved_mib"], d["peak_mib"] / e["peak_mib"], d["step_s"] / e["step_s"]
@@ -136,16 +142,7 @@ def report(rows: list[dict], seqs: list[int]) -> str:
                   f"step no slower: {t:.2f}x, {'met' if t <= TARGET_TIME else 'MISSED'}"]
     if ("sdpa tp2", s) in by:
         lines += ["", "sdpa at TP=2, LoRA MoCaE blocks in every layer trained (router + experts), backbone frozen; "
-                      "rank 0 of 2",
-                  f"{'s':>6}{'attention':>15}{'saved MiB':>11}{'x no SP':>9}{'peak MiB':>10}{'x no SP':>9}"
-                  f"{'step s':>9}{'x no SP':>9}{'loss':>9}"]
-        for s in seqs:
-            base = by[("sdpa tp2", s)]
-            for kind in ("sdpa tp2", "sdpa tp2 SP"):
-                r = by[(kind, s)]
-                lines.append(f"{s:>6}{kind:>15}{r['saved_mib']:>11,.0f}{r['saved_mib'] / base['saved_mib']:>9.2f}"
-                             f"{r['peak_mib']:>10,.0f}{r['peak_mib'] / base['peak_mib']:>9.2f}{r['step_s']:>9.2f}"
-                             f"{r['step_s'] / base['step_s']:>9.2f}{r['loss']:>9.4f}")
+                      "rank 0 of 2", *_table(by, seqs, ("sdpa tp2", "sdpa tp2 SP"), "x no SP", 15)]
     return "\n".join(lines)
 
 
