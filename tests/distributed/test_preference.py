@@ -1,6 +1,6 @@
 """Preference experts: DPO at TP=2 x ZeRO-3 equals TRL's DPO loss on the transformers model
 carrying a PEFT LoRA adapter with the same weights and pairs, step for step, and its reference
-(the expert switched off) is the backbone exactly."""
+(the expert switched off) is the backbone exactly; with sequence parallelism too."""
 import re
 from pathlib import Path
 
@@ -91,16 +91,18 @@ def _trl_reference(cfg_path: Path, expert: str) -> dict:
     return out
 
 
+DPO_RUN = {"experts.objective": {"help": "sft", "harm": "dpo", "honest": "sft"},
+           "parallel": {"tp": 2, "zero_stage": 3},
+           "train.stage1": {"steps": 3, "lr": 0.5, "micro_batch": 2, "grad_accum": 2, "optimizer": "sgd",
+                            "grad_clip": 0.0, "beta": 0.5},
+           "train.checkpoint_every": 1, "train.keep_last": 3}
+
+
 def test_dpo_tp2_zero3_equals_trl_dpo_on_a_peft_adapter(run_dist, tmp_path, model_dir):
     from trinityx_ds.storage.layout import CheckpointDir
     from trinityx_ds.storage.universal_copy import open_universal
 
-    cfg = write_config(tmp_path, model_dir, **{
-        "experts.objective": {"help": "sft", "harm": "dpo", "honest": "sft"},
-        "parallel": {"tp": 2, "zero_stage": 3},
-        "train.stage1": {"steps": 3, "lr": 0.5, "micro_batch": 2, "grad_accum": 2, "optimizer": "sgd",
-                         "grad_clip": 0.0, "beta": 0.5},
-        "train.checkpoint_every": 1, "train.keep_last": 3})
+    cfg = write_config(tmp_path, model_dir, **DPO_RUN)
     got = run_dist(WORKER, 2, str(cfg), "harm", timeout=240)
     assert got["zero_stage"] == 3 and got["summary"]["step"] == 3
     # the reference policy is the backbone itself, bit for bit, while the trained expert is not
@@ -130,3 +132,17 @@ def test_dpo_tp2_zero3_equals_trl_dpo_on_a_peft_adapter(run_dist, tmp_path, mode
     print(f"DPO vs TRL: loss max diff {max(abs(a - b) for a, b in zip(losses, ref['losses'])):.2e}, "
           f"LoRA gradient max diff {worst:.2e}")
     assert any(float(g.abs().max()) > 1e-3 for g in ref["grads"][1].values())  # the gradients are not trivial
+
+    # the same run with sequence parallelism (the reference forward and the LoRA paths on sharded
+    # tokens): the same losses and, step by step, the same weights as TRL's
+    sp_cfg = write_config(tmp_path / "sp", model_dir, **DPO_RUN, **{"model.sequence_parallel": True})
+    sp = run_dist(WORKER, 2, str(sp_cfg), "harm", timeout=240)
+    assert sp["sequence_parallel"] and all(sp["sequence_parallel"]) and sp["summary"]["step"] == 3
+    assert sp["ref_vs_backbone_max"] <= 1e-5 and sp["expert_moved"] > 1e-4, sp
+    sp_losses = [m["dpo/loss"] for m in metrics(tmp_path / "sp/out/stage1/harm/metrics.jsonl")]
+    assert max(abs(a - b) for a, b in zip(sp_losses, ref["losses"])) <= 1e-5, (sp_losses, ref["losses"])
+    sp_ckpt = CheckpointDir(tmp_path / "sp/out/stage1/harm/checkpoints")
+    for step in range(3):
+        src = open_universal(sp_ckpt.tag_dir(f"step{step + 1:08d}"))
+        for n, w in ref["weights"][step].items():
+            assert torch.allclose(src.read(n), w, atol=1e-5, rtol=0), (step, n)

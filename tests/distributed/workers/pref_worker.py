@@ -26,7 +26,8 @@ cfg = load_config(config)
 run = StageRun(cfg, 1, expert)
 summary = run.run()
 train, _ = run._datasets()
-batch = next(Batches(train, 4, cfg.seed, run.tokenizer.pad_token_id, collate_fn=collate_pairs))
+batch = next(Batches(train, 4, cfg.seed, run.tokenizer.pad_token_id, collate_fn=collate_pairs,
+                     pad_to_multiple=run.pad_to_multiple))
 ids, labels = batch["input_ids"], batch["labels"]
 run.model.eval()
 with torch.no_grad():
@@ -43,6 +44,7 @@ result = {"summary": {k: v for k, v in summary.items() if isinstance(v, (int, st
           "ref_equals_backbone": bool(torch.equal(ref_BS[mask], plain_BS[mask])),
           "ref_vs_backbone_max": float((ref_BS - plain_BS)[mask].abs().max()),
           "expert_moved": float((policy_BS - plain_BS)[mask].abs().max()),
-          "zero_stage": run.engine.zero_optimization_stage()}
+          "zero_stage": run.engine.zero_optimization_stage(),
+          "sequence_parallel": [b.sequence_parallel for b in run.blocks]}
 destroy_parallel()
 write_result(result)
