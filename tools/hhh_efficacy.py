@@ -80,7 +80,10 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
             # HH-RLHF's harmless-base test file holds 13 dialogues whose turns do not alternate
             "max_seq_len": args.max_seq_len, "pairs_per_prompt": 2, "on_malformed": "skip"},
         "train": {"stage1": {"steps": args.steps1, "lr": 5e-4, "micro_batch": 4, "grad_accum": 1,
-                             "warmup_steps": min(5, args.steps1 - 1), "beta": 0.1},
+                             "warmup_steps": min(5, args.steps1 - 1), "beta": 0.1,
+                             # the harm expert has the most pairs (HH-RLHF + BeaverTails): at 60 steps x 8
+                             # it saw a quarter of them once (the 2026-12-02 run); these see most once
+                             "steps_per_expert": {"harm": args.steps1_harm}},
                   "stage2": {"steps": args.steps2, "lr": 1e-2, "micro_batch": 4,
                              "warmup_steps": min(5, args.steps2 - 1)},
                   "checkpoint_every": 25, "keep_last": 1},
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--tp", type=int, default=1, help="TP of training and evaluation [1: the 2 cores data-parallel]")
     p.add_argument("--steps1", type=int, default=60, help="stage-1 steps per expert [60]")
-    p.add_argument("--steps2", type=int, default=30, help="stage-2 steps [30]")
+    p.add_argument("--steps1-harm", type=int, default=180, help="stage-1 steps of the harm expert [180]")
+    p.add_argument("--steps2", type=int, default=90, help="stage-2 steps [90]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
     p.add_argument("--hh", type=int, default=510, help="held-out HH-RLHF harmless rows, at least [510]: 500 usable pairs")
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         data, hf_dir = _smoke(out)
         args.tqa, args.hh, args.help_eval = 6, 6, 6
-        args.steps1, args.steps2, args.max_seq_len, args.batch = 3, 3, 128, 8
+        args.steps1, args.steps1_harm, args.steps2, args.max_seq_len, args.batch = 3, 4, 3, 128, 8
     else:
         data = Path(args.data)
         if not data.is_dir():
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     table = figures({v: json.loads(result_file(evals, v).read_text()) for v in VARIANTS})
     meta = (f"`python tools/hhh_efficacy.py{' --smoke' if args.smoke else ''}` ({time.time() - t0:.0f} s this "
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
-            f"examples per expert, stage 2 {args.steps2} steps, "
+            f"examples per expert ({args.steps1_harm} for harm), stage 2 {args.steps2} steps x 8 examples, "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")

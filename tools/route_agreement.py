@@ -4,9 +4,11 @@ route`) gives up against TrinityX's token-level routing, on held-out prompts.
     python tools/route_agreement.py RUN OUT [--data ../shared/data | --fixtures] [--n 40]
 
 RUN: a training output dir with LoRA experts. It is exported into OUT as `--format peft` (what is
-served) and `--format trinityx` (the token-level model). The held-out items are
-eval/heldout.split_samples's prompt-disjoint evaluation side of the real samples (TruthfulQA,
-HH-RLHF harmless, Alpaca: `--n` of each), or of the project's fixtures (`--fixtures`). Per item,
+served) and `--format trinityx` (the token-level model). The held-out items are the run's own
+held-out files (`data.heldout`: its TruthfulQA, HH-RLHF and Alpaca files, which the run refused to
+train on), the first `--n` of each; a run without them gets eval/heldout.split_samples's
+prompt-disjoint evaluation side of the real samples, or of the project's fixtures (`--fixtures`),
+which only a run that did not train on those samples can be measured on. Per item,
 rendered as evaluation renders them (eval/loglik.encode: prompt with the chat template, then the
 reference response):
 
@@ -39,21 +41,39 @@ from trinityx_ds.eval.heldout import bootstrap  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def held_out_requests(root: Path, data: Path | None, n: int, seed: int) -> dict[str, list]:
-    """{suite: [Request]} from the evaluation side of a prompt-disjoint split."""
+SUITES = (("truthfulqa", "tqa_eval", "truthfulqa"), ("hh_harmless", "hh_eval", "hh_rlhf"), ("alpaca", "alpaca_eval", "alpaca"))
+
+
+def run_heldout(run: Path) -> dict[str, str] | None:
+    """{split key: file} of the run's own held-out files in the three formats, or None."""
+    from trinityx_ds.config import load_config
+    from trinityx_ds.storage.layout import RunLayout
+
+    cfg = load_config(str(RunLayout(run).run_config_file()), check_paths=False)
+    files = {src.format: src.path for sources in cfg.data.heldout.values() for src in sources}
+    found = {key: files[fmt] for _, key, fmt in SUITES if fmt in files}
+    return found if len(found) == len(SUITES) else None
+
+
+def held_out_requests(root: Path, run: Path, data: Path | None, n: int, seed: int) -> tuple[dict[str, list], str]:
+    """({suite: [Request]}, where they come from): the run's held-out files, else the evaluation
+    side of a prompt-disjoint split of `data` (None: the fixtures)."""
     from trinityx_ds.config.schema import DataSource
     from trinityx_ds.data.formats import read_source
     from trinityx_ds.eval.heldout import fixture_samples, split_samples
     from trinityx_ds.eval.loglik import Request
 
-    samples = data if data is not None else fixture_samples(root / "fixture_samples")
-    paths = split_samples(samples, root / "split", n, n, n, seed)
+    paths = run_heldout(run)
+    where = "the run's data.heldout files"
+    if paths is None:
+        samples = data if data is not None else fixture_samples(root / "fixture_samples")
+        paths = split_samples(samples, root / "split", n, n, n, seed)
+        where = f"a prompt-disjoint split of {samples} (seed {seed})"
     out = {}
-    for suite, key, fmt in (("truthfulqa", "tqa_eval", "truthfulqa"), ("hh_harmless", "hh_eval", "hh_rlhf"),
-                            ("alpaca", "alpaca_eval", "alpaca")):
+    for suite, key, fmt in SUITES:
         recs, _ = read_source(DataSource(str(paths[key]), fmt, split="validation"), suite, "skip")
         out[suite] = [Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs][:n]
-    return out
+    return out, where
 
 
 class TokenLevel:
@@ -136,10 +156,11 @@ def main(argv=None) -> int:
     for fmt in ("peft", "trinityx"):
         if not (out / fmt).is_dir():
             export_hf(args.run, out / fmt, fmt=fmt)
-    requests = held_out_requests(out, None if args.fixtures else Path(args.data), args.n, args.seed)
+    requests, where = held_out_requests(out, Path(args.run), None if args.fixtures else Path(args.data), args.n,
+                                        args.seed)
     items = measure(out, requests, args.max_len)
     (out / "items.json").write_text(json.dumps(items, indent=1))
-    print(f"run {args.run}; held-out {'fixtures' if args.fixtures else args.data} (seed {args.seed}); "
+    print(f"run {args.run}; held-out items from {where}; "
           f"95% bootstrap intervals over items ({args.resamples} resamples)")
     print("| suite | items | tokens | agreement (request pick = token top-1 majority) | ll/token routed | "
           "ll/token cost of request-level | picks | majorities |")

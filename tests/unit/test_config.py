@@ -162,6 +162,10 @@ CASES = [
     ("ema-decay", edit({"router.losses.ema_decay": 1.0}), None, "router.losses.ema_decay", "in [0, 1)", 1),
     ("heldout", edit({"data.heldout_fraction": 0.7}), None, "data.heldout_fraction", "in [0, 0.5]", 1),
     ("max-seq-len", edit({"data.max_seq_len": 4}), None, "data.max_seq_len", "4 — an int >= 8", 1),
+    ("steps-per-expert-name", edit({"train.stage1.steps_per_expert": {"hram": 50}}), None,
+     "train.stage1.steps_per_expert.hram", "not an expert; experts.names is help, harm, honest", 1),
+    ("steps-per-expert-value", edit({"train.stage1.steps_per_expert": {"harm": 0}}), None,
+     "train.stage1.steps_per_expert.harm", "0 — an int >= 1", 1),
 ]
 
 
@@ -195,6 +199,16 @@ def test_round_trip(tmp_path, base):
     save_config(cfg, str(tmp_path / "saved" / "config.yaml"))
     assert load_config(str(tmp_path / "saved" / "config.yaml")) == cfg
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_steps_per_expert(tmp_path, base):
+    """One expert's own step count; the others keep train.stage1.steps; a round trip keeps it."""
+    base.update(train={"stage1": {"steps": 60, "steps_per_expert": {"harm": 180}}})
+    cfg = load_config(str(_write(tmp_path, base)))
+    assert cfg.train.stage1.for_expert("harm").steps == 180 and cfg.train.stage1.for_expert("help").steps == 60
+    assert cfg.train.stage1.for_expert("harm").lr == cfg.train.stage1.lr
+    save_config(cfg, str(tmp_path / "saved" / "config.yaml"))
+    assert load_config(str(tmp_path / "saved" / "config.yaml")) == cfg
 
 
 def test_relative_paths_follow_the_yaml_folder(tmp_path, base, monkeypatch):

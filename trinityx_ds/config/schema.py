@@ -9,7 +9,7 @@ in `load.py` because they need the YAML file's folder.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 MlpProj = Literal["gate_proj", "up_proj", "down_proj"]
@@ -322,9 +322,19 @@ class Stage1Config(StageConfig):
     beta: float = 0.1  # DPO: scale of the implicit reward; SimPO: of the length-normalised log-prob
     label_smoothing: float = 0.0  # DPO: the probability that a pair's label is flipped (cDPO)
     simpo_gamma: float = 0.5  # SimPO: target reward margin (TRL's CPOConfig default)
+    # steps of one expert where it differs from `steps` (experts' data differ in size: e.g. a
+    # preference expert with 4x the pairs of another), e.g. {harm: 180}
+    steps_per_expert: dict[str, int] = field(default_factory=dict)
+
+    def for_expert(self, name: str) -> "Stage1Config":
+        """This stage's settings as expert `name` trains: its own step count where one is given."""
+        return replace(self, steps=self.steps_per_expert.get(name, self.steps), steps_per_expert={})
 
     def problems(self, at: str) -> list[str]:
         out = super().problems(at)
+        for name, steps in self.steps_per_expert.items():
+            _need(out, isinstance(steps, int) and steps > self.warmup_steps and steps >= 1,
+                  f"{at}.steps_per_expert.{name}", steps, f"an int >= 1 and > warmup_steps ({self.warmup_steps})")
         _need(out, self.beta > 0, f"{at}.beta", self.beta, "a number > 0")
         _need(out, 0 <= self.label_smoothing < 0.5, f"{at}.label_smoothing", self.label_smoothing,
               "a number in [0, 0.5)")
@@ -388,6 +398,9 @@ class RunConfig:
         out += self.model.problems("model") + experts
         out += self.router.problems("router", None if names is None else len(names)) + par.problems("parallel")
         out += self.data.problems("data", names) + self.train.problems("train") + self.output.problems("output")
+        for name in self.train.stage1.steps_per_expert if names else ():
+            _need(out, name in names, f"train.stage1.steps_per_expert.{name}", name,
+                  f"not an expert; experts.names is {', '.join(names)}")
         for name in names or []:
             if self.experts.objective_of(name) in PREFERENCE_OBJECTIVES:
                 plain = [f"data.tasks.{name}[{i}]" for i, src in enumerate(self.data.tasks.get(name, []))

@@ -70,7 +70,7 @@ class StageRun:
             raise ValueError(f"parallel.pp: {cfg.parallel.pp} — training runs at PP=1 in this release "
                              "(TP x EP x DP); `trinityx plan` models PP layouts")
         self.cfg, self.stage, self.expert = cfg, stage, expert
-        self.stage_cfg = cfg.train.stage1 if stage == 1 else cfg.train.stage2
+        self.stage_cfg = cfg.train.stage1.for_expert(expert) if stage == 1 else cfg.train.stage2
         self.layout = RunLayout(cfg.output.dir)
         self.dir = self.layout.stage_dir(stage, expert)
         ep = cfg.parallel.ep if stage == 2 else 1  # stage 1 trains one expert: nothing to place
