@@ -15,7 +15,8 @@ pytestmark = pytest.mark.distributed
 # SmolLM2's head layout (9 heads, 3 KV heads: TP=2 pads a query group) at a tiny width
 SMOLLM2_SHAPED = dict(hidden_size=144, num_attention_heads=9, num_key_value_heads=3, intermediate_size=128,
                       tie_word_embeddings=True)
-LORA = [{"name": "lora top-1", "top_k": 1},
+LORA = [{"name": "lora stage 1 (one expert, forced)", "expert_names": ["harm"], "force": True},
+        {"name": "lora top-1", "top_k": 1},
         {"name": "lora top-2", "top_k": 2, "normalize_output": True},
         {"name": "lora dense", "top_k": "all", "temperature_mode": "learnable"}]
 FOUR = ["help", "harm", "honest", "instruct"]  # EP=2 places two experts per rank
@@ -36,8 +37,10 @@ def _check(r: dict, names: list[str]) -> None:
               f"shares {k['share']:.1e} ema {k['ema']:.1e}")
         n_off, trainable_off, n_on, trainable_on = k["counts"]
         assert n_off == trainable_off and n_on == trainable_on, k  # every MoCaE tensor got a gradient, SP on and off
-        assert k["router_grad_scale"] > 1e-4 and k["kl_prev"] > 0 and k["task_ce"] > 0, k  # the losses are live
-        assert 0 < max(k["share_E"]) < 1, k  # routing spreads tokens: the shares compare something
+        assert k["grad_scale"] > 1e-3, k
+        if "share_E" in k:  # routed, not forced
+            assert k["router_grad_scale"] > 1e-4 and k["kl_prev"] > 0 and k["task_ce"] > 0, k  # the losses are live
+            assert 0 < max(k["share_E"]) < 1, k  # routing spreads tokens: the shares compare something
         for what in ("logits", "loss", "grad", "router_grad", "router_loss", "share", "ema"):
             assert k[what] <= 1e-5, (name, what, k)
 

@@ -7,8 +7,9 @@ of megatron's [S, B] token order. Megatron's own linears do the rest of the stan
 (the column-parallel fc1 all-gathers its input, the row-parallel fc2 reduce-scatters its output);
 what the MoCaE block adds runs on the sequence-sharded tokens with these mappings:
 - `shared`: a replicated parameter (router, LoRA's replicated factors, post-mix norm) used on this
-  rank's tokens only. Its gradient is a partial sum over this rank's tokens; the mapping's
-  backward all-reduces it over TP inside autograd, so every rank holds the whole gradient before
+  rank's tokens only. Its gradient is a partial sum over this rank's tokens; the backward
+  all-reduces it over TP inside autograd (megatron's copy-to-TP mapping, made safe for
+  non-contiguous gradients), so every rank holds the whole gradient before
   any optimizer sees it (megatron does the same after backward for its SP norm weights, in
   `finalize_model_grads`; ZeRO's gradient hooks take a gradient the moment it is produced, so
   here it must already be whole).
@@ -25,9 +26,29 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; backward: the gradient summed over the TP group.
+
+    megatron's copy_to_tensor_model_parallel_region does the same in principle, but its backward
+    all-reduces `grad.contiguous()` and returns `grad`: a gradient autograd hands over
+    non-contiguous (a parameter's, from a transposed matmul: LoRA's down B) is reduced in a copy
+    and returned unreduced (measured: each rank kept its own partial sum)."""
+
+    @staticmethod
+    def forward(ctx, param):
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+        return grad
+
+
 def shared(param: torch.Tensor) -> torch.Tensor:
     """`param` as used on this rank's tokens: identity forward, gradient all-reduced over TP."""
-    return tensor_parallel.copy_to_tensor_model_parallel_region(param)
+    return _SumGradOverTP.apply(param)
 
 
 def token_sum(partial: torch.Tensor) -> torch.Tensor:

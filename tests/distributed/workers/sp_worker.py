@@ -3,7 +3,7 @@
 At TP=2 (x DP=ep when the experts are placed by EP), builds each MoCaE model twice from the same
 weights, with `sequence_parallel` off and on, and runs two forward/backward passes (the second
 with a routing EMA, so kl_prev is live) with every router loss on, task labels and a masked
-prompt. Reports, as the largest difference over all ranks: logits, loss, every MoCaE gradient
+prompt; or ("force") as stage 1 trains one expert: every token to it, no router losses. Reports, as the largest difference over all ranks: logits, loss, every MoCaE gradient
 (router, experts, post-mix norm), every router-loss value (relative to its size beyond 1) and the
 routing shares of every layer.
 Each data-parallel rank brings its own tokens (EP's all-to-all then exchanges real work).
@@ -23,7 +23,7 @@ from trinityx_ds.config.schema import RouterLossConfig  # noqa: E402
 from trinityx_ds.model.arch import ModelArch  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_router_loss_scale, set_routing_context  # noqa: E402
-from trinityx_ds.model.mocae_spec import mocae_role  # noqa: E402
+from trinityx_ds.model.mocae_spec import EXPERTS, mocae_role  # noqa: E402
 from trinityx_ds.model.weights import load_weights  # noqa: E402
 from trinityx_ds.parallel.groups import init_parallel  # noqa: E402
 
@@ -46,16 +46,18 @@ ALL_LOSSES = RouterLossConfig(entropy=0.1, kl_prev=0.05, kl_uniform=0.05, task_c
 set_router_loss_scale(1.0)
 
 
-def run(cfg: MoCaEConfig, sp: bool) -> dict:
+def run(cfg: MoCaEConfig, sp: bool, force: bool = False) -> dict:
     model, blocks = build_model(arch, dims, cfg, sequence_parallel=sp)
     assert all(b.sequence_parallel == sp for b in blocks)
     missing = load_weights(model, mocae_source(folder, cfg, seed=2), arch, dims.tp, dims.tp_rank, moe_cfg=cfg)
     assert missing == [], missing
     for n, p in model.named_parameters():
-        p.requires_grad_(mocae_role(n) is not None)
+        # stage 1 (forced) trains the experts only; routed: the router, the experts and the post-mix norm
+        p.requires_grad_(mocae_role(n) == EXPERTS if force else mocae_role(n) is not None)
     records, losses = [], []
     for ids, labels in BATCHES:  # the second pass has a routing EMA: kl_prev is live
-        ctx = RoutingContext.from_batch(labels, example_id, task_label)
+        ctx = (RoutingContext.from_batch(labels, example_id, task_label) if not force
+               else RoutingContext(force_expert=0, compute_losses=False))
         set_routing_context(blocks, ctx)
         loss = model.token_losses(ids, labels).sum() / (labels >= 0).sum()
         loss.backward()
@@ -70,36 +72,41 @@ def run(cfg: MoCaEConfig, sp: bool) -> dict:
             "trainable": trainable, "ema": torch.stack([b.routing_ema.ema_LE for b in blocks])}
 
 
-def compare(cfg: MoCaEConfig) -> dict:
-    off, on = run(cfg, False), run(cfg, True)
+def compare(cfg: MoCaEConfig, force: bool) -> dict:
+    off, on = run(cfg, False, force), run(cfg, True, force)
     assert sorted(off["grads"]) == sorted(on["grads"]), (sorted(off["grads"]), sorted(on["grads"]))
     # relative beyond 1: z_loss (squared log-sum-exp) is ~100 here, summed in another order under SP
-    router_loss = max(((a["losses"][k] - b["losses"][k]).abs() / a["losses"][k].abs().clamp_min(1)).item()
-                      for ra, rb in zip(off["records"], on["records"]) for layer, a in ra.items()
-                      for b in [rb[layer]] for k in a["losses"])
-    share = max((a["share_E"] - rb[layer]["share_E"]).abs().max().item()
-                for ra, rb in zip(off["records"], on["records"]) for layer, a in ra.items())
-    kl_prev = min(r["losses"]["kl_prev"].item() for r in off["records"][1].values())
+    router_loss = max([((a["losses"][k] - b["losses"][k]).abs() / a["losses"][k].abs().clamp_min(1)).item()
+                       for ra, rb in zip(off["records"], on["records"]) for layer, a in ra.items()
+                       for b in [rb[layer]] for k in a["losses"]], default=0.0)
+    share = max([(a["share_E"] - rb[layer]["share_E"]).abs().max().item()
+                 for ra, rb in zip(off["records"], on["records"]) for layer, a in ra.items()], default=0.0)
+    kl_prev = min([r["losses"]["kl_prev"].item() for r in off["records"][1].values()], default=0.0)
     diffs = torch.tensor([
         (off["logits"] - on["logits"]).abs().max().item(),
         (off["loss"] - on["loss"]).abs().max().item(),
         max((off["grads"][n] - on["grads"][n]).abs().max().item() for n in off["grads"]),
-        max((off["grads"][n] - on["grads"][n]).abs().max().item() for n in off["grads"] if ".router." in n),
+        max([(off["grads"][n] - on["grads"][n]).abs().max().item() for n in off["grads"] if ".router." in n],
+            default=0.0),
         router_loss, share, (off["ema"] - on["ema"]).abs().max().item(),
     ])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
     counts = torch.tensor([len(off["grads"]), off["trainable"], len(on["grads"]), on["trainable"]])
     dist.all_reduce(counts, op=dist.ReduceOp.MIN)
-    return {"logits": diffs[0].item(), "loss": diffs[1].item(), "grad": diffs[2].item(),
-            "router_grad": diffs[3].item(), "router_loss": diffs[4].item(), "share": diffs[5].item(),
-            "ema": diffs[6].item(), "counts": counts.tolist(), "kl_prev": kl_prev,
-            "router_grad_scale": max(g.abs().max().item() for n, g in off["grads"].items() if ".router." in n),
-            "task_ce": off["records"][0][min(off["records"][0])]["losses"]["task_ce"].item(),
-            "share_E": off["records"][0][min(off["records"][0])]["share_E"].tolist()}
+    out = {"logits": diffs[0].item(), "loss": diffs[1].item(), "grad": diffs[2].item(),
+           "router_grad": diffs[3].item(), "router_loss": diffs[4].item(), "share": diffs[5].item(),
+           "ema": diffs[6].item(), "counts": counts.tolist(), "kl_prev": kl_prev,
+           "grad_scale": max(g.abs().max().item() for g in off["grads"].values()),
+           "router_grad_scale": max([g.abs().max().item() for n, g in off["grads"].items() if ".router." in n],
+                                    default=0.0)}
+    if not force:
+        first = off["records"][0][min(off["records"][0])]
+        out |= {"task_ce": first["losses"]["task_ce"].item(), "share_E": first["share_E"].tolist()}
+    return out
 
 
 out = {"dims": [dims.tp, dims.dp, dims.ep]}
 for c in opt["configs"]:
-    name = c.pop("name")
-    out[name] = compare(MoCaEConfig(**c, loss_weights=ALL_LOSSES))
+    name, force = c.pop("name"), c.pop("force", False)
+    out[name] = compare(MoCaEConfig(**c, loss_weights=ALL_LOSSES), force)
 write_result(out)
