@@ -82,7 +82,8 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
         "train": {"stage1": {"steps": args.steps1, "lr": 5e-4, "micro_batch": 4, "grad_accum": 1,
                              "warmup_steps": min(5, args.steps1 - 1), "beta": 0.1,
                              # the harm expert has the most pairs (HH-RLHF + BeaverTails): at 60 steps x 8
-                             # it saw a quarter of them once (the 2026-12-02 run); these see most once
+                             # it saw a quarter of them once (the 2026-12-02 run). 100 x 8 see 45%: a harm
+                             # DPO step takes 11 s here, so 180 (80%) would push the whole past 110 min
                              "steps_per_expert": {"harm": args.steps1_harm}},
                   "stage2": {"steps": args.steps2, "lr": 1e-2, "micro_batch": 4,
                              "warmup_steps": min(5, args.steps2 - 1)},
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--tp", type=int, default=1, help="TP of training and evaluation [1: the 2 cores data-parallel]")
     p.add_argument("--steps1", type=int, default=60, help="stage-1 steps per expert [60]")
-    p.add_argument("--steps1-harm", type=int, default=180, help="stage-1 steps of the harm expert [180]")
-    p.add_argument("--steps2", type=int, default=90, help="stage-2 steps [90]")
+    p.add_argument("--steps1-harm", type=int, default=100, help="stage-1 steps of the harm expert [100]")
+    p.add_argument("--steps2", type=int, default=60, help="stage-2 steps [60]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
     p.add_argument("--hh", type=int, default=510, help="held-out HH-RLHF harmless rows, at least [510]: 500 usable pairs")
