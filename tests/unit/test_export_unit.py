@@ -395,7 +395,7 @@ def test_export_into_an_unwritable_place_is_one_line(tmp_path, tiny, capsys):
 
 
 def test_peft_adapters_on_every_layer_equal_the_forced_experts_and_route_reads_layer_0(tmp_path, tiny):
-    """Every MoCaE layer (layers_to_transform [0, 1]): each PEFT adapter on the exported backbone is
+    """Every MoCaE layer (layers_to_transform null: a plain adapter): each PEFT adapter on the exported backbone is
     the TrinityX model with its expert forced; every expert and router tensor is in the export; the
     route helper's first-layer probabilities are the TrinityX router's (its input is the backbone's)."""
     from peft import PeftModel
@@ -411,7 +411,7 @@ def test_peft_adapters_on_every_layer_equal_the_forced_experts_and_route_reads_l
     assert set(router) == {k for k in held if ".mlp.router." in k}
     for name in ("help", "harm", "honest"):
         folder = out / "adapters" / name
-        assert json.loads((folder / "adapter_config.json").read_text())["layers_to_transform"] == [0, 1]
+        assert json.loads((folder / "adapter_config.json").read_text())["layers_to_transform"] is None
         adapter = load_file(folder / "adapter_model.safetensors")
         mine = {k: v for k, v in held.items() if f".experts.{name}." in k}
         assert len(adapter) == len(mine) == 2 * 3 * 2

@@ -42,11 +42,16 @@ def router_files(out: str | Path) -> tuple[Path, Path]:
 
 def adapter_config(s: ExportSource, base: str) -> dict:
     """PEFT's LoraConfig fields for one expert (peft/tuners/lora/config.py; what vLLM reads: r,
-    lora_alpha, target_modules, no modules_to_save). Every expert shares the run's LoRA shape."""
+    lora_alpha, target_modules, no modules_to_save). Every expert shares the run's LoRA shape.
+    `layers_to_transform` only where the experts skip layers (PEFT then builds exactly those):
+    with every layer it is null, the plain constant-rank adapter that every serving engine takes
+    (some refuse any layer selection)."""
     moe = s.moe
+    layers = moe.layer_ids(s.arch.num_layers)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": moe.lora_rank, "lora_alpha": moe.lora_alpha, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": list(moe.lora_targets), "layers_to_transform": moe.layer_ids(s.arch.num_layers),
+            "target_modules": list(moe.lora_targets),
+            "layers_to_transform": None if layers == list(range(s.arch.num_layers)) else layers,
             "modules_to_save": None, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
             "inference_mode": True}
 
