@@ -6,6 +6,7 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -312,6 +313,20 @@ def test_mixture_is_all_train_rows_shuffled(tiny_tok):
     order = col(mix, "example_id")
     assert sorted(order) == sorted(sum((col(s[0], "example_id") for s in sets.values()), []))
     assert order == col(mixture(sets, seed=5), "example_id") != sorted(order)
+
+
+def test_balanced_mixture_gives_every_task_the_largest_count(tiny_tok):
+    sets = build_task_datasets(data_cfg(), tiny_tok, NAMES, seed=3)
+    sizes = {len(s[0]) for s in sets.values()}
+    assert len(sizes) > 1, sizes  # the fixture's tasks differ in size: balancing changes something
+    mix = mixture(sets, seed=5, balanced=True)
+    counts = np.bincount(col(mix, "task_id"))
+    assert counts.tolist() == [max(sizes)] * len(sets)
+    for name, (train, _) in sets.items():  # every row of a smaller task at least n // len times
+        ids = col(train, "example_id")
+        got = [e for e, t in zip(col(mix, "example_id"), col(mix, "task_id")) if e in set(ids)]
+        assert set(got) == set(ids) and max(got.count(e) for e in ids) - min(got.count(e) for e in ids) <= 1
+    assert col(mix, "example_id") == col(mixture(sets, seed=5, balanced=True), "example_id")
 
 
 def test_packing_keeps_example_ids(tiny_tok):

@@ -264,6 +264,9 @@ class DataConfig:
     # held-out rows given as files, per task (instead of drawing heldout_fraction of its prompts)
     heldout: dict[str, list[DataSource]] = field(default_factory=dict)
     pairs_per_prompt: int = 4  # preference pairs kept per prompt (TruthfulQA question, BeaverTails prompt)
+    # stage 2's training mixture: every task's rows as they come (proportional to the data sets'
+    # sizes), or each task oversampled to the largest (balanced: no size prior for the router)
+    mixture: Literal["proportional", "balanced"] = "proportional"
     pair_too_long: Literal["truncate_prompt", "skip"] = "truncate_prompt"
 
     def problems(self, at: str, names: list[str] | None) -> list[str]:

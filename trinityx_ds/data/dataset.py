@@ -225,9 +225,21 @@ def build_pair_datasets(data_cfg, tokenizer, expert_names: list[str], seed: int,
     return _to_dataset(train, PAIR_FEATURES), _to_dataset(held, PAIR_FEATURES)
 
 
-def mixture(task_sets: dict[str, tuple[datasets.Dataset, datasets.Dataset]], seed: int) -> datasets.Dataset:
-    """Stage 2's training set: every task's train rows together, shuffled with `seed`."""
-    return datasets.concatenate_datasets([train for train, _ in task_sets.values()]).shuffle(seed=seed)
+def mixture(task_sets: dict[str, tuple[datasets.Dataset, datasets.Dataset]], seed: int,
+            balanced: bool = False) -> datasets.Dataset:
+    """Stage 2's training set: every task's train rows together, shuffled with `seed`.
+
+    balanced (`data.mixture: balanced`): each task oversampled to the largest task's row count
+    (whole passes over its rows, then a seeded sample without repetition for the rest), so the
+    router learns the tasks apart rather than the data sets' sizes as a prior (with 1,800 harm
+    pairs against 270 help rows, a proportional mixture teaches it that help is rare)."""
+    sets = [train for train, _ in task_sets.values()]
+    if balanced and sets:
+        rng, n = np.random.default_rng(seed), max(len(s) for s in sets)
+        sets = [s.select(np.concatenate([np.tile(np.arange(len(s)), n // len(s)),
+                                         rng.choice(len(s), n % len(s), replace=False)]).tolist())
+                if 0 < len(s) < n else s for s in sets]
+    return datasets.concatenate_datasets(sets).shuffle(seed=seed)
 
 
 def collate(batch: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:

@@ -136,7 +136,7 @@ class StageRun:
             train, _ = build_pair_datasets(cfg.data, self.tokenizer, cfg.experts.names, cfg.seed, self.expert)
             return train, None
         sets = build_task_datasets(cfg.data, self.tokenizer, cfg.experts.names, cfg.seed)
-        train = sets[self.expert][0] if self.stage == 1 else mixture(sets, cfg.seed)
+        train = sets[self.expert][0] if self.stage == 1 else mixture(sets, cfg.seed, cfg.data.mixture == "balanced")
         return train, sets
 
     def _write_run_files(self, tag: str) -> None:
