@@ -41,6 +41,8 @@ from trinityx_ds.eval.heldout import COLUMNS, figures, fixture_samples, launch, 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["backbone", "expert:help", "expert:harm", "expert:honest", "uniform", "h3fusion", "trinityx"]
 EXPERTS = ["expert:help", "expert:harm", "expert:honest"]
+# what the goals need first (an interrupted run keeps what it evaluated: rerun to continue)
+EVAL_ORDER = ["backbone", *EXPERTS, "trinityx", "uniform", "h3fusion"]
 MARK_START, MARK_END = "<!-- hhh_efficacy:start -->", "<!-- hhh_efficacy:end -->"
 
 
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     evals = out / "eval"
     opts = {"out": str(evals), "run": str(run), "tp": args.tp, "max_seq_len": args.max_seq_len, "batch": args.batch,
             "tqa": str(split["tqa_eval"]), "hh": str(split["hh_eval"]), "alpaca": str(split["alpaca_eval"]),
-            "variants": VARIANTS, "routing": True}
-    todo = [v for v in VARIANTS if not result_file(evals, v).is_file()]
+            "variants": EVAL_ORDER, "routing": True}
+    todo = [v for v in EVAL_ORDER if not result_file(evals, v).is_file()]
     if todo:
         _step(f"evaluate {len(todo)} variants", lambda: launch(opts, args.nproc))
     table = figures({v: json.loads(result_file(evals, v).read_text()) for v in VARIANTS})
