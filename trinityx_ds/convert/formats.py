@@ -5,7 +5,7 @@
     mixtral    only where Mixtral computes exactly what TrinityX computes; otherwise
                `ExportRefused` names the setting that prevents it
     peft       the plain backbone; its LoRA experts as PEFT adapters and the router beside it
-               (convert/peft.py writes those: the stream here is the backbone alone)
+               (convert/adapters.py writes those: the stream here is the backbone alone)
 
 A stream reads one tensor at a time from an `ExportSource` (convert/inputs.py), so the writer
 holds one shard in memory. `_plan` also names the MoCaE tensors the stream must consume: the

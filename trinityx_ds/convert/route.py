@@ -6,7 +6,8 @@ each MoCaE layer's router turns its input into calibrated probabilities
 
     p_TE = softmax(x_TH W^T / T + log gamma)   (fp32, + bias where the router has one)
 
-exactly as the exported TrinityX model's `TrinityXRouter` does (hf_model/modeling_trinityx.py),
+by the training router itself (model/router.py's `CalibratedRouter`, which the exported TrinityX
+model's `TrinityXRouter` equals: hf_model/modeling_trinityx.py),
 and the request goes to argmax_e of p averaged over the prompt's tokens, then over the MoCaE layers.
 
 The router's input x is the input of the layer's MLP (after post_attention_layernorm), captured
@@ -27,7 +28,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trinityx_ds.convert.adapters import router_files
 from trinityx_ds.storage.layout import CheckpointError
@@ -50,11 +50,16 @@ class RequestRouter:
         self.meta = json.loads(meta.read_text())
         self.names = list(self.meta["expert_names"])
         self.layers = [entry["layer"] for entry in self.meta["layers"]]
-        tensors = load_file(str(weights), device=device)
-        pre = "model.layers.{}.mlp.router."
-        self.router = {i: (tensors[pre.format(i) + "weight"].float(), tensors.get(pre.format(i) + "bias"),
-                           tensors[pre.format(i) + "log_temperature"].float(),
-                           tensors[pre.format(i) + "log_importance"].float()) for i in self.layers}
+        from trinityx_ds.model.router import CalibratedRouter  # torch only: the training router itself
+
+        tensors = load_file(str(weights))
+        self.router = {}
+        for i in self.layers:
+            pre = f"model.layers.{i}.mlp.router."
+            state = {k.removeprefix(pre): v for k, v in tensors.items() if k.startswith(pre)}
+            router = CalibratedRouter(state["weight"].shape[1], len(self.names), bias="bias" in state)
+            router.load_state_dict(state)
+            self.router[i] = router.to(device).eval()
         self.model = AutoModelForCausalLM.from_pretrained(export_dir, dtype="auto").to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         self.device = device
@@ -88,13 +93,7 @@ class RequestRouter:
         finally:
             for h in handles:
                 h.remove()
-        out = []
-        for i in self.layers:
-            w_EH, b_E, log_t, log_gamma = self.router[i]
-            x_TH = inputs[i].reshape(-1, inputs[i].shape[-1]).float()
-            out.append((F.linear(x_TH, w_EH, None if b_E is None else b_E.float()) / log_t.exp() + log_gamma)
-                       .softmax(-1))
-        return torch.stack(out)
+        return torch.stack([self.router[i](inputs[i]).probs_TE for i in self.layers])
 
     def pick(self, ids: list[int]) -> tuple[str, list[float]]:
         """(adapter name, mean probability per expert over the tokens, then the MoCaE layers)."""

@@ -15,11 +15,11 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 
 from trinityx_ds.data.render import IGNORE, render_text
 from trinityx_ds.data.tokenizer import pad_id
 from trinityx_ds.eval.shard import dp_map
+from trinityx_ds.model.backbone import vocab_parallel_token_losses
 
 
 class Request(NamedTuple):
@@ -64,8 +64,7 @@ def batch_scores(model, rows: Sequence[tuple[list[int], int]], pad: int) -> list
     target_SB = _tp_reduce(torch.where(mine_SB, target_SB, torch.zeros_like(target_SB)), dist.ReduceOp.SUM)
     max_SB = _tp_reduce(local_SBV.max(-1).values, dist.ReduceOp.MAX)
     greedy_B = ((target_SB >= max_SB) | ~scored_SB).all(0)
-    # megatron's cross-entropy shifts the logits in place: after the greedy test
-    nll_SB = tensor_parallel.vocab_parallel_cross_entropy(local_SBV, labels_SB.clamp(min=0)).masked_fill(~scored_SB, 0.0)
+    nll_SB = vocab_parallel_token_losses(local_SBV, labels_SB)  # shifts the logits in place: after the greedy test
     return list(zip((-nll_SB.double().sum(0)).cpu().tolist(), greedy_B.cpu().tolist()))
 
 

@@ -186,10 +186,14 @@ class Backbone(GPTModel):
     def token_losses(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [B, S] (labels already shifted; -100 = ignored, loss 0)."""
         local_SBV = self.local_logits(input_ids_BS).float().contiguous()
-        labels_SB = labels_BS.transpose(0, 1).contiguous()
-        ignore_SB = labels_SB < 0
-        loss_SB = tensor_parallel.vocab_parallel_cross_entropy(local_SBV, labels_SB.clamp(min=0))
-        return loss_SB.masked_fill(ignore_SB, 0.0).transpose(0, 1)
+        return vocab_parallel_token_losses(local_SBV, labels_BS.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+def vocab_parallel_token_losses(local_SBV: torch.Tensor, labels_SB: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [S, B] from this TP rank's fp32 vocab slice of the logits (labels
+    shifted; < 0 ignored, loss 0). megatron's kernel shifts `local_SBV` in place: read it before."""
+    loss_SB = tensor_parallel.vocab_parallel_cross_entropy(local_SBV, labels_SB.clamp(min=0))
+    return loss_SB.masked_fill(labels_SB < 0, 0.0)
 
 
 def build_backbone(arch: ModelArch, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",

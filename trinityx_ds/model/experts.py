@@ -12,8 +12,9 @@ expert-parallel group; tokens travel by all-to-all (`parallel/dispatch.py`).
 
 TP layout (column-parallel gate/up, row-parallel down): gate/up A [r, H] replicated, B [F/tp, r]
 sharded; down A [r, F/tp] sharded, B [H, r] replicated. Gradient reductions follow megatron's
-mappings: the replicated low-rank activations go through copy_to_tensor_model_parallel_region
-(all-reduce of their gradient), the down path's partial products through
+mappings: the replicated low-rank activations go through copy-to-TP (all-reduce of their
+gradient; parallel/sequence.py's `sum_grad_over_tp`, which unlike megatron's also reduces a
+non-contiguous gradient), the down path's partial products through
 reduce_from_tensor_model_parallel_region.
 """
 from __future__ import annotations
@@ -91,7 +92,7 @@ class LoRAExperts(nn.Module):
         column-parallel side, the down path's partial products reduce-scattered after the
         row-parallel side.
         """
-        sp = bool(getattr(mlp.linear_fc1, "sequence_parallel", False))
+        sp = seq.active(mlp)
         if sp:
             topk_idx_TK = seq.gather_tokens(topk_idx_TK)  # every token's experts, for the TP-sharded [T, F] side
         T, K = topk_idx_TK.shape
@@ -100,10 +101,10 @@ class LoRAExperts(nn.Module):
         gate_TF, up_TF = fc1_TF2.squeeze(1).chunk(2, dim=-1)
         x_low = self.dropout(x_TH)
         if sp:  # this rank's tokens through the replicated A; gathered, their gradient reduce-scattered
-            low = {t: seq.gather_tokens(x_low @ seq.shared(self._stacked_A(t)).t())
+            low = {t: seq.gather_tokens(x_low @ seq.sum_grad_over_tp(self._stacked_A(t)).t())
                    for t in ("gate_proj", "up_proj") if t in self.targets}
         else:  # gate/up low-rank activations are replicated across TP: their gradient is all-reduced
-            low = {t: tensor_parallel.copy_to_tensor_model_parallel_region(x_low @ self._stacked_A(t).t())
+            low = {t: seq.sum_grad_over_tp(x_low @ self._stacked_A(t).t())
                    for t in ("gate_proj", "up_proj") if t in self.targets}
         B = {t: self._stacked_B(t) for t in self.targets}
         # One slot: the weight multiplies the reduced [T, H] output, replicated across TP (its
@@ -113,7 +114,7 @@ class LoRAExperts(nn.Module):
         # reduce-scatter).
         weight_TK = topk_weight_TK.to(x_TH.dtype)
         weight_mix_TK = (None if K == 1 else seq.gather_tokens(weight_TK) if sp
-                         else tensor_parallel.copy_to_tensor_model_parallel_region(weight_TK))
+                         else seq.sum_grad_over_tp(weight_TK))
         mix_TF = down_low = None
         for k in range(K):
             onehot_TEr = F.one_hot(topk_idx_TK[:, k], E).to(x_TH.dtype).repeat_interleave(r, dim=1)
@@ -136,7 +137,7 @@ class LoRAExperts(nn.Module):
         if down_low is not None:
             if sp:
                 down_low = seq.reduce_scatter_tokens(down_low)
-                y_TH = torch.addmm(y_TH, down_low, seq.shared(B["down_proj"]), alpha=self.scale)
+                y_TH = torch.addmm(y_TH, down_low, seq.sum_grad_over_tp(B["down_proj"]), alpha=self.scale)
             else:
                 down_low = tensor_parallel.reduce_from_tensor_model_parallel_region(down_low)
                 y_TH = torch.addmm(y_TH, down_low, B["down_proj"], alpha=self.scale)

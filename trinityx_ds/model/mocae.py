@@ -109,7 +109,7 @@ class MoCaEBlock(nn.Module):
         self.post_norm = nn.RMSNorm(hidden, eps=eps, dtype=dtype) if cfg.normalize_output else None
         self._outside: tuple[nn.Module, ...] = ()  # the experts, when held outside the module tree
         # sequence parallelism: the backbone's FFN linears were built for it (parallel/sequence.py)
-        self.sequence_parallel = bool(getattr(base_mlp.linear_fc1, "sequence_parallel", False))
+        self.sequence_parallel = seq.active(base_mlp)
 
     def place_experts_outside(self) -> nn.Module:
         """Takes the experts out of this block's module tree (parameters, state_dict, ZeRO's
@@ -142,7 +142,7 @@ class MoCaEBlock(nn.Module):
                 raise ValueError("a reference forward (experts off) needs experts.kind: lora")
             return self._base[0](hidden_SBH)
         sp = self.sequence_parallel
-        out = self.router(x_TH, shared=seq.shared if sp else None)
+        out = self.router(x_TH, shared=seq.sum_grad_over_tp if sp else None)
         if ctx.force_expert is not None:
             idx_TK = torch.full((S * B, 1), ctx.force_expert, dtype=torch.long, device=x_TH.device)
             w_TK = torch.ones(S * B, 1, dtype=torch.float32, device=x_TH.device)
@@ -160,7 +160,7 @@ class MoCaEBlock(nn.Module):
         else:
             y_TH = self.expert_module(x_TH, idx_TK, w_TK)
         if self.post_norm is not None:
-            y_TH = (F.rms_norm(y_TH, (H,), seq.shared(self.post_norm.weight), self.post_norm.eps) if sp
+            y_TH = (F.rms_norm(y_TH, (H,), seq.sum_grad_over_tp(self.post_norm.weight), self.post_norm.eps) if sp
                     else self.post_norm(y_TH))
         if ctx.force_expert is None and self.ctx is not None:
             recompute = _in_backward()

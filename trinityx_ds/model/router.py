@@ -106,8 +106,8 @@ class CalibratedRouter(nn.Module):
 
         shared: applied to each parameter before use. Under sequence parallelism each TP rank routes
         only its own tokens, so the gradient it computes for the (replicated) router is a partial
-        sum; the MoCaE block passes megatron's copy-to-TP-region here, whose backward all-reduces
-        it over TP, so every rank holds the whole gradient before any optimizer sees it.
+        sum; the MoCaE block passes parallel/sequence.py's `sum_grad_over_tp` here, whose backward
+        all-reduces it over TP, so every rank holds the whole gradient before any optimizer sees it.
         """
         h_TH = h_TH.reshape(-1, h_TH.shape[-1]).float()
         p = shared or (lambda t: t)  # noqa: E731

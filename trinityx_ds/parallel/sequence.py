@@ -6,8 +6,8 @@ over the TP group along the sequence: a block receives [S/tp, B, H], this rank's
 of megatron's [S, B] token order. Megatron's own linears do the rest of the standard pattern
 (the column-parallel fc1 all-gathers its input, the row-parallel fc2 reduce-scatters its output);
 what the MoCaE block adds runs on the sequence-sharded tokens with these mappings:
-- `shared`: a replicated parameter (router, LoRA's replicated factors, post-mix norm) used on this
-  rank's tokens only. Its gradient is a partial sum over this rank's tokens; the backward
+- `sum_grad_over_tp`: a replicated parameter (router, LoRA's replicated factors, post-mix norm)
+  used on this rank's tokens only. Its gradient is a partial sum over this rank's tokens; the backward
   all-reduces it over TP inside autograd (megatron's copy-to-TP mapping, made safe for
   non-contiguous gradients), so every rank holds the whole gradient before
   any optimizer sees it (megatron does the same after backward for its SP norm weights, in
@@ -46,9 +46,17 @@ class _SumGradOverTP(torch.autograd.Function):
         return grad
 
 
-def shared(param: torch.Tensor) -> torch.Tensor:
-    """`param` as used on this rank's tokens: identity forward, gradient all-reduced over TP."""
-    return _SumGradOverTP.apply(param)
+def sum_grad_over_tp(t: torch.Tensor) -> torch.Tensor:
+    """Identity forward, gradient all-reduced over TP: megatron's copy-to-TP-region, safe for any
+    gradient. A replicated parameter used on this rank's tokens (SP), or an activation replicated
+    across TP that meets TP-sharded weights (LoRA's low-rank activations, mixing weights)."""
+    return _SumGradOverTP.apply(t)
+
+
+def active(mlp) -> bool:
+    """Whether the FFN `mlp` (megatron's, or a MoCaE block holding its linears) was built for
+    sequence parallelism: its tokens are this rank's slice of the sequence."""
+    return bool(getattr(mlp.linear_fc1, "sequence_parallel", False))
 
 
 def token_sum(partial: torch.Tensor) -> torch.Tensor:
