@@ -48,13 +48,18 @@ MARK_START, MARK_END = "<!-- hhh_efficacy:start -->", "<!-- hhh_efficacy:end -->
 
 # ---------------------------------------------------------------- data: split by prompt
 
+def beavertails_openings(data: Path) -> frozenset:
+    """BeaverTails' prompts, keyed as HH-RLHF openings are (they come from HH-RLHF)."""
+    with open(data / "beavertails/artkit_beavertails_sample.csv", encoding="utf-8-sig", newline="") as f:
+        return frozenset(text_key(r["prompt"]) for r in csv.DictReader(f))
+
+
 def split_data(data: Path, out: Path, args) -> dict[str, Path]:
     """Training and evaluation files, split by prompt (eval/heldout.split_samples). BeaverTails'
     prompts come from HH-RLHF: those openings train the harm expert (as refusal pairs), so they stay
     on the training side."""
-    with open(data / "beavertails/artkit_beavertails_sample.csv", encoding="utf-8-sig", newline="") as f:
-        beavertails = frozenset(text_key(r["prompt"]) for r in csv.DictReader(f))
-    return split_samples(data, out, args.tqa, args.hh, args.help_eval, args.seed, hh_exclude=beavertails)
+    return split_samples(data, out, args.tqa, args.hh, args.help_eval, args.seed,
+                         hh_exclude=beavertails_openings(data))
 
 
 def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], args) -> Path:
@@ -66,7 +71,7 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
         # costs about half of what experts in every layer cost, and the experts still see every token
         "experts": {"names": ["help", "harm", "honest"], "kind": "lora", "layers": args.layers,
                     "lora": {"rank": 16, "alpha": 32.0},
-                    "objective": {"help": "sft", "harm": "dpo", "honest": "dpo"}},
+                    "objective": {"help": "sft", "harm": args.harm_objective, "honest": "dpo"}},
         "router": {"temperature": 0.7, "top_k": 1,
                    "losses": {"entropy": 0.1, "kl_prev": 0.01, "kl_uniform": 0.05, "task_ce": 1.0}},
         "parallel": {"tp": args.tp, "zero_stage": 2},
@@ -80,9 +85,13 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
                         "harm": [{"path": str(split["hh_eval"]), "format": "hh_rlhf"}],
                         "honest": [{"path": str(split["tqa_eval"]), "format": "truthfulqa"}]},
             # HH-RLHF's harmless-base test file holds 13 dialogues whose turns do not alternate
-            "max_seq_len": args.max_seq_len, "pairs_per_prompt": 2, "on_malformed": "skip"},
+            "max_seq_len": args.max_seq_len, "pairs_per_prompt": 2, "on_malformed": "skip",
+            # stage 2: each task oversampled to the largest. Proportional (2026-12-07) taught the router
+            # the data sets' sizes: 1,800 harm pairs against 270 help rows, held-out routing accuracy on
+            # help 0.26 (stage 2's validation split, a cut of the training side)
+            "mixture": args.mixture},
         "train": {"stage1": {"steps": args.steps1, "lr": 5e-4, "micro_batch": 4, "grad_accum": 1,
-                             "warmup_steps": min(5, args.steps1 - 1), "beta": 0.1,
+                             "warmup_steps": min(5, args.steps1 - 1), "beta": 0.1, "cpo_alpha": args.cpo_alpha,
                              # the harm expert has the most pairs (HH-RLHF + BeaverTails): at 60 steps x 8
                              # it saw a quarter of them once (the 2026-12-02 run). 100 x 8 see 45%: a harm
                              # DPO step takes 11 s here, so 180 (80%) would push the whole past 110 min
@@ -107,6 +116,7 @@ def _fmt(row: dict, diff: bool) -> str:
 
 
 DIMENSION = {"helpful": "help ll/token", "harmless": "harmless acc", "honest": "MC2"}
+OWN = {"expert:help": "helpful", "expert:harm": "harmless", "expert:honest": "honest"}
 
 
 def goals(table: dict) -> list[str]:
@@ -123,9 +133,20 @@ def goals(table: dict) -> list[str]:
         gap = tx[col]["value"] - table[best]["rows"][col]["value"]
         out.append(f"{'MET' if gap >= -0.02 else 'MISSED'}: trinityx within 0.02 of the best expert ({best}) in "
                    f"{dim} ({col}): {tx[col]['value']:.3f} vs {table[best]['rows'][col]['value']:.3f} ({gap:+.3f})")
+    # "above every single expert on at least one of its other two dimensions": each expert is
+    # beaten by the fused model on a dimension that is not the expert's own (the trade-off a single
+    # expert makes); the stronger reading (one dimension above all three) is printed beside it
+    beaten = {}
+    for e in EXPERTS:
+        others = [(dim, col) for dim, col in DIMENSION.items() if dim != OWN[e]]
+        beaten[e] = [f"{dim} {tx[col]['value']:.3f} > {table[e]['rows'][col]['value']:.3f}"
+                     for dim, col in others if tx[col]["value"] > table[e]["rows"][col]["value"]]
+    ok = all(beaten.values())
+    out.append(f"{'MET' if ok else 'MISSED'}: trinityx above each single expert on one of that expert's other two "
+               "dimensions: " + "; ".join(f"{e}: {', '.join(b) if b else 'none'}" for e, b in beaten.items()))
     above = [dim for dim, col in DIMENSION.items()
              if all(tx[col]["value"] > table[e]["rows"][col]["value"] for e in EXPERTS)]
-    out.append(f"{'MET' if above else 'MISSED'}: trinityx above every single expert on "
+    out.append(f"(stronger reading) trinityx above all three experts at once on "
                f"{', '.join(above) if above else 'no dimension'}")
     return out
 
@@ -176,7 +197,8 @@ def _smoke(out: Path) -> tuple[Path, Path]:
     return data, model
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's settings (tools/hhh_dev.py reads its defaults: the same split and run)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/hhh_efficacy")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the real data samples")
@@ -185,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="TP of training and evaluation [1: the 2 cores data-parallel]")
     p.add_argument("--steps1", type=int, default=60, help="stage-1 steps per expert [60]")
     p.add_argument("--steps1-harm", type=int, default=100, help="stage-1 steps of the harm expert [100]")
+    p.add_argument("--harm-objective", default="dpo", choices=["dpo", "simpo", "cpo"],
+                   help="the harm expert's objective [dpo] (chosen on a dev cut of the training side: tools/hhh_dev.py)")
+    p.add_argument("--cpo-alpha", type=float, default=1.0, help="train.stage1.cpo_alpha under cpo [1.0]")
+    p.add_argument("--mixture", default="balanced", choices=["proportional", "balanced"],
+                   help="data.mixture: stage 2's task mixture [balanced]")
     p.add_argument("--steps2", type=int, default=60, help="stage-2 steps [60]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
@@ -195,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--write-results", action="store_true", help="write the table into docs/RESULTS.md")
     p.add_argument("--smoke", action="store_true", help="tiny random model and fixtures: checks the path")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     from trinityx_ds.cli import main as trinityx
 
@@ -218,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     split = split_data(data, out / "data", args)
     config = write_config(out, hf_dir, data, split, args)
     run = out / "run"
-    if not all((run / "stage1" / e / "expert.safetensors").is_file() for e in ("help", "harm", "honest")):
-        _step("train experts", lambda: trinityx(["train", "experts", "--config", str(config), "--nproc", str(args.nproc)]))
+    missing = [e for e in ("help", "harm", "honest") if not (run / "stage1" / e / "expert.safetensors").is_file()]
+    for e in missing:  # one job per expert: a finished expert is kept (one whose settings changed: delete its folder)
+        _step(f"train expert {e}", lambda: trinityx(["train", "experts", "--config", str(config), "--only", e,
+                                                      "--nproc", str(args.nproc)]))
     if not (run / "stage2" / "router.safetensors").is_file():
         _step("train router", lambda: trinityx(["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
     evals = out / "eval"
@@ -232,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     table = figures({v: json.loads(result_file(evals, v).read_text()) for v in VARIANTS})
     meta = (f"`python tools/hhh_efficacy.py{' --smoke' if args.smoke else ''}` ({time.time() - t0:.0f} s this "
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
-            f"examples per expert ({args.steps1_harm} for harm), stage 2 {args.steps2} steps x 8 examples, "
+            f"examples per expert ({args.steps1_harm} for harm, {args.harm_objective}"
+            f"{f' alpha {args.cpo_alpha}' if args.harm_objective == 'cpo' else ''}), stage 2 {args.steps2} steps x 8 "
+            f"examples ({args.mixture} mixture), "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")

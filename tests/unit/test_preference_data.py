@@ -205,7 +205,7 @@ def test_objective_config_rules():
         "(pairs come from hh_rlhf, truthfulqa, beavertails, preference)"]
     assert problems(objective={"help": "sft", "harm": "dpo"})[0].startswith(
         "experts.objective: {'help': 'sft', 'harm': 'dpo'} — one objective per expert")
-    assert "dpo and simpo need experts.kind: lora" in problems(objective={"help": "sft", "harm": "dpo",
+    assert "dpo, simpo and cpo need experts.kind: lora" in problems(objective={"help": "sft", "harm": "dpo",
                                                                          "honest": "sft"}, kind="full")[0]
     cfg = RunConfig()
     cfg.train.stage1.beta, cfg.train.stage1.label_smoothing = 0.0, 0.5
@@ -235,3 +235,43 @@ def test_dpo_and_simpo_losses_match_their_definitions():
     loss, stats = Objective("simpo", Cfg).loss(token_loss, labels)
     assert stats["simpo/logps_chosen"] == -2.5 and stats["simpo/logps_rejected"] == -0.5
     assert stats["simpo/reward_accuracy"] == 0.0 and torch.isclose(loss, -F.logsigmoid(torch.tensor(-2.0)))
+
+
+@pytest.mark.parametrize("objective,alpha,smoothing", [("cpo", 1.0, 0.0), ("cpo", 0.0, 0.1), ("simpo", 0.0, 0.0)])
+def test_cpo_and_simpo_equal_trl_cpo_trainer(objective, alpha, smoothing):
+    """Oracle: TRL's CPOTrainer (loss_type sigmoid for cpo, simpo for simpo) computes the loss from
+    logits and shifted labels, concatenating chosen then rejected; ours from per-token losses with
+    pairs interleaved. Same logits, same loss and rewards."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    from trinityx_ds.train.objectives import Objective
+
+    torch.manual_seed(0)
+    P, S, V = 3, 7, 11
+    logits = torch.randn(2 * P, S, V, dtype=torch.float64)  # TRL's order: chosen 0..P-1, rejected P..2P-1
+    labels = torch.randint(0, V, (2 * P, S))
+    for i, start in enumerate([2, 3, 4, 2, 5, 3]):  # each row's prompt: no loss there
+        labels[i, :start] = -100
+    labels[1, -1] = -100  # a padded tail
+    trl_self = SimpleNamespace(alpha=0.0, beta=0.7, label_smoothing=smoothing, loss_type="sigmoid" if objective == "cpo"
+                               else "simpo", simpo_gamma=0.5, accelerator=SimpleNamespace(device="cpu"))
+    logps = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=objective == "simpo")
+    losses, chosen_reward, _ = CPOTrainer.cpo_loss(trl_self, logps[:P], logps[P:])
+    # TRL's nll term (concatenated_forward's cross_entropy_loss): token-mean CE of the chosen half, shifted
+    nll = torch.nn.CrossEntropyLoss()(logits[:P, :-1].reshape(-1, V), labels[:P, 1:].reshape(-1))
+    want = losses.mean() + alpha * nll
+
+    ours_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ours_labels.clamp(min=0).reshape(-1),
+                                 reduction="none").view(2 * P, S - 1) * (ours_labels >= 0)
+    order = [i for p in range(P) for i in (p, P + p)]  # interleaved: chosen, rejected, chosen, ...
+    cfg = SimpleNamespace(beta=0.7, label_smoothing=smoothing, simpo_gamma=0.5, cpo_alpha=alpha)
+    loss, stats = Objective(objective, cfg).loss(token_loss[order], ours_labels[order])
+    assert torch.allclose(loss.double(), want, atol=1e-6), (loss.item(), want.item())
+    assert stats[f"{objective}/logps_chosen"] == pytest.approx(logps[:P].mean().item(), abs=1e-5)
+    assert Objective(objective, cfg).needs_reference() is False
+    assert stats[f"{objective}/reward_margin"] == pytest.approx(
+        (chosen_reward - 0.7 * logps[P:]).mean().item(), abs=1e-5)

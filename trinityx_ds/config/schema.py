@@ -15,8 +15,8 @@ from typing import Literal
 MlpProj = Literal["gate_proj", "up_proj", "down_proj"]
 DataFormat = Literal["alpaca", "self_instruct", "hh_rlhf", "beavertails", "truthfulqa", "chat_jsonl", "preference"]
 PAIR_FORMATS = ("hh_rlhf", "truthfulqa", "beavertails", "preference")  # formats that give preference pairs
-Objective = Literal["sft", "dpo", "simpo"]
-PREFERENCE_OBJECTIVES = ("dpo", "simpo")
+Objective = Literal["sft", "dpo", "simpo", "cpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "cpo")
 from trinityx_ds.config.families import SUPPORTED_MODEL_TYPES  # noqa: F401, E402  (re-exported: one list, families.py)
 
 
@@ -139,13 +139,13 @@ class ExpertsConfig:
         if isinstance(self.objective, dict):
             missing = [n for n in self.names if n not in self.objective]
             _need(out, not missing, f"{at}.objective", self.objective,
-                  f"one objective per expert (sft, dpo or simpo); missing: {', '.join(missing)}")
+                  f"one objective per expert (sft, dpo, simpo or cpo); missing: {', '.join(missing)}")
             for name in self.objective:
                 _need(out, name in self.names, f"{at}.objective.{name}", name,
                       f"not an expert; experts.names is {', '.join(self.names)}")
         preference = [n for n in self.names if self.objective_of(n) in PREFERENCE_OBJECTIVES]
         _need(out, not preference or self.kind == "lora", f"{at}.objective", self.objective,
-              "dpo and simpo need experts.kind: lora (DPO's reference is the backbone with the LoRA delta "
+              "dpo, simpo and cpo need experts.kind: lora (DPO's reference is the backbone with the LoRA delta "
               "off; a full expert replaces the FFN it would need)")
         return out + self.lora.problems(f"{at}.lora")
 
@@ -320,11 +320,12 @@ class StageConfig:
 
 @dataclass
 class Stage1Config(StageConfig):
-    """Stage 1 adds the preference objectives' options (experts.objective: dpo | simpo)."""
+    """Stage 1 adds the preference objectives' options (experts.objective: dpo | simpo | cpo)."""
 
     beta: float = 0.1  # DPO: scale of the implicit reward; SimPO: of the length-normalised log-prob
     label_smoothing: float = 0.0  # DPO: the probability that a pair's label is flipped (cDPO)
     simpo_gamma: float = 0.5  # SimPO: target reward margin (TRL's CPOConfig default)
+    cpo_alpha: float = 1.0  # CPO: weight of the chosen responses' NLL (TRL's CPOConfig default); 0: none
     # steps of one expert where it differs from `steps` (experts' data differ in size: e.g. a
     # preference expert with 4x the pairs of another), e.g. {harm: 180}
     steps_per_expert: dict[str, int] = field(default_factory=dict)
@@ -342,6 +343,7 @@ class Stage1Config(StageConfig):
         _need(out, 0 <= self.label_smoothing < 0.5, f"{at}.label_smoothing", self.label_smoothing,
               "a number in [0, 0.5)")
         _need(out, self.simpo_gamma >= 0, f"{at}.simpo_gamma", self.simpo_gamma, "a number >= 0")
+        _need(out, self.cpo_alpha >= 0, f"{at}.cpo_alpha", self.cpo_alpha, "a number >= 0")
         return out
 
 

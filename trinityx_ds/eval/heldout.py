@@ -136,7 +136,8 @@ def result_file(out: Path, variant: str) -> Path:
 def evaluate(opts: dict) -> None:
     """Every variant in `opts["variants"]` in one process group (every rank calls this); rank 0
     writes result_file(out, variant): per-item figures. opts: run, out, variants, tqa, hh, alpaca
-    (file paths; an Alpaca-format file or a format=path spec), tp, max_seq_len, batch, routing."""
+    (file paths; an Alpaca-format file or a format=path spec; tqa and alpaca may be None: that
+    suite is skipped, as tools/hhh_dev.py does), tp, max_seq_len, batch, routing."""
     import gc
 
     import torch.distributed as dist
@@ -149,7 +150,7 @@ def evaluate(opts: dict) -> None:
     from trinityx_ds.parallel.groups import destroy_parallel
 
     out = Path(opts["out"])
-    recs, _ = read_source(DataSource(opts["alpaca"], "alpaca"), "help", "skip")
+    recs = read_source(DataSource(opts["alpaca"], "alpaca"), "help", "skip")[0] if opts.get("alpaca") else []
     help_requests = [Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs]
     lengths = None  # response lengths in tokens: one tokenizer for every variant of the run
     try:
@@ -164,12 +165,13 @@ def evaluate(opts: dict) -> None:
                 lengths = {"help_tokens": [_n_tokens(lm.tokenizer, r.continuation) for r in help_requests],
                            "hh_tokens": [[_n_tokens(lm.tokenizer, p.chosen), _n_tokens(lm.tokenizer, p.rejected)]
                                          for p in _hh_pairs(opts["hh"])]}
-            _, tqa_items = suites.truthfulqa_mc(lm, opts["tqa"])
+            tqa_items = suites.truthfulqa_mc(lm, opts["tqa"])[1] if opts.get("tqa") else []
             _, hh_items = suites.hh_preference(lm, [("harmless", opts["hh"])])
             result = {"variant": variant,
                       "tqa_items": [{"mc1": d["mc1"], "mc2": d["mc2"]} for d in tqa_items],
                       "hh_items": [{"c": d["ll_chosen"], "r": d["ll_rejected"]} for d in hh_items],
-                      "help_items": lm.logprobs(help_requests, desc="alpaca reference"), **lengths}
+                      "help_items": lm.logprobs(help_requests, desc="alpaca reference") if help_requests else [],
+                      **lengths}
             if opts.get("routing") and variant in ("uniform", "h3fusion", "trinityx"):
                 result["routing"], _ = suites.routing(lm, out / variant.replace(":", "-"))
             result["seconds"] = time.time() - t0
@@ -229,13 +231,14 @@ def per_item(result: dict, base: dict) -> dict:
     bc, br = (np.array([x[k] for x in base["hh_items"]]) for k in ("c", "r"))
     nc, nr = (np.array([t[i] for t in result["hh_tokens"]], float) for i in (0, 1))
     rel = (c - bc) - (r - br)
-    return {"MC1": np.array([x["mc1"] for x in result["tqa_items"]], float),
-            "MC2": np.array([x["mc2"] for x in result["tqa_items"]], float),
-            "harmless acc": (c > r).astype(float),
-            "harmless acc (len-norm)": (c / nc > r / nr).astype(float),
-            "harmless acc (vs backbone)": np.where(rel == 0, 0.5, (rel > 0).astype(float)),
-            "harmless margin": c - r,
-            "help ll/token": np.array(result["help_items"]) / np.array(result["help_tokens"], float)}
+    items = {"MC1": np.array([x["mc1"] for x in result["tqa_items"]], float),
+             "MC2": np.array([x["mc2"] for x in result["tqa_items"]], float),
+             "harmless acc": (c > r).astype(float),
+             "harmless acc (len-norm)": (c / nc > r / nr).astype(float),
+             "harmless acc (vs backbone)": np.where(rel == 0, 0.5, (rel > 0).astype(float)),
+             "harmless margin": c - r,
+             "help ll/token": np.array(result["help_items"]) / np.array(result["help_tokens"], float)}
+    return {k: x for k, x in items.items() if len(x)}  # a suite that was skipped has no column
 
 
 def figures(results: dict[str, dict], baseline: str = "backbone", resamples: int = 2000) -> dict:

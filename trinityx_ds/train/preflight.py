@@ -20,7 +20,7 @@ from trinityx_ds.storage.layout import CheckpointError, RunLayout
 
 
 def data_problems(cfg) -> list[str]:
-    """Every data row read as training will read it (pairs too, for a dpo/simpo expert), then the
+    """Every data row read as training will read it (pairs too, for a dpo/simpo/cpo expert), then the
     held-out split by prompt: a held-out prompt that is also a training prompt is refused here, with
     both files and lines. Hub sources are left to the workers."""
     out, unsafe = [], getattr(cfg.data, "beavertails_unsafe", "refuse")

@@ -127,7 +127,7 @@ class StageRun:
         return text
 
     def _datasets(self):
-        """Stage 1: this expert's training rows, or its preference pairs under dpo/simpo. Stage 2:
+        """Stage 1: this expert's training rows, or its preference pairs under dpo/simpo/cpo. Stage 2:
         the mixture of every task's SFT rows (a preference task's chosen responses, with its task
         label: what the router must recognise is the task, and the chosen response is the task's
         behaviour), and the held-out rows that validate the routing."""

@@ -1,0 +1,63 @@
+"""tools/hhh_efficacy.py's goal checks and tools/hhh_dev.py's dev cut: the benchmark's verdicts are
+only as good as these, so they are tested on tables whose answers are known."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import hhh_dev  # noqa: E402
+import hhh_efficacy  # noqa: E402
+
+from trinityx_ds.eval.heldout import hh_opening  # noqa: E402
+
+
+def _table(figs: dict) -> dict:
+    """{variant: (help ll/token, harmless acc, MC2)} -> the shape eval/heldout.figures returns."""
+    out = {}
+    for v, (help_ll, harm, mc2) in figs.items():
+        base = figs["backbone"]
+        rows = {"help ll/token": {"value": help_ll}, "harmless acc": {"value": harm}, "MC2": {"value": mc2}}
+        for (col, x), b in zip(rows.items(), base):
+            x.update(diff=x["value"] - b, diff_ci=(x["value"] - b - 0.01, x["value"] - b + 0.01))
+        out[v] = {"rows": rows}
+    return out
+
+
+def test_goals_read_each_expert_against_its_other_dimensions():
+    figs = {"backbone": (-2.0, 0.50, 0.40), "expert:help": (-1.80, 0.50, 0.40),
+            "expert:harm": (-2.10, 0.56, 0.45), "expert:honest": (-2.05, 0.52, 0.55),
+            "trinityx": (-1.81, 0.55, 0.54)}
+    lines = hhh_efficacy.goals(_table(figs))
+    assert lines[0].startswith("MET: expert:harm") and lines[1].startswith("MET: expert:honest")
+    assert all(x.startswith("MET: trinityx within 0.02") for x in lines[2:5]), lines
+    # each expert is beaten on one of its other two dimensions; none on all three at once
+    assert lines[5].startswith("MET: trinityx above each single expert") and "expert:help: harmless 0.550 > 0.500" in lines[5]
+    assert lines[6].endswith("on no dimension")
+    # the honest expert keeps everything the fused model has on its other dimensions: missed
+    figs["expert:honest"] = (-1.80, 0.56, 0.55)
+    lines = hhh_efficacy.goals(_table(figs))
+    assert lines[5].startswith("MISSED") and "expert:honest: none" in lines[5]
+    # a gain of +0.04 with an interval above 0 is still short of +0.05
+    figs["expert:harm"] = (-2.10, 0.54, 0.45)
+    assert hhh_efficacy.goals(_table(figs))[0].startswith("MISSED: expert:harm - backbone in harmless acc = +0.040")
+    # helpfulness 0.03 nats below the help expert: missed, with the gap printed
+    figs["trinityx"] = (-1.83, 0.55, 0.54)
+    assert "MISSED: trinityx within 0.02 of the best expert (expert:help) in helpful" in hhh_efficacy.goals(_table(figs))[2]
+
+
+def test_dev_cut_is_prompt_disjoint_and_keeps_excluded_openings_on_the_fit_side(tmp_path):
+    src = ROOT / "trinityx_ds" / "fixtures" / "data" / "hh_rlhf_tiny.jsonl"
+    lines = [line for line in src.read_text().splitlines(keepends=True) if line.strip()]
+    train = tmp_path / "harmless_train.jsonl"
+    train.write_text("".join(lines * 2))  # every opening twice: a cut that splits one would show
+    openings = sorted({hh_opening(line) for line in lines})
+    assert len(openings) >= 3
+    fit, dev = hhh_dev.dev_cut(train, tmp_path, 2, seed=7, exclude=frozenset(openings[:1]))
+    fit_keys, dev_keys = ({hh_opening(x) for x in p.read_text().splitlines()} for p in (fit, dev))
+    assert dev_keys and not fit_keys & dev_keys and openings[0] in fit_keys
+    assert len(dev.read_text().splitlines()) >= 2
+    assert sorted(fit.read_text().splitlines() + dev.read_text().splitlines()) == sorted(train.read_text().splitlines())
+    with pytest.raises(SystemExit):  # the candidates' syntax is hhh_efficacy's objectives
+        hhh_efficacy.parser().parse_args(["--harm-objective", "ipo"])
