@@ -21,10 +21,31 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("pref") / "model")
 
 
-def _trl_reference(cfg_path: Path, expert: str) -> dict:
+def _cpo_loss(model, ids, labels, attention_mask, sc) -> torch.Tensor:
+    """TRL's CPOTrainer loss (loss_type sigmoid) on the PEFT model's logits: its get_batch_logps and
+    cpo_loss, plus cpo_alpha x its NLL term (concatenated_forward's token-mean cross-entropy of the
+    chosen half, written out: a nested function there). Rows are [chosen; rejected]."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits.float()
+    trl_labels = torch.full_like(ids, -100)  # TRL's labels: the token itself, shifted inside
+    trl_labels[:, 1:] = torch.where(labels[:, :-1] >= 0, ids[:, 1:], -100)
+    half = ids.shape[0] // 2
+    logps = CPOTrainer.get_batch_logps(logits, trl_labels)
+    trl_self = SimpleNamespace(alpha=0.0, beta=sc.beta, label_smoothing=sc.label_smoothing, loss_type="sigmoid",
+                               accelerator=SimpleNamespace(device=logits.device))
+    losses, _, _ = CPOTrainer.cpo_loss(trl_self, logps[:half], logps[half:])
+    nll = torch.nn.CrossEntropyLoss()(logits[:half, :-1].reshape(-1, logits.shape[-1]), trl_labels[:half, 1:].reshape(-1))
+    return losses.mean() + sc.cpo_alpha * nll
+
+
+def _trl_reference(cfg_path: Path, expert: str, objective: str = "dpo") -> dict:
     """Stage 1 of `expert` as TRL trains a PEFT adapter: the same pairs in the same micro-batches,
-    `DPOTrainer.compute_loss` (loss_type sigmoid, reference = adapter disabled), torch SGD with the
-    run's schedule. Returns per-step losses, LoRA gradients and weights (our HF names)."""
+    `DPOTrainer.compute_loss` (loss_type sigmoid, reference = adapter disabled) or CPOTrainer's loss
+    (`_cpo_loss`), torch SGD with the run's schedule. Returns per-step losses, LoRA gradients and
+    weights (our HF names)."""
     import datasets
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -77,7 +98,10 @@ def _trl_reference(cfg_path: Path, expert: str) -> dict:
             completion = torch.zeros_like(ids)
             completion[:, 1:] = (labels[:, :-1] >= 0).long()  # labels are shifted: target of t is token t + 1
             inputs = {"input_ids": ids, "attention_mask": (ex >= 0).long(), "completion_mask": completion}
-            loss = trainer.compute_loss(model, inputs)
+            if objective == "cpo":
+                loss = _cpo_loss(model, ids, labels, inputs["attention_mask"], sc)
+            else:
+                loss = trainer.compute_loss(model, inputs)
             (loss / sc.grad_accum).backward()
             step_loss += loss.item() / sc.grad_accum
         out["losses"].append(step_loss)
@@ -146,3 +170,27 @@ def test_dpo_tp2_zero3_equals_trl_dpo_on_a_peft_adapter(run_dist, tmp_path, mode
         src = open_universal(sp_ckpt.tag_dir(f"step{step + 1:08d}"))
         for n, w in ref["weights"][step].items():
             assert torch.allclose(src.read(n), w, atol=1e-5, rtol=0), (step, n)
+
+
+def test_cpo_tp2_zero3_equals_trl_cpo_on_a_peft_adapter(run_dist, tmp_path, model_dir):
+    """CPO (no reference, an NLL term over the vocab-parallel logits) at TP=2 x ZeRO-3: TRL's
+    CPOTrainer loss on the PEFT model, step for step: losses and weights."""
+    from trinityx_ds.storage.layout import CheckpointDir
+    from trinityx_ds.storage.universal_copy import open_universal
+
+    run = {**DPO_RUN, "experts.objective": {"help": "sft", "harm": "cpo", "honest": "sft"},
+           "train.stage1": {**DPO_RUN["train.stage1"], "cpo_alpha": 0.5, "beta": 0.2}}
+    cfg = write_config(tmp_path, model_dir, **run)
+    got = run_dist(WORKER, 2, str(cfg), "harm", timeout=240)
+    assert got["zero_stage"] == 3 and got["summary"]["step"] == 3 and got["expert_moved"] > 1e-4
+    ref = _trl_reference(cfg, "harm", objective="cpo")
+    logged = metrics(tmp_path / "out/stage1/harm/metrics.jsonl")
+    losses = [m["cpo/loss"] for m in logged]
+    assert max(abs(a - b) for a, b in zip(losses, ref["losses"])) <= 1e-5, (losses, ref["losses"])
+    assert "time/reference_s" not in logged[-1]  # no reference forward
+    ckpt = CheckpointDir(tmp_path / "out/stage1/harm/checkpoints")
+    for step in range(3):
+        src = open_universal(ckpt.tag_dir(f"step{step + 1:08d}"))
+        for n, w in ref["weights"][step].items():
+            assert torch.allclose(src.read(n), w, atol=1e-5, rtol=0), (step, n)
+    assert any(float(g.abs().max()) > 1e-3 for g in ref["grads"][1].values())
