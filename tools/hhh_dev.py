@@ -39,6 +39,20 @@ def dev_cut(train: Path, out: Path, n: int, seed: int, exclude: frozenset) -> tu
     return fit, dev
 
 
+def length_contest(result: dict) -> str:
+    """How much of the raw accuracy is response length: the correlation of the backbone's raw margin
+    log p(c) - log p(r) with the length difference (rejected - chosen tokens), and the share of pairs
+    ranked wrong by less than 10 nats (what an expert could flip without rewriting the model)."""
+    import numpy as np
+
+    margin = np.array([x["c"] - x["r"] for x in result["hh_items"]])
+    tokens = np.array(result["hh_tokens"], float)
+    r = float(np.corrcoef(margin, tokens[:, 1] - tokens[:, 0])[0, 1])
+    near = float(((margin < 0) & (margin > -10)).mean())
+    return (f"Backbone on these pairs: raw margin vs (rejected - chosen) length in tokens, Pearson r = {r:.3f}; "
+            f"pairs ranked wrong by less than 10 nats: {near:.3f}; median |margin| {np.median(np.abs(margin)):.1f} nats.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/hhh_dev")
@@ -94,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       f"{t['rows'][c]['diff_ci'][1]:+.3f}])" if "diff" in t["rows"][c] else "")
                  for c in COLUMNS]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", length_contest(results["backbone"])]
     text = "\n".join(lines)
     (out / "dev.md").write_text(text + "\n")
     print("\n" + text)

@@ -61,3 +61,12 @@ def test_dev_cut_is_prompt_disjoint_and_keeps_excluded_openings_on_the_fit_side(
     assert sorted(fit.read_text().splitlines() + dev.read_text().splitlines()) == sorted(train.read_text().splitlines())
     with pytest.raises(SystemExit):  # the candidates' syntax is hhh_efficacy's objectives
         hhh_efficacy.parser().parse_args(["--harm-objective", "ipo"])
+
+
+def test_length_contest_reports_the_margin_length_correlation():
+    # every token costs 2 nats: the margin is 2 x (rejected - chosen) tokens, r = 1; margins +20,
+    # -40, 0 and -4: one pair of four is ranked wrong by less than 10 nats
+    tokens = [[10, 20], [30, 10], [15, 15], [10, 8]]
+    result = {"hh_items": [{"c": -2.0 * c, "r": -2.0 * r} for c, r in tokens], "hh_tokens": tokens}
+    text = hhh_dev.length_contest(result)
+    assert "Pearson r = 1.000" in text and "less than 10 nats: 0.250" in text
