@@ -147,3 +147,27 @@ def test_ema_update_and_state_dict_round_trip():
     assert resumed.updates_L.tolist() == [3, 1]
     prev_E, has_prev = resumed.prev(1)
     assert has_prev.item() and torch.equal(prev_E, torch.tensor([0.2, 0.8]))
+
+
+def test_task_tokens_all_counts_the_prompt_for_task_ce_only():
+    """router.losses.task_tokens: "all" averages an example's routing over its prompt too (not its
+    padding); every other router loss keeps the response mask."""
+    from trinityx_ds.model.mocae import RoutingContext
+
+    # one row, 4 tokens: 2 prompt tokens routed to expert 1, 1 response token to expert 0, 1 padding
+    p_TE = torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.0, 0.0, 1.0]])
+    labels_BS = torch.tensor([[-100, -100, 5, -100]])
+    example_BS = torch.tensor([[0, 0, 0, -1]])
+    label_N = torch.tensor([0])
+    response = RoutingContext.from_batch(labels_BS, example_BS, label_N)
+    every = RoutingContext.from_batch(labels_BS, example_BS, label_N, task_tokens="all")
+    assert response.task_mask_T is None and every.task_mask_T.tolist() == [True, True, True, False]
+    out = RouterOutput(p_TE.log(), p_TE, p_TE.argmax(-1, keepdim=True), torch.ones(4, 1))
+    weights = RouterLossConfig()
+    a = router_losses(out, response.mask_T, response.example_id_T, label_N, weights, None, 0)
+    b = router_losses(out, every.mask_T, every.example_id_T, label_N, weights, None, 0,
+                      task_mask_T=every.task_mask_T)
+    close(a["task_ce"], -LN(0.8))  # the response token alone
+    close(b["task_ce"], -LN((0.1 + 0.1 + 0.8) / 3))  # prompt and response, not the padding
+    for k in ("entropy", "kl_uniform", "load_balance"):
+        close(b[k], a[k].item())

@@ -159,6 +159,10 @@ class RouterLossConfig:
     load_balance: float = 0.0
     z_loss: float = 0.0
     ema_decay: float = 0.9
+    # the tokens task_ce averages an example's routing over: its response (the tokens the LM loss
+    # scores), or all of it, prompt included: what each expert was trained with (stage 1 applies
+    # an expert to every token) and what a router that picks one adapter per request reads
+    task_tokens: Literal["response", "all"] = "response"
 
     def problems(self, at: str) -> list[str]:
         out: list[str] = []

@@ -182,6 +182,7 @@ def router_losses(
     ema: RoutingEMA | None,
     layer: int,
     reduce: Reduce = _same,
+    task_mask_T: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every term of one layer (unweighted) plus "total" = their weighted sum.
 
@@ -203,7 +204,8 @@ def router_losses(
         prev_E, has_prev = ema.prev(layer)
         terms["kl_prev"] = lambda: kl_prev_loss(pbar_E, prev_E) * has_prev
     if task_label_N is not None and example_id_T is not None:
-        terms["task_ce"] = lambda: task_ce_loss(probs_TE, mask_T, example_id_T, task_label_N, reduce)
+        task_mask = mask_T if task_mask_T is None else task_mask_T  # router.losses.task_tokens
+        terms["task_ce"] = lambda: task_ce_loss(probs_TE, task_mask, example_id_T, task_label_N, reduce)
 
     zero = probs_TE.new_zeros((), dtype=torch.float32)
     result = {name: zero for name in ("entropy", "kl_prev", "kl_uniform", "task_ce", "load_balance", "z_loss")}
