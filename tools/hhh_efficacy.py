@@ -73,7 +73,8 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
                     "lora": {"rank": 16, "alpha": 32.0},
                     "objective": {"help": "sft", "harm": args.harm_objective, "honest": "dpo"}},
         "router": {"temperature": 0.7, "top_k": 1,
-                   "losses": {"entropy": 0.1, "kl_prev": 0.01, "kl_uniform": 0.05, "task_ce": 1.0}},
+                   "losses": {"entropy": 0.1, "kl_prev": 0.01, "kl_uniform": 0.05, "task_ce": 1.0,
+                              "task_tokens": args.task_tokens}},
         "parallel": {"tp": args.tp, "zero_stage": 2},
         "data": {"tasks": {
             "help": [{"path": str(split["alpaca_train"]), "format": "alpaca"},
@@ -212,6 +213,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpo-alpha", type=float, default=1.0, help="train.stage1.cpo_alpha under cpo [1.0]")
     p.add_argument("--mixture", default="balanced", choices=["proportional", "balanced"],
                    help="data.mixture: stage 2's task mixture [balanced]")
+    # all: each expert was trained with its delta on every token (stage 1 forces it on the prompt
+    # too), so the fused model reproduces an expert only if the prompt routes there as well; and a
+    # one-adapter-per-request pick reads the prompt (tools/route_agreement.py). Fixed before the
+    # run that uses it was evaluated (the 12-07 balanced run, response tokens, is in RESULTS)
+    p.add_argument("--task-tokens", default="all", choices=["response", "all"],
+                   help="router.losses.task_tokens: the tokens the router's task loss reads [all]")
     p.add_argument("--steps2", type=int, default=60, help="stage-2 steps [60]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
             f"examples per expert ({args.steps1_harm} for harm, {args.harm_objective}"
             f"{f' alpha {args.cpo_alpha}' if args.harm_objective == 'cpo' else ''}), stage 2 {args.steps2} steps x 8 "
-            f"examples ({args.mixture} mixture), "
+            f"examples ({args.mixture} mixture, task loss on {args.task_tokens} tokens), "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")
