@@ -152,6 +152,8 @@ def test_ema_update_and_state_dict_round_trip():
 def test_task_tokens_all_counts_the_prompt_for_task_ce_only():
     """router.losses.task_tokens: "all" averages an example's routing over its prompt too (not its
     padding); every other router loss keeps the response mask."""
+    from dataclasses import replace
+
     from trinityx_ds.model.mocae import RoutingContext
 
     # one row, 4 tokens: 2 prompt tokens routed to expert 1, 1 response token to expert 0, 1 padding
@@ -159,14 +161,12 @@ def test_task_tokens_all_counts_the_prompt_for_task_ce_only():
     labels_BS = torch.tensor([[-100, -100, 5, -100]])
     example_BS = torch.tensor([[0, 0, 0, -1]])
     label_N = torch.tensor([0])
-    response = RoutingContext.from_batch(labels_BS, example_BS, label_N)
-    every = RoutingContext.from_batch(labels_BS, example_BS, label_N, task_tokens="all")
-    assert response.task_mask_T is None and every.task_mask_T.tolist() == [True, True, True, False]
+    ctx = RoutingContext.from_batch(labels_BS, example_BS, label_N)
     out = RouterOutput(p_TE.log(), p_TE, p_TE.argmax(-1, keepdim=True), torch.ones(4, 1))
-    weights = RouterLossConfig()
-    a = router_losses(out, response.mask_T, response.example_id_T, label_N, weights, None, 0)
-    b = router_losses(out, every.mask_T, every.example_id_T, label_N, weights, None, 0,
-                      task_mask_T=every.task_mask_T)
+    response = RouterLossConfig()
+    every = replace(response, task_tokens="all")
+    a = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, response, None, 0)
+    b = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, every, None, 0)
     close(a["task_ce"], -LN(0.8))  # the response token alone
     close(b["task_ce"], -LN((0.1 + 0.1 + 0.8) / 3))  # prompt and response, not the padding
     for k in ("entropy", "kl_uniform", "load_balance"):

@@ -32,7 +32,6 @@ class RoutingContext:
     """
 
     mask_T: torch.Tensor | None = None
-    task_mask_T: torch.Tensor | None = None  # the tokens task_ce averages over (None: mask_T)
     example_id_T: torch.Tensor | None = None
     task_label_N: torch.Tensor | None = None
     force_expert: int | None = None  # every token to this expert (stage 1, single-expert eval)
@@ -43,15 +42,12 @@ class RoutingContext:
 
     @classmethod
     def from_batch(cls, labels_BS: torch.Tensor | None = None, example_id_BS: torch.Tensor | None = None,
-                   task_label_N: torch.Tensor | None = None, task_tokens: str = "response",
-                   **kw) -> "RoutingContext":
-        """Response-token mask from the (shifted) labels, example ids per token, a task label per
-        example; task_tokens "all": task_ce over every token of an example (prompt too, not padding)."""
+                   task_label_N: torch.Tensor | None = None, **kw) -> "RoutingContext":
+        """Response-token mask from the (shifted) labels, example ids per token (< 0: padding), a
+        task label per example."""
         sb = (lambda t: None if t is None else t.transpose(0, 1).reshape(-1))  # noqa: E731
         mask = None if labels_BS is None else sb(labels_BS >= 0)
-        task_mask = sb(example_id_BS >= 0) if task_tokens == "all" and example_id_BS is not None else None
-        return cls(mask_T=mask, task_mask_T=task_mask, example_id_T=sb(example_id_BS), task_label_N=task_label_N,
-                   **kw)
+        return cls(mask_T=mask, example_id_T=sb(example_id_BS), task_label_N=task_label_N, **kw)
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -175,8 +171,7 @@ class MoCaEBlock(nn.Module):
             if ctx.compute_losses:
                 losses = router_losses(out, mask_T, local(ctx.example_id_T), ctx.task_label_N, self.cfg.loss_weights,
                                        None if recompute else self.routing_ema, 0,
-                                       **({"reduce": seq.token_sum} if sp else {}),
-                                       task_mask_T=None if ctx.task_mask_T is None else local(ctx.task_mask_T))
+                                       **({"reduce": seq.token_sum} if sp else {}))
                 if losses["total"].requires_grad:
                     y_TH = _AttachLoss.apply(y_TH, losses["total"])
             if not recompute:

@@ -182,7 +182,6 @@ def router_losses(
     ema: RoutingEMA | None,
     layer: int,
     reduce: Reduce = _same,
-    task_mask_T: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every term of one layer (unweighted) plus "total" = their weighted sum.
 
@@ -204,7 +203,8 @@ def router_losses(
         prev_E, has_prev = ema.prev(layer)
         terms["kl_prev"] = lambda: kl_prev_loss(pbar_E, prev_E) * has_prev
     if task_label_N is not None and example_id_T is not None:
-        task_mask = mask_T if task_mask_T is None else task_mask_T  # router.losses.task_tokens
+        # weights.task_tokens: the response's tokens (mask_T), or every token of an example (not padding)
+        task_mask = (example_id_T >= 0) if weights.task_tokens == "all" else mask_T
         terms["task_ce"] = lambda: task_ce_loss(probs_TE, task_mask, example_id_T, task_label_N, reduce)
 
     zero = probs_TE.new_zeros((), dtype=torch.float32)

@@ -177,7 +177,7 @@ class StageRun:
             stats = train_step(engine, self.blocks, batch, stage=self.stage, micro_batch=sc.micro_batch,
                                grad_accum=sc.grad_accum, names=cfg.experts.names,
                                dp_group=ps.get_data_parallel_group(), dp=dims.dp, external=self.external,
-                               objective=self.objective, task_tokens=cfg.router.losses.task_tokens)
+                               objective=self.objective)
             step += 1
             stats["time/step_s"] = time.time() - t0
             stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(stats["time/step_s"], 1e-9)

@@ -39,14 +39,12 @@ def record_routing(ctx: RoutingContext, stats: dict, names: list[str], grad_accu
 
 
 def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int, grad_accum: int,
-               names: list[str], dp_group, dp: int, external=None, objective=None,
-               task_tokens: str = "response") -> dict:
+               names: list[str], dp_group, dp: int, external=None, objective=None) -> dict:
     """One optimizer step over `grad_accum` micro-batches of `big_batch`; returns the step's scalars
     (`_tokens`: this rank's token count). Stage 1 forces every token to its one expert; stage 2
     routes and adds the router losses. `external`: experts held outside the engine, stepped after
     the engine's last micro-batch. `objective` (train/objectives.py, stage 1): a preference loss
-    over `micro_batch` pairs per micro-batch (2 rows each); None or sft: the LM loss. `task_tokens`:
-    router.losses.task_tokens (the tokens task_ce averages over)."""
+    over `micro_batch` pairs per micro-batch (2 rows each); None or sft: the LM loss."""
     stats: dict[str, float] = {}
     task_sum, task_cnt = torch.zeros(len(names)), torch.zeros(len(names))
     tokens = 0
@@ -68,7 +66,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
             reference_s += time.perf_counter() - t_ref
         local_ex, task_N = local_examples(batch)
         ctx = RoutingContext.from_batch(labels, local_ex, task_N, force_expert=0 if stage == 1 else None,
-                                        compute_losses=stage == 2, task_tokens=task_tokens)
+                                        compute_losses=stage == 2)
         set_routing_context(blocks, ctx)
         token_loss_BS = engine(ids, labels)
         if pairs:

@@ -10,6 +10,7 @@ Each data-parallel rank brings its own tokens (EP's all-to-all then exchanges re
 """
 import json
 import sys
+from dataclasses import replace
 
 from tests.dist import worker_setup, write_result
 
@@ -46,7 +47,7 @@ ALL_LOSSES = RouterLossConfig(entropy=0.1, kl_prev=0.05, kl_uniform=0.05, task_c
 set_router_loss_scale(1.0)
 
 
-def run(cfg: MoCaEConfig, sp: bool, force: bool = False, task_tokens: str = "response") -> dict:
+def run(cfg: MoCaEConfig, sp: bool, force: bool = False) -> dict:
     model, blocks = build_model(arch, dims, cfg, sequence_parallel=sp)
     assert all(b.sequence_parallel == sp for b in blocks)
     missing = load_weights(model, mocae_source(folder, cfg, seed=2), arch, dims.tp, dims.tp_rank, moe_cfg=cfg)
@@ -56,7 +57,7 @@ def run(cfg: MoCaEConfig, sp: bool, force: bool = False, task_tokens: str = "res
         p.requires_grad_(mocae_role(n) == EXPERTS if force else mocae_role(n) is not None)
     records, losses = [], []
     for ids, labels in BATCHES:  # the second pass has a routing EMA: kl_prev is live
-        ctx = (RoutingContext.from_batch(labels, example_id, task_label, task_tokens=task_tokens) if not force
+        ctx = (RoutingContext.from_batch(labels, example_id, task_label) if not force
                else RoutingContext(force_expert=0, compute_losses=False))
         set_routing_context(blocks, ctx)
         loss = model.token_losses(ids, labels).sum() / (labels >= 0).sum()
@@ -72,8 +73,8 @@ def run(cfg: MoCaEConfig, sp: bool, force: bool = False, task_tokens: str = "res
             "trainable": trainable, "ema": torch.stack([b.routing_ema.ema_LE for b in blocks])}
 
 
-def compare(cfg: MoCaEConfig, force: bool, task_tokens: str = "response") -> dict:
-    off, on = run(cfg, False, force, task_tokens), run(cfg, True, force, task_tokens)
+def compare(cfg: MoCaEConfig, force: bool) -> dict:
+    off, on = run(cfg, False, force), run(cfg, True, force)
     assert sorted(off["grads"]) == sorted(on["grads"]), (sorted(off["grads"]), sorted(on["grads"]))
     # relative beyond 1: z_loss (squared log-sum-exp) is ~100 here, summed in another order under SP
     router_loss = max([((a["losses"][k] - b["losses"][k]).abs() / a["losses"][k].abs().clamp_min(1)).item()
@@ -108,5 +109,5 @@ def compare(cfg: MoCaEConfig, force: bool, task_tokens: str = "response") -> dic
 out = {"dims": [dims.tp, dims.dp, dims.ep]}
 for c in opt["configs"]:
     name, force, task_tokens = c.pop("name"), c.pop("force", False), c.pop("task_tokens", "response")
-    out[name] = compare(MoCaEConfig(**c, loss_weights=ALL_LOSSES), force, task_tokens)
+    out[name] = compare(MoCaEConfig(**c, loss_weights=replace(ALL_LOSSES, task_tokens=task_tokens)), force)
 write_result(out)
