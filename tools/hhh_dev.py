@@ -70,12 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     base = eff.parser().parse_args(["--seed", str(args.seed), "--data", args.data])
     from trinityx_ds.cli import main as trinityx
     from trinityx_ds.convert.bundled import smollm2_hf_dir
-    from trinityx_ds.model.arch import ModelArch
 
     t0, out, data = time.time(), Path(args.out).resolve(), Path(args.data)
     hf_dir = smollm2_hf_dir()
-    n_layers = ModelArch.from_hf_dir(hf_dir).num_layers
-    base.layers = list(range(max(n_layers - base.expert_layers, 0), n_layers))
+    base.layers = eff.expert_layers(hf_dir, base.expert_layers)
     split = eff.split_data(data, out / "data", base)
     fit, dev = dev_cut(split["hh_train"], out / "data", args.dev, args.seed + 1, eff.beavertails_openings(data))
     split = {**split, "hh_train": fit}

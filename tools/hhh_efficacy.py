@@ -62,6 +62,14 @@ def split_data(data: Path, out: Path, args) -> dict[str, Path]:
                          hh_exclude=beavertails_openings(data))
 
 
+def expert_layers(hf_dir: Path, last: int) -> list[int]:
+    """The layers that carry experts: the model's last `last`."""
+    from trinityx_ds.model.arch import ModelArch
+
+    n_layers = ModelArch.from_hf_dir(hf_dir).num_layers
+    return list(range(max(n_layers - last, 0), n_layers))
+
+
 def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], args) -> Path:
     """The run: every setting fixed here, before any evaluation (see the module doc)."""
     cfg = {
@@ -250,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         from trinityx_ds.convert.bundled import smollm2_hf_dir
 
         hf_dir = Path(args.model) if args.model else smollm2_hf_dir()
-    from trinityx_ds.model.arch import ModelArch
-
-    n_layers = ModelArch.from_hf_dir(hf_dir).num_layers
-    args.layers = list(range(max(n_layers - args.expert_layers, 0), n_layers))
+    args.layers = expert_layers(hf_dir, args.expert_layers)
     split = split_data(data, out / "data", args)
     config = write_config(out, hf_dir, data, split, args)
     run = out / "run"

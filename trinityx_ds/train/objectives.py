@@ -44,12 +44,17 @@ def sequence_logps(token_loss_BS: torch.Tensor, labels_BS: torch.Tensor, average
     return logp_B / mask.sum(1).clamp(min=1) if average else logp_B
 
 
+def _sigmoid_losses(logits_P: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Per pair: -(1 - ls) log s(b x) - ls log s(-b x), the loss DPO, SimPO and CPO share."""
+    return -F.logsigmoid(beta * logits_P) * (1 - label_smoothing) - F.logsigmoid(-beta * logits_P) * label_smoothing
+
+
 def dpo_loss(chosen_P: torch.Tensor, rejected_P: torch.Tensor, ref_chosen_P: torch.Tensor,
              ref_rejected_P: torch.Tensor, beta: float, label_smoothing: float = 0.0
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, per-pair scalars) of the DPO sigmoid loss; rewards are b (log p - log p_ref)."""
     delta_P = (chosen_P - ref_chosen_P) - (rejected_P - ref_rejected_P)
-    losses_P = -F.logsigmoid(beta * delta_P) * (1 - label_smoothing) - F.logsigmoid(-beta * delta_P) * label_smoothing
+    losses_P = _sigmoid_losses(delta_P, beta, label_smoothing)
     chosen_reward = beta * (chosen_P - ref_chosen_P).detach()
     rejected_reward = beta * (rejected_P - ref_rejected_P).detach()
     return losses_P.mean(), {"chosen_reward": chosen_reward, "rejected_reward": rejected_reward}
@@ -58,8 +63,7 @@ def dpo_loss(chosen_P: torch.Tensor, rejected_P: torch.Tensor, ref_chosen_P: tor
 def simpo_loss(chosen_avg_P: torch.Tensor, rejected_avg_P: torch.Tensor, beta: float, gamma: float,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, per-pair scalars) of SimPO on length-normalised log-probs; rewards are b avg log p."""
-    logits_P = chosen_avg_P - rejected_avg_P - gamma / beta
-    losses_P = -F.logsigmoid(beta * logits_P) * (1 - label_smoothing) - F.logsigmoid(-beta * logits_P) * label_smoothing
+    losses_P = _sigmoid_losses(chosen_avg_P - rejected_avg_P - gamma / beta, beta, label_smoothing)
     return losses_P.mean(), {"chosen_reward": beta * chosen_avg_P.detach(),
                              "rejected_reward": beta * rejected_avg_P.detach()}
 
@@ -68,8 +72,7 @@ def cpo_loss(chosen_P: torch.Tensor, rejected_P: torch.Tensor, chosen_nll: torch
              alpha: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, per-pair scalars) of CPO: the sigmoid loss on raw log-probs + alpha x the chosen
     tokens' mean NLL; rewards are b log p."""
-    logits_P = chosen_P - rejected_P
-    losses_P = -F.logsigmoid(beta * logits_P) * (1 - label_smoothing) - F.logsigmoid(-beta * logits_P) * label_smoothing
+    losses_P = _sigmoid_losses(chosen_P - rejected_P, beta, label_smoothing)
     loss = losses_P.mean() + alpha * chosen_nll if alpha else losses_P.mean()
     return loss, {"chosen_reward": beta * chosen_P.detach(), "rejected_reward": beta * rejected_P.detach()}
 
@@ -98,8 +101,8 @@ class Objective:
             ref_B = sequence_logps(ref_token_loss_BS, labels_BS)
             loss, r = dpo_loss(chosen, rejected, ref_B[0::2], ref_B[1::2], self.beta, self.label_smoothing)
         elif self.name == "cpo":
-            mask_BS = (labels_BS[0::2] >= 0).to(token_loss_BS.dtype)  # TRL: the chosen half's token-mean CE
-            nll = (token_loss_BS[0::2].float() * mask_BS).sum() / mask_BS.sum().clamp(min=1)
+            # TRL's NLL term: the token-mean cross-entropy of the chosen half (chosen: its rows' sums)
+            nll = -chosen.sum() / (labels_BS[0::2] >= 0).sum().clamp(min=1)
             loss, r = cpo_loss(chosen, rejected, nll, self.beta, self.cpo_alpha, self.label_smoothing)
         else:
             loss, r = simpo_loss(chosen, rejected, self.beta, self.gamma, self.label_smoothing)
