@@ -1,20 +1,37 @@
-"""Choose the harm expert's objective on a DEV CUT OF THE TRAINING SIDE, never on the held-out halves.
+"""Choose a setting of the efficacy run on a DEV CUT OF THE TRAINING SIDE, never on the held-out halves.
 
 tools/hhh_efficacy.py fixes every setting before it evaluates; a setting that has to be chosen by
 measurement is chosen here. The efficacy split is made exactly as hhh_efficacy makes it (same seed:
-its evaluation files are written and never read); then whole HH-RLHF openings are cut from its
-TRAINING file into a dev file (seeded, by prompt), each candidate harm expert trains on the rest, and
-backbone and candidates are scored on the dev pairs: raw, length-normalised and backbone-relative
-preference accuracy with paired 95% bootstrap intervals against the backbone.
+its evaluation files are written and never read); then whole prompts are cut from its TRAINING
+files into dev files (seeded, by prompt), candidates train on the rest and are scored on dev.
 
-Candidates are compared at equal training time, not equal steps: a step of a reference-free
-objective (cpo, simpo) skips DPO's reference forward, so it gets `--time-ratio` times DPO's steps.
+`--choose harm` (the default): the harm expert's objective. Whole HH-RLHF openings are cut from the
+training file, each candidate harm expert trains on the rest, and backbone and candidates are
+scored on the dev pairs: raw, length-normalised and backbone-relative preference accuracy with
+paired 95% bootstrap intervals against the backbone. Candidates are compared at equal training
+time, not equal steps: a step of a reference-free objective (cpo, simpo) skips DPO's reference
+forward, so it gets `--time-ratio` times DPO's steps.
     python tools/hhh_dev.py [--out runs/hhh_dev] [--candidates dpo cpo:0 cpo:1] [--steps 30]
+
+`--choose router`: the router's task loss (router.losses.task_level and task_tokens). Whole prompts
+of every task (TruthfulQA questions, HH-RLHF openings, Alpaca instructions) are cut from the
+training files; each candidate router trains on the rest over the efficacy run's experts
+(`--experts`, copied, not retrained) with those dev files as its data.heldout, so stage 2's own
+validation report (per-task accuracy of the mean routing, and the share of response tokens whose
+top-1 is the task's expert) is on examples the router never saw. Then each candidate's fused model
+and the experts are scored on the dev files, with paired intervals against the first candidate.
+Caveat, printed with the table: the experts trained on the full training side, dev rows included,
+so dev figures of anything that applies an expert are optimistic; the comparison between routers
+over the same experts is what the table is for.
+    python tools/hhh_dev.py --choose router [--experts runs/hhh_efficacy/run/stage1]
+        [--router-candidates example:response token:response token:all]
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hhh_efficacy as eff  # noqa: E402  (the same split and run config)
 
-from trinityx_ds.eval.heldout import figures, hh_opening, launch, result_file, take_groups  # noqa: E402
+from trinityx_ds.eval.heldout import (  # noqa: E402
+    SAMPLE_FILES, figures, hh_opening, launch, result_file, split_samples, take_groups)
 
 COLUMNS = ["harmless acc", "harmless acc (len-norm)", "harmless acc (vs backbone)", "harmless margin"]
 
@@ -53,6 +71,85 @@ def length_contest(result: dict) -> str:
             f"pairs ranked wrong by less than 10 nats: {near:.3f}; median |margin| {np.median(np.abs(margin)):.1f} nats.")
 
 
+def training_side(split: dict[str, Path], root: Path) -> Path:
+    """A samples folder laid out as ../shared/data (SAMPLE_FILES) holding only the efficacy run's
+    training files, so the dev cut is made by the very code that made the efficacy split."""
+    for part, key in (("truthfulqa", "tqa_train"), ("alpaca", "alpaca_train")):
+        (root / SAMPLE_FILES[part]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(split[key], root / SAMPLE_FILES[part])
+    (root / SAMPLE_FILES["hh"]).parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / SAMPLE_FILES["hh"], "wt", encoding="utf-8") as f:
+        f.write(Path(split["hh_train"]).read_text(encoding="utf-8"))
+    return root
+
+
+ROUTER_COLUMNS = ["MC1", "MC2", "harmless acc", "help ll/token"]
+
+
+def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[str, Path]) -> str:
+    """Train one router per candidate "level:tokens" on the fit side, score on dev (module doc)."""
+    from trinityx_ds.cli import main as trinityx
+
+    experts = Path(args.experts).resolve()
+    missing = [e for e in ("help", "harm", "honest") if not (experts / e / "expert.safetensors").is_file()]
+    if missing:
+        sys.exit(f"{experts}: no {missing[0]}/expert.safetensors (run tools/hhh_efficacy.py first, or pass --experts)")
+    root = training_side(split, out / "data" / "training_side")
+    # the fit side trains the router (tqa_train, ...); the dev side (tqa_eval, ...) is its data.heldout
+    dev = split_samples(root, out / "data" / "router_dev", args.dev_tqa, args.dev_hh, args.dev_help, args.seed + 2,
+                        hh_exclude=eff.beavertails_openings(data))
+    results, reports, eval_run = {}, {}, None
+    for cand in args.router_candidates:
+        level, _, tokens = cand.partition(":")
+        base.task_level, base.task_tokens = level, tokens or "response"
+        cdir = out / "router" / cand.replace(":", "_")
+        for e in ("help", "harm", "honest"):
+            (cdir / "run" / "stage1" / e).mkdir(parents=True, exist_ok=True)
+            if not (cdir / "run" / "stage1" / e / "expert.safetensors").is_file():
+                shutil.copy(experts / e / "expert.safetensors", cdir / "run" / "stage1" / e / "expert.safetensors")
+        config = eff.write_config(cdir, hf_dir, data, dev, base)
+        if not (cdir / "run" / "stage2" / "router.safetensors").is_file():
+            eff._step(f"train router ({cand})", lambda: trinityx(
+                ["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
+        reports[cand] = json.loads((cdir / "run" / "stage2" / "validation.json").read_text())
+        opts = {"out": str(cdir / "eval"), "run": str(cdir / "run"), "tp": 1, "max_seq_len": base.max_seq_len,
+                "batch": base.batch, "tqa": str(dev["tqa_eval"]), "hh": str(dev["hh_eval"]),
+                "alpaca": str(dev["alpaca_eval"]), "variants": ["trinityx"]}
+        if not result_file(cdir / "eval", "trinityx").is_file():
+            eff._step(f"score {cand} on the dev files", lambda: launch(opts, args.nproc))
+        results[cand] = json.loads(result_file(cdir / "eval", "trinityx").read_text())
+        eval_run = eval_run or opts
+    # the experts alone on the same dev files (once: they do not depend on the router)
+    opts = {**eval_run, "out": str(out / "router" / "experts_eval"), "variants": eff.EXPERTS}
+    if any(not result_file(Path(opts["out"]), v).is_file() for v in eff.EXPERTS):
+        eff._step("score the experts on the dev files", lambda: launch(opts, args.nproc))
+    for v in eff.EXPERTS:
+        results[v] = json.loads(result_file(Path(opts["out"]), v).read_text())
+    first = args.router_candidates[0]
+    table = figures(results, baseline=first)
+    n = table[first]["n"]
+    lines = [f"Router candidates trained on the fit side, scored on a dev cut of the efficacy run's training "
+             f"side ({n['MC1']} TruthfulQA questions, {n['harmless acc']} HH-RLHF pairs, {n['help ll/token']} "
+             f"Alpaca responses; stage-2 validation on the same dev prompts). Experts: {experts} (trained on the "
+             "whole training side, dev rows included: dev figures of anything that applies an expert are "
+             f"optimistic). Paired differences against {first} [95%].", "",
+             "| candidate | routing acc help / harm / honest | top-1 token share help / harm / honest | ECE | "
+             + " | ".join(ROUTER_COLUMNS) + " |", "|---" * (len(ROUTER_COLUMNS) + 4) + "|"]
+
+    def cell(row: dict) -> str:
+        text = f"{row['value']:.3f}"
+        return text + (f" ({row['diff']:+.3f} [{row['diff_ci'][0]:+.3f}, {row['diff_ci'][1]:+.3f}])"
+                       if "diff" in row and row["diff_ci"] != (0.0, 0.0) else "")
+
+    for v, t in table.items():
+        r = reports.get(v)
+        acc = " / ".join(f"{r['per_task_accuracy'][k]:.3f}" for k in ("help", "harm", "honest")) if r else "-"
+        tok = " / ".join(f"{r['per_task_token_accuracy'][k]:.3f}" for k in ("help", "harm", "honest")) if r else "-"
+        ece = f"{r['ece']:.3f}" if r else "-"
+        lines.append(f"| {v} | {acc} | {tok} | {ece} | " + " | ".join(cell(t["rows"][c]) for c in ROUTER_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/hhh_dev")
@@ -63,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-ratio", type=float, default=1.6,
                    help="DPO step time / reference-free step time [1.6: 10.9 s / 6.5 s, the 12-07 run's harm steps]")
     p.add_argument("--dev", type=int, default=250, help="HH-RLHF training rows cut off as dev, at least [250]")
+    p.add_argument("--choose", default="harm", choices=["harm", "router"], help="what to choose [harm]")
+    p.add_argument("--experts", default="runs/hhh_efficacy/run/stage1",
+                   help="--choose router: the efficacy run's stage-1 folder, whose experts every candidate uses")
+    p.add_argument("--router-candidates", nargs="+", default=["example:response", "token:response", "token:all"],
+                   help="router.losses task_level:task_tokens each; the first is the reference of the paired "
+                        "differences [example:response token:response token:all]")
+    p.add_argument("--dev-tqa", type=int, default=60, help="--choose router: dev TruthfulQA questions [60]")
+    p.add_argument("--dev-hh", type=int, default=40, help="--choose router: dev HH-RLHF rows, at least [40]")
+    p.add_argument("--dev-help", type=int, default=40, help="--choose router: dev Alpaca instructions [40]")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
@@ -75,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_dir = smollm2_hf_dir()
     base.layers = eff.expert_layers(hf_dir, base.expert_layers)
     split = eff.split_data(data, out / "data", base)
+    if args.choose == "router":
+        text = choose_router(args, base, hf_dir, data, out, split)
+        (out / "router_dev.md").write_text(text + "\n")
+        print(f"\n`python tools/hhh_dev.py {' '.join(argv or sys.argv[1:])}` ({time.time() - t0:.0f} s)\n\n{text}")
+        return 0
     fit, dev = dev_cut(split["hh_train"], out / "data", args.dev, args.seed + 1, eff.beavertails_openings(data))
     split = {**split, "hh_train": fit}
     results = {}

@@ -82,7 +82,7 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
                     "objective": {"help": "sft", "harm": args.harm_objective, "honest": "dpo"}},
         "router": {"temperature": 0.7, "top_k": 1,
                    "losses": {"entropy": 0.1, "kl_prev": 0.01, "kl_uniform": 0.05, "task_ce": 1.0,
-                              "task_tokens": args.task_tokens}},
+                              "task_tokens": args.task_tokens, "task_level": args.task_level}},
         "parallel": {"tp": args.tp, "zero_stage": 2},
         "data": {"tasks": {
             "help": [{"path": str(split["alpaca_train"]), "format": "alpaca"},
@@ -169,12 +169,15 @@ def render(table: dict, meta: str) -> str:
                   f"Alpaca {n['help ll/token']} reference responses. Each cell: the figure [95% bootstrap interval]; "
                   "below it, for every variant but the backbone, its paired difference from the backbone "
                   "[95% paired bootstrap interval], 2000 resamples.", "",
-              "| router | accuracy | ECE before T | ECE after T | fitted T |", "|---|---|---|---|---|"]
+              "| router | accuracy | top-1 token share help / harm / honest | ECE before T | ECE after T | fitted T |",
+              "|---|---|---|---|---|---|"]
     for v in ("uniform", "h3fusion", "trinityx"):
         r = table[v]["routing"] or {}
         before, after = r.get("before", r.get("routed", {})), r.get("after", {})
         t = r.get("temperature", {}).get("global")
-        lines.append(f"| {v} | {before.get('accuracy', float('nan')):.3f} | {before.get('ece', float('nan')):.3f} | "
+        own = r.get("top1_token_accuracy_by_task")  # absent from evaluations made before it was reported
+        own = " / ".join(f"{own[k]:.3f}" for k in ("help", "harm", "honest")) if own else "-"
+        lines.append(f"| {v} | {before.get('accuracy', float('nan')):.3f} | {own} | {before.get('ece', float('nan')):.3f} | "
                      f"{after.get('ece', float('nan')):.3f} | {t if t is None else f'{t:.3f}'} |")
     lines += ["", "Goals:", *[f"- {g}" for g in goals(table)]]
     return "\n".join(lines)
@@ -228,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
     # figures, said so in RESULTS
     p.add_argument("--task-tokens", default="response", choices=["response", "all"],
                    help="router.losses.task_tokens: the tokens the router's task loss reads [response]")
+    p.add_argument("--task-level", default="example", choices=["example", "token"],
+                   help="router.losses.task_level: the task loss on each example's mean routing or on every "
+                        "token's own [example] (tools/hhh_dev.py --choose router compares them on a dev cut)")
     p.add_argument("--steps2", type=int, default=60, help="stage-2 steps [60]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
             f"examples per expert ({args.steps1_harm} for harm, {args.harm_objective}"
             f"{f' alpha {args.cpo_alpha}' if args.harm_objective == 'cpo' else ''}), stage 2 {args.steps2} steps x 8 "
-            f"examples ({args.mixture} mixture, task loss on {args.task_tokens} tokens), "
+            f"examples ({args.mixture} mixture, {args.task_level}-level task loss on {args.task_tokens} tokens), "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 SMOLLM2_SHAPED = dict(hidden_size=144, num_attention_heads=9, num_key_value_heads=3, intermediate_size=128,
                       tie_word_embeddings=True)
 LORA = [{"name": "lora stage 1 (one expert, forced)", "expert_names": ["harm"], "force": True},
-        {"name": "lora top-1", "top_k": 1},
+        {"name": "lora top-1", "top_k": 1, "task_level": "token"},  # task_ce: every token's own -log p
         {"name": "lora top-2", "top_k": 2, "normalize_output": True, "task_tokens": "all"},  # task_ce: prompt too
         {"name": "lora dense", "top_k": "all", "temperature_mode": "learnable"}]
 FOUR = ["help", "harm", "honest", "instruct"]  # EP=2 places two experts per rank

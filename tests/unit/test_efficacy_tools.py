@@ -70,3 +70,33 @@ def test_length_contest_reports_the_margin_length_correlation():
     result = {"hh_items": [{"c": -2.0 * c, "r": -2.0 * r} for c, r in tokens], "hh_tokens": tokens}
     text = hhh_dev.length_contest(result)
     assert "Pearson r = 1.000" in text and "less than 10 nats: 0.250" in text
+
+
+def test_router_dev_cut_comes_from_the_training_side_only(tmp_path):
+    """--choose router cuts its dev prompts out of the efficacy run's TRAINING files with the code
+    that made the efficacy split: dev and fit share no prompt, and no dev prompt is an evaluation
+    prompt."""
+    import csv
+    import json
+
+    from trinityx_ds.eval.heldout import fixture_samples, split_samples, text_key
+
+    samples = fixture_samples(tmp_path / "samples", repeat_questions=2)
+    split = split_samples(samples, tmp_path / "split", 3, 4, 3, seed=1)
+    root = hhh_dev.training_side(split, tmp_path / "training_side")
+    dev = split_samples(root, tmp_path / "dev", 2, 2, 2, seed=3)
+
+    def tqa(path):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return {text_key(r["Question"]) for r in csv.DictReader(f)}
+
+    def hh(path):
+        return {hh_opening(x) for x in Path(path).read_text().splitlines() if x.strip()}
+
+    def alpaca(path):
+        return {text_key(r["instruction"]) for r in json.loads(Path(path).read_text())}
+
+    for name, keys in (("tqa", tqa), ("hh", hh), ("alpaca", alpaca)):
+        fit, cut, held = keys(dev[f"{name}_train"]), keys(dev[f"{name}_eval"]), keys(split[f"{name}_eval"])
+        assert cut and fit and not fit & cut and not cut & held, name
+        assert fit | cut == keys(split[f"{name}_train"]), name  # the training side, all of it, once

@@ -167,6 +167,11 @@ def test_routing_report_and_figures(tmp_path):
     assert summary["routed"] == calibration_report(probs.mean(0)[~val], labels[~val])
     share = torch.tensor(summary["top1_share_by_layer"])
     assert share.shape == (2, 3) and share.sum(1).tolist() == pytest.approx([1.0, 1.0])
+    # one token per example and layer here: the share of (example, layer) decisions that pick the task's expert
+    top1_NL = probs.argmax(-1).T
+    for t, name in enumerate(RoutingStub.moe.expert_names):
+        own = (top1_NL[labels == t] == t).double().mean().item()
+        assert summary["top1_token_accuracy_by_task"][name] == pytest.approx(own)
     assert summary["figures"] == ["reliability.png", "routing_share.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in summary["figures"])
     uniform = [{**s, "logits_LE": [[0.0] * 3] * 2} for s in stats]  # zero router weights: nothing to fit

@@ -117,3 +117,40 @@ def test_init_std_and_leading_dims():
 def test_bad_arguments_are_refused(kw):
     with pytest.raises(ValueError):
         CalibratedRouter(2, 3, **kw)
+
+
+def test_routing_report_token_accuracy_counts_each_response_token_top1(tmp_path):
+    """Stage 2's validation reports, per task, the share of an example's response tokens (averaged
+    over layers) whose top-1 is the task's expert, beside the accuracy of the example's mean
+    routing: a mean can pick the right expert while a third of the tokens go elsewhere."""
+    import json
+    from types import SimpleNamespace
+
+    from trinityx_ds.train.validate import routing_report
+
+    # one help example: 4 tokens, 3 of them response tokens (labels are shifted by collate: the
+    # last position is never a target); layer A routes responses 0, 0, 1; layer B 0, 0, 0
+    rows = {"input_ids": [[5, 6, 7, 8]], "labels": [[-100, 6, 7, 8]], "example_id": [0], "task_id": [0]}
+
+    class Held(list):
+        def __getitem__(self, s):
+            return {k: v[s] for k, v in rows.items()}
+
+    held = Held([0])
+    probs_layers = [torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]),
+                    torch.tensor([[0.5, 0.5], [0.7, 0.3], [0.8, 0.2], [0.6, 0.4]])]
+    blocks = [SimpleNamespace(ctx=None)]
+
+    def engine(input_ids, labels):
+        for layer, p in enumerate(probs_layers):
+            blocks[0].ctx.records[layer] = {"probs_TE": p, "logits_TE": p.log()}
+
+    model = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    report = routing_report(engine, model, blocks, {"help": held, "harm": Held([])}, ["help", "harm"],
+                            micro_batch=1, pad_id=0, out_file=tmp_path / "v.json")
+    # response positions after the shift: 0, 1, 2 (targets 6, 7, 8)
+    mean_help = ((0.2 + 0.9 + 0.6) / 3 + (0.5 + 0.7 + 0.8) / 3) / 2
+    assert report["per_task_accuracy"] == {"help": 0.0 if mean_help < 0.5 else 1.0}
+    # layer A: token 0 -> expert 1, tokens 1, 2 -> 0: 2/3; layer B: 0.5 is a tie (argmax: the first), 0, 0: 3/3
+    assert abs(report["per_task_token_accuracy"]["help"] - (2 / 3 + 1) / 2) < 1e-6
+    assert json.loads((tmp_path / "v.json").read_text())["per_task_token_accuracy"] == report["per_task_token_accuracy"]

@@ -171,3 +171,31 @@ def test_task_tokens_all_counts_the_prompt_for_task_ce_only():
     close(b["task_ce"], -LN((0.1 + 0.1 + 0.8) / 3))  # prompt and response, not the padding
     for k in ("entropy", "kl_uniform", "load_balance"):
         close(b[k], a[k].item())
+
+
+def test_task_level_token_scores_every_token_and_weighs_examples_equally():
+    """router.losses.task_level: "token" is the mean over labelled examples of the mean over their
+    valid tokens of -log p_t[label]; "example" is -log of the mean routing (hand values)."""
+    from dataclasses import replace
+
+    from trinityx_ds.model.mocae import RoutingContext
+
+    # example 0 (label 0): two response tokens at p 0.9 and 0.3 on expert 0; example 1 (label 2):
+    # one response token at 0.6 on expert 2, one prompt token; example 2 unlabelled; then padding
+    p_TE = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1],
+                         [0.1, 0.1, 0.8], [0.0, 0.0, 1.0]])
+    labels_BS = torch.tensor([[5, 5, 5, -100, 5, -100]])
+    example_BS = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    label_N = torch.tensor([0, 2, -1])
+    ctx = RoutingContext.from_batch(labels_BS, example_BS, label_N)
+    out = RouterOutput(p_TE.log(), p_TE, p_TE.argmax(-1, keepdim=True), torch.ones(6, 1))
+    example = RouterLossConfig()
+    token = replace(example, task_level="token")
+    a = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, example, None, 0)
+    b = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, token, None, 0)
+    close(a["task_ce"], (-LN((0.9 + 0.3) / 2) - LN(0.6)) / 2)
+    close(b["task_ce"], ((-LN(0.9) - LN(0.3)) / 2 - LN(0.6)) / 2)
+    every = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, replace(token, task_tokens="all"), None, 0)
+    close(every["task_ce"], ((-LN(0.9) - LN(0.3)) / 2 + (-LN(0.6) - LN(0.1)) / 2) / 2)  # the prompt token too
+    for k in ("entropy", "kl_uniform", "load_balance"):
+        close(b[k], a[k].item())

@@ -163,6 +163,9 @@ class RouterLossConfig:
     # scores), or all of it, prompt included: what each expert was trained with (stage 1 applies
     # an expert to every token) and what a router that picks one adapter per request reads
     task_tokens: Literal["response", "all"] = "response"
+    # what task_ce scores: each example's mean routing (H3Fusion's -log pbar_n[label]), or each of
+    # its tokens' own (the mean of -log p_t[label]: what top-1 routing acts on, token by token)
+    task_level: Literal["example", "token"] = "example"
 
     def problems(self, at: str) -> list[str]:
         out: list[str] = []

@@ -111,9 +111,15 @@ def routing_report(lm, stats: list[dict], labels: list[int], val: list[bool], ou
     top1_LE = torch.tensor([s["top1_LE"] for s in stats], dtype=torch.float64).sum(0)
     labels_N, val_N = torch.tensor(labels), torch.tensor(val)
     share_LE = top1_LE / top1_LE.sum(1, keepdim=True).clamp(min=1)
+    # per example, the share of its response tokens (over layers) whose top-1 is each expert
+    own_NE = torch.tensor([s["top1_LE"] for s in stats], dtype=torch.float64).sum(1)
+    own_NE = own_NE / own_NE.sum(1, keepdim=True).clamp(min=1)
     summary = {"n": len(stats), "experts": names, "layers": layers,
                "routed": calibration_report(probs_NE[~val_N], labels_N[~val_N]),
                "top1_share_by_layer": share_LE.tolist(),
+               # what top-1 routing acts on: the mean over a task's examples of that share for its own expert
+               "top1_token_accuracy_by_task": {n: own_NE[labels_N == t, t].mean().item()
+                                               for t, n in enumerate(names) if (labels_N == t).any()},
                "mean_probs_by_task": {n: probs_NE[labels_N == t].mean(0).tolist()
                                       for t, n in enumerate(names) if (labels_N == t).any()}}
     before, after, y = probs_NE, None, labels_N

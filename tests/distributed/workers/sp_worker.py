@@ -108,6 +108,7 @@ def compare(cfg: MoCaEConfig, force: bool) -> dict:
 
 out = {"dims": [dims.tp, dims.dp, dims.ep]}
 for c in opt["configs"]:
-    name, force, task_tokens = c.pop("name"), c.pop("force", False), c.pop("task_tokens", "response")
-    out[name] = compare(MoCaEConfig(**c, loss_weights=replace(ALL_LOSSES, task_tokens=task_tokens)), force)
+    name, force = c.pop("name"), c.pop("force", False)
+    losses = replace(ALL_LOSSES, task_tokens=c.pop("task_tokens", "response"), task_level=c.pop("task_level", "example"))
+    out[name] = compare(MoCaEConfig(**c, loss_weights=losses), force)
 write_result(out)
