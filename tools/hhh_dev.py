@@ -24,7 +24,7 @@ Caveat, printed with the table: the experts trained on the full training side, d
 so dev figures of anything that applies an expert are optimistic; the comparison between routers
 over the same experts is what the table is for.
     python tools/hhh_dev.py --choose router [--experts runs/hhh_efficacy/run/stage1]
-        [--router-candidates example:response token:response token:all]
+        [--router-candidates example:response token:response token:all token:response:150]
 """
 from __future__ import annotations
 
@@ -98,10 +98,11 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
     # the fit side trains the router (tqa_train, ...); the dev side (tqa_eval, ...) is its data.heldout
     dev = split_samples(root, out / "data" / "router_dev", args.dev_tqa, args.dev_hh, args.dev_help, args.seed + 2,
                         hh_exclude=eff.beavertails_openings(data))
-    results, reports, eval_run = {}, {}, None
+    results, reports, eval_run, default_steps = {}, {}, None, base.steps2
     for cand in args.router_candidates:
-        level, _, tokens = cand.partition(":")
-        base.task_level, base.task_tokens = level, tokens or "response"
+        parts = cand.split(":")
+        base.task_level, base.task_tokens = parts[0], parts[1] if len(parts) > 1 else "response"
+        base.steps2 = int(parts[2]) if len(parts) > 2 else default_steps
         cdir = out / "router" / cand.replace(":", "_")
         for e in ("help", "harm", "honest"):
             (cdir / "run" / "stage1" / e).mkdir(parents=True, exist_ok=True)
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", default="runs/hhh_efficacy/run/stage1",
                    help="--choose router: the efficacy run's stage-1 folder, whose experts every candidate uses")
     p.add_argument("--router-candidates", nargs="+", default=["example:response", "token:response", "token:all"],
-                   help="router.losses task_level:task_tokens each; the first is the reference of the paired "
-                        "differences [example:response token:response token:all]")
+                   help="router.losses task_level:task_tokens[:stage-2 steps] each; the first is the reference "
+                        "of the paired differences [example:response token:response token:all]")
     p.add_argument("--dev-tqa", type=int, default=60, help="--choose router: dev TruthfulQA questions [60]")
     p.add_argument("--dev-hh", type=int, default=40, help="--choose router: dev HH-RLHF rows, at least [40]")
     p.add_argument("--dev-help", type=int, default=40, help="--choose router: dev Alpaca instructions [40]")

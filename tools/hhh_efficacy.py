@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     # 0.028 MC2 against run 3 (response): the chat template's tokens, shared by every task, dominate
     # a short TruthfulQA answer's mean routing. Back to response: a choice informed by held-out
     # figures, said so in RESULTS
-    p.add_argument("--task-tokens", default="response", choices=["response", "all"],
+    p.add_argument("--task-tokens", default="response", choices=["response", "all", "both"],
                    help="router.losses.task_tokens: the tokens the router's task loss reads [response]")
     p.add_argument("--task-level", default="example", choices=["example", "token"],
                    help="router.losses.task_level: the task loss on each example's mean routing or on every "

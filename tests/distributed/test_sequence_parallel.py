@@ -18,7 +18,7 @@ SMOLLM2_SHAPED = dict(hidden_size=144, num_attention_heads=9, num_key_value_head
 LORA = [{"name": "lora stage 1 (one expert, forced)", "expert_names": ["harm"], "force": True},
         {"name": "lora top-1", "top_k": 1, "task_level": "token"},  # task_ce: every token's own -log p
         {"name": "lora top-2", "top_k": 2, "normalize_output": True, "task_tokens": "all"},  # task_ce: prompt too
-        {"name": "lora dense", "top_k": "all", "temperature_mode": "learnable"}]
+        {"name": "lora dense", "top_k": "all", "temperature_mode": "learnable", "task_tokens": "both"}]
 FOUR = ["help", "harm", "honest", "instruct"]  # EP=2 places two experts per rank
 FULL = [{"name": "full top-2 ep2", "kind": "full", "top_k": 2, "normalize_output": True, "expert_names": FOUR},
         {"name": "full top-1 ep2", "kind": "full", "top_k": 1, "expert_names": FOUR}]

@@ -197,5 +197,16 @@ def test_task_level_token_scores_every_token_and_weighs_examples_equally():
     close(b["task_ce"], ((-LN(0.9) - LN(0.3)) / 2 - LN(0.6)) / 2)
     every = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, replace(token, task_tokens="all"), None, 0)
     close(every["task_ce"], ((-LN(0.9) - LN(0.3)) / 2 + (-LN(0.6) - LN(0.1)) / 2) / 2)  # the prompt token too
+    # both: (response term + prompt term) / 2; only example 1 has a prompt token (p 0.1 on its expert);
+    # example 2 is unlabelled and the last token is padding
+    both = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, replace(token, task_tokens="both"), None, 0)
+    close(both["task_ce"], (b["task_ce"].item() - LN(0.1)) / 2)
+    both_ex = router_losses(out, ctx.mask_T, ctx.example_id_T, label_N, replace(example, task_tokens="both"), None, 0)
+    close(both_ex["task_ce"], (a["task_ce"].item() - LN(0.1)) / 2)
+    no_prompt = RoutingContext.from_batch(torch.tensor([[5, 5, 5, 5, 5, -100]]), example_BS, label_N)
+    alone = router_losses(out, no_prompt.mask_T, no_prompt.example_id_T, label_N, replace(token, task_tokens="both"),
+                          None, 0)
+    close(alone["task_ce"], router_losses(out, no_prompt.mask_T, no_prompt.example_id_T, label_N, token,
+                                          None, 0)["task_ce"].item())  # no prompt token: the response term alone
     for k in ("entropy", "kl_uniform", "load_balance"):
         close(b[k], a[k].item())

@@ -162,7 +162,9 @@ class RouterLossConfig:
     # the tokens task_ce averages an example's routing over: its response (the tokens the LM loss
     # scores), or all of it, prompt included: what each expert was trained with (stage 1 applies
     # an expert to every token) and what a router that picks one adapter per request reads
-    task_tokens: Literal["response", "all"] = "response"
+    # `both`: the mean of a response term and a prompt term, so a short answer is not outweighed by
+    # its prompt and the chat template's tokens (which every task shares)
+    task_tokens: Literal["response", "all", "both"] = "response"
     # what task_ce scores: each example's mean routing (H3Fusion's -log pbar_n[label]), or each of
     # its tokens' own (the mean of -log p_t[label]: what top-1 routing acts on, token by token)
     task_level: Literal["example", "token"] = "example"

@@ -201,6 +201,25 @@ class RoutingEMA(nn.Module):
         self.updates_L[layer] += seen.long()
 
 
+def _task_term(probs_TE, mask_T, example_id_T, task_label_N, weights: RouterLossConfig, reduce: Reduce):
+    """task_ce as the config asks. weights.task_level: -log of the example's mean routing, or the
+    mean of every token's -log. weights.task_tokens: over the response's tokens (mask_T), over every
+    token of the example (not padding), or "both": the mean of a response term and a prompt term
+    (the example's other tokens), so a short answer keeps half the weight however long its prompt
+    and chat template are; the response term alone where no example has a prompt token."""
+    loss = task_token_ce_loss if weights.task_level == "token" else task_ce_loss
+    example_T = example_id_T.reshape(-1) >= 0
+    if weights.task_tokens == "all":
+        return loss(probs_TE, example_T, example_id_T, task_label_N, reduce)
+    response = loss(probs_TE, mask_T, example_id_T, task_label_N, reduce)
+    if weights.task_tokens != "both" or mask_T is None:
+        return response
+    prompt_T = example_T & ~mask_T.reshape(-1).bool()
+    prompt = loss(probs_TE, prompt_T, example_id_T, task_label_N, reduce)
+    has_prompt = reduce(prompt_T.sum().float()) > 0
+    return torch.where(has_prompt, (response + prompt) / 2, response)
+
+
 def router_losses(
     out: RouterOutput,
     mask_T: torch.Tensor | None,
@@ -231,11 +250,7 @@ def router_losses(
         prev_E, has_prev = ema.prev(layer)
         terms["kl_prev"] = lambda: kl_prev_loss(pbar_E, prev_E) * has_prev
     if task_label_N is not None and example_id_T is not None:
-        # weights.task_tokens: the response's tokens (mask_T), or every token of an example (not padding)
-        task_mask = (example_id_T >= 0) if weights.task_tokens == "all" else mask_T
-        # weights.task_level: -log of the example's mean routing, or the mean of every token's -log
-        task_loss = task_token_ce_loss if weights.task_level == "token" else task_ce_loss
-        terms["task_ce"] = lambda: task_loss(probs_TE, task_mask, example_id_T, task_label_N, reduce)
+        terms["task_ce"] = lambda: _task_term(probs_TE, mask_T, example_id_T, task_label_N, weights, reduce)
 
     zero = probs_TE.new_zeros((), dtype=torch.float32)
     result = {name: zero for name in ("entropy", "kl_prev", "kl_uniform", "task_ce", "load_balance", "z_loss")}
