@@ -87,7 +87,7 @@ ROUTER_COLUMNS = ["MC1", "MC2", "harmless acc", "help ll/token"]
 
 
 def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[str, Path]) -> str:
-    """Train one router per candidate "level:tokens" on the fit side, score on dev (module doc)."""
+    """Train one router per candidate "level:tokens[:steps]" on the fit side, score on dev (module doc)."""
     from trinityx_ds.cli import main as trinityx
 
     experts = Path(args.experts).resolve()

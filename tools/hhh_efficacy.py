@@ -176,7 +176,8 @@ def render(table: dict, meta: str) -> str:
         before, after = r.get("before", r.get("routed", {})), r.get("after", {})
         t = r.get("temperature", {}).get("global")
         own = r.get("top1_token_accuracy_by_task")  # absent from evaluations made before it was reported
-        own = " / ".join(f"{own[k]:.3f}" for k in ("help", "harm", "honest")) if own else "-"
+        # uniform routes densely with equal weights: its argmax is a tie, no decision to report
+        own = " / ".join(f"{own[k]:.3f}" for k in ("help", "harm", "honest")) if own and v != "uniform" else "-"
         lines.append(f"| {v} | {before.get('accuracy', float('nan')):.3f} | {own} | {before.get('ece', float('nan')):.3f} | "
                      f"{after.get('ece', float('nan')):.3f} | {t if t is None else f'{t:.3f}'} |")
     lines += ["", "Goals:", *[f"- {g}" for g in goals(table)]]
