@@ -24,7 +24,9 @@ Caveat, printed with the table: the experts trained on the full training side, d
 so dev figures of anything that applies an expert are optimistic; the comparison between routers
 over the same experts is what the table is for.
     python tools/hhh_dev.py --choose router [--experts runs/hhh_efficacy/run/stage1]
-        [--router-candidates example:response token:response token:all token:response:150]
+        [--router-candidates example:response token:response token:all token:all::4,1,1]
+A fourth field sets the router's importance weights (log-priors, per expert) written into a copy of
+the trained router (calibration/fit.py's write_importance), as T is fitted after training.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hhh_efficacy as eff  # noqa: E402  (the same split and run config)
 
+from trinityx_ds.calibration.fit import write_importance  # noqa: E402
 from trinityx_ds.eval.heldout import (  # noqa: E402
     SAMPLE_FILES, figures, hh_opening, launch, result_file, split_samples, take_groups)
 
@@ -87,7 +90,8 @@ ROUTER_COLUMNS = ["MC1", "MC2", "harmless acc", "help ll/token"]
 
 
 def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[str, Path]) -> str:
-    """Train one router per candidate "level:tokens[:steps]" on the fit side, score on dev (module doc)."""
+    """Train one router per candidate "level:tokens[:steps[:importance]]" on the fit side, score on dev
+    (module doc)."""
     from trinityx_ds.cli import main as trinityx
 
     experts = Path(args.experts).resolve()
@@ -102,8 +106,17 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
     for cand in args.router_candidates:
         parts = cand.split(":")
         base.task_level, base.task_tokens = parts[0], parts[1] if len(parts) > 1 else "response"
-        base.steps2 = int(parts[2]) if len(parts) > 2 else default_steps
-        cdir = out / "router" / cand.replace(":", "_")
+        base.steps2 = int(parts[2]) if len(parts) > 2 and parts[2] else default_steps
+        importance = [float(g) for g in parts[3].split(",")] if len(parts) > 3 else None
+        # importance weights are written after training: the candidate without them trains the router
+        trained_cand = ":".join(x for x in parts[:3] if x)
+        trained = out / "router" / trained_cand.replace(":", "_") if importance else None
+        cdir = out / "router" / cand.replace(":", "_").replace(",", "-")
+        if trained is not None and not (cdir / "run" / "stage2" / "router.safetensors").is_file():
+            if not (trained / "run" / "stage2" / "router.safetensors").is_file():
+                sys.exit(f"{cand}: train {trained_cand} first (list it before {cand})")
+            shutil.copytree(trained / "run", cdir / "run", dirs_exist_ok=True)
+            write_importance(cdir / "run" / "stage2" / "router.safetensors", importance)
         for e in ("help", "harm", "honest"):
             (cdir / "run" / "stage1" / e).mkdir(parents=True, exist_ok=True)
             if not (cdir / "run" / "stage1" / e / "expert.safetensors").is_file():
@@ -148,6 +161,9 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
         tok = " / ".join(f"{r['per_task_token_accuracy'][k]:.3f}" for k in ("help", "harm", "honest")) if r else "-"
         ece = f"{r['ece']:.3f}" if r else "-"
         lines.append(f"| {v} | {acc} | {tok} | {ece} | " + " | ".join(cell(t["rows"][c]) for c in ROUTER_COLUMNS) + " |")
+    if any(len(c.split(":")) > 3 for c in args.router_candidates):
+        lines += ["", "Rows with importance weights (the fourth field): the routing columns are stage 2's validation "
+                      "of the router as trained, before the weights were written; the figures are with them."]
     return "\n".join(lines)
 
 
@@ -165,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", default="runs/hhh_efficacy/run/stage1",
                    help="--choose router: the efficacy run's stage-1 folder, whose experts every candidate uses")
     p.add_argument("--router-candidates", nargs="+", default=["example:response", "token:response", "token:all"],
-                   help="router.losses task_level:task_tokens[:stage-2 steps] each; the first is the reference "
-                        "of the paired differences [example:response token:response token:all]")
+                   help="router.losses task_level:task_tokens[:stage-2 steps[:importance g,g,g written after "
+                        "training]] each; the first is the reference of the paired differences "
+                        "[example:response token:response token:all]")
     p.add_argument("--dev-tqa", type=int, default=60, help="--choose router: dev TruthfulQA questions [60]")
     p.add_argument("--dev-hh", type=int, default=40, help="--choose router: dev HH-RLHF rows, at least [40]")
     p.add_argument("--dev-help", type=int, default=40, help="--choose router: dev Alpaca instructions [40]")

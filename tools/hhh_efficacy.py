@@ -186,6 +186,18 @@ def render(table: dict, meta: str) -> str:
 
 # ---------------------------------------------------------------- driver
 
+def set_importance(router_file: Path, importance: list[float], evals: Path) -> None:
+    """The router's importance weights as asked, written after training (calibration/fit.py's
+    write_importance); a TrinityX evaluation made with other weights is stale and removed. H3Fusion
+    and uniform override the priors, so they stay."""
+    from trinityx_ds.calibration.fit import read_importance, write_importance
+
+    now = next(iter(read_importance(router_file).values()))
+    if len(now) != len(importance) or any(abs(a - b) > 1e-6 for a, b in zip(now, importance)):
+        write_importance(router_file, importance)
+        result_file(evals, "trinityx").unlink(missing_ok=True)
+
+
 def _step(title: str, fn) -> None:
     t0 = time.time()
     print(f"\n=== {title}", flush=True)
@@ -235,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task-level", default="example", choices=["example", "token"],
                    help="router.losses.task_level: the task loss on each example's mean routing or on every "
                         "token's own [example] (tools/hhh_dev.py --choose router compares them on a dev cut)")
+    p.add_argument("--importance", type=float, nargs=3, metavar=("HELP", "HARM", "HONEST"),
+                   help="router importance weights written after stage 2 [none: 1 1 1] "
+                        "(tools/hhh_dev.py --choose router compares them on a dev cut)")
     p.add_argument("--steps2", type=int, default=60, help="stage-2 steps [60]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
@@ -276,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (run / "stage2" / "router.safetensors").is_file():
         _step("train router", lambda: trinityx(["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
     evals = out / "eval"
+    set_importance(run / "stage2" / "router.safetensors", args.importance or [1.0, 1.0, 1.0], evals)
     opts = {"out": str(evals), "run": str(run), "tp": args.tp, "max_seq_len": args.max_seq_len, "batch": args.batch,
             "tqa": str(split["tqa_eval"]), "hh": str(split["hh_eval"]), "alpaca": str(split["alpaca_eval"]),
             "variants": EVAL_ORDER, "routing": True}
@@ -287,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
             f"examples per expert ({args.steps1_harm} for harm, {args.harm_objective}"
             f"{f' alpha {args.cpo_alpha}' if args.harm_objective == 'cpo' else ''}), stage 2 {args.steps2} steps x 8 "
-            f"examples ({args.mixture} mixture, {args.task_level}-level task loss on {args.task_tokens} tokens), "
+            f"examples ({args.mixture} mixture, {args.task_level}-level task loss on {args.task_tokens} tokens"
+            f"{f', importance {args.importance} written after training' if args.importance else ''}), "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.unit.test_judge import FakeJudge, tiny_classifier
 from trinityx_ds.calibration import calibration_report, fit_temperature
-from trinityx_ds.calibration.fit import fit_routing, read_temperatures, write_temperatures
+from trinityx_ds.calibration.fit import (fit_routing, read_importance, read_temperatures, write_importance,
+                                         write_temperatures)
 from trinityx_ds.eval import suites
 from trinityx_ds.eval.report import compare, compare_markdown, write_report
 from trinityx_ds.eval.runner import _check, _named, add_eval_arguments
@@ -146,6 +147,36 @@ def test_write_temperatures_atomic_with_backup(tmp_path):
     assert not (tmp_path / "router.safetensors.tmp").exists()
     with pytest.raises(ValueError, match="missing"):
         write_temperatures(path, {5: 1.0})
+
+
+def test_write_importance_sets_every_layer_after_training_atomic_with_backup(tmp_path):
+    """Importance weights written into a trained router file (every layer, as log-priors), the
+    trained file kept as the backup, T and weights untouched; a router loaded from it routes with
+    softmax(z / T + log gamma)."""
+    from trinityx_ds.model.router import CalibratedRouter
+
+    path = tmp_path / "router.safetensors"
+    tensors = {f"model.layers.{i}.mlp.router.{k}": v for i in (3, 4) for k, v in
+               (("weight", torch.randn(3, 4)), ("log_temperature", torch.tensor([math.log(0.7)])),
+                ("log_importance", torch.zeros(3)))}
+    save_file(tensors, str(path))
+    backup = write_importance(path, [4.0, 1.0, 0.5])
+    assert read_importance(path) == {3: pytest.approx([4.0, 1.0, 0.5]), 4: pytest.approx([4.0, 1.0, 0.5])}
+    assert read_importance(backup) == {3: [1.0, 1.0, 1.0], 4: [1.0, 1.0, 1.0]}
+    after = load_file(path)
+    for k in tensors:
+        if not k.endswith("log_importance"):
+            assert torch.equal(after[k], tensors[k]), k
+    router = CalibratedRouter(4, 3, temperature=0.7)
+    router.weight.data.copy_(after["model.layers.3.mlp.router.weight"])
+    router.log_importance.copy_(after["model.layers.3.mlp.router.log_importance"])
+    h = torch.randn(5, 4)
+    expected = (h @ router.weight.T / 0.7 + torch.tensor([4.0, 1.0, 0.5]).log()).softmax(-1)
+    assert torch.allclose(router(h).probs_TE, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="2 weights, the router has 3"):
+        write_importance(path, [1.0, 2.0])
+    with pytest.raises(ValueError, match="> 0"):
+        write_importance(path, [1.0, 0.0, 1.0])
 
 
 class RoutingStub(StubLM):

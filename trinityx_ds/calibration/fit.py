@@ -79,15 +79,56 @@ def write_temperatures(router_file: str | Path, temperatures: dict[int, float]) 
     always restores the training output); the new file is written beside it and renamed over the
     old one, so a crash leaves either the old or the new file, never a torn one.
     """
+    for layer, t in temperatures.items():
+        if not t > 0:
+            raise ValueError(f"layer {layer}: temperature {t} must be > 0")
+    return _rewrite(router_file, {_key(layer): math.log(t) for layer, t in temperatures.items()})
+
+
+def read_importance(router_file: str | Path) -> dict[int, list[float]]:
+    """Layer -> the importance weights gamma_E (exp of `router.log_importance`) in a stage-2 router file."""
+    out = {}
+    with safe_open(str(router_file), framework="pt") as f:
+        for name in f.keys():
+            if name.endswith(".mlp.router.log_importance"):
+                out[int(name.split(".")[2])] = f.get_tensor(name).double().exp().tolist()
+    return dict(sorted(out.items()))
+
+
+def write_importance(router_file: str | Path, importance: list[float]) -> Path:
+    """Sets every layer's importance weights (log-priors log gamma_e added to the calibrated logits)
+    in a stage-2 router file, after training, as T is set after training; returns the backup (see
+    `write_temperatures`: same atomic write, same backup of the trained file).
+
+    Why after training: `router.importance` in the run config is a prior the router trains WITH,
+    so its logits learn to offset it; a prior written afterwards moves the decision it was chosen
+    for (e.g. more of the help expert's tokens to it, chosen on a dev cut: tools/hhh_dev.py).
+    """
+    gamma = [float(g) for g in importance]
+    if not gamma or not all(g > 0 for g in gamma):
+        raise ValueError(f"importance {importance}: one weight > 0 per expert")
+    layers = read_importance(router_file)
+    if not layers:
+        raise CheckpointError(f"{router_file}: no router.log_importance tensor")
+    for layer, now in layers.items():
+        if len(now) != len(gamma):
+            raise ValueError(f"importance {importance}: {len(gamma)} weights, the router has {len(now)} experts")
+    return _rewrite(router_file, {f"model.layers.{layer}.mlp.router.log_importance": [math.log(g) for g in gamma]
+                                  for layer in layers})
+
+
+def _rewrite(router_file: str | Path, values: dict[str, float | list[float]]) -> Path:
+    """The router file with the named tensors set to `values` (same shape and dtype), written
+    atomically, the file as trained kept once as `<file>.bak`; returns the backup."""
     path = Path(router_file)
     with safe_open(str(path), framework="pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    for layer, t in temperatures.items():
-        if _key(layer) not in tensors:
-            raise CheckpointError(f"{path}: tensor {_key(layer)!r} is missing")
-        if not t > 0:
-            raise ValueError(f"layer {layer}: temperature {t} must be > 0")
-        tensors[_key(layer)] = torch.full_like(tensors[_key(layer)], math.log(t))
+    for key, value in values.items():
+        if key not in tensors:
+            raise CheckpointError(f"{path}: tensor {key!r} is missing")
+        old = tensors[key]
+        tensors[key] = (torch.full_like(old, value) if isinstance(value, float)
+                        else torch.tensor(value, dtype=old.dtype).reshape(old.shape))
     backup = path.with_name(path.name + ".bak")
     if not backup.exists():
         shutil.copy2(path, backup)
