@@ -237,19 +237,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpo-alpha", type=float, default=1.0, help="train.stage1.cpo_alpha under cpo [1.0]")
     p.add_argument("--mixture", default="balanced", choices=["proportional", "balanced"],
                    help="data.mixture: stage 2's task mixture [balanced]")
-    # response. `all` was made the default before its run (run 4 in docs/RESULTS.md) on the argument
-    # that experts are trained with their delta on the prompt too; on the held-out halves it lost
-    # 0.028 MC2 against run 3 (response): the chat template's tokens, shared by every task, dominate
-    # a short TruthfulQA answer's mean routing. Back to response: a choice informed by held-out
-    # figures, said so in RESULTS
-    p.add_argument("--task-tokens", default="response", choices=["response", "all", "both"],
-                   help="router.losses.task_tokens: the tokens the router's task loss reads [response]")
-    p.add_argument("--task-level", default="example", choices=["example", "token"],
+    # the router's task loss and importance weights: chosen on a dev cut of the training side by a
+    # rule written before the choice (tools/hhh_dev.py --choose router; docs/RESULTS.md), made the
+    # defaults before their held-out run (run 6) and kept whatever it gives. History: run 4 put
+    # `all` in at example level on an argument, lost MC2 on the held-out halves and was reverted
+    p.add_argument("--task-tokens", default="all", choices=["response", "all", "both"],
+                   help="router.losses.task_tokens: the tokens the router's task loss reads [all]")
+    p.add_argument("--task-level", default="token", choices=["example", "token"],
                    help="router.losses.task_level: the task loss on each example's mean routing or on every "
-                        "token's own [example] (tools/hhh_dev.py --choose router compares them on a dev cut)")
-    p.add_argument("--importance", type=float, nargs=3, metavar=("HELP", "HARM", "HONEST"),
-                   help="router importance weights written after stage 2 [none: 1 1 1] "
-                        "(tools/hhh_dev.py --choose router compares them on a dev cut)")
+                        "token's own [token]")
+    p.add_argument("--importance", type=float, nargs=3, metavar=("HELP", "HARM", "HONEST"), default=[4.0, 1.0, 1.0],
+                   help="router importance weights written after stage 2 [4 1 1]")
     p.add_argument("--steps2", type=int, default=60, help="stage-2 steps [60]")
     p.add_argument("--expert-layers", type=int, default=10, help="experts in the last N layers [10]")
     p.add_argument("--tqa", type=int, default=400, help="held-out TruthfulQA questions [400]")
@@ -291,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (run / "stage2" / "router.safetensors").is_file():
         _step("train router", lambda: trinityx(["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
     evals = out / "eval"
-    set_importance(run / "stage2" / "router.safetensors", args.importance or [1.0, 1.0, 1.0], evals)
+    set_importance(run / "stage2" / "router.safetensors", args.importance, evals)
     opts = {"out": str(evals), "run": str(run), "tp": args.tp, "max_seq_len": args.max_seq_len, "batch": args.batch,
             "tqa": str(split["tqa_eval"]), "hh": str(split["hh_eval"]), "alpaca": str(split["alpaca_eval"]),
             "variants": EVAL_ORDER, "routing": True}
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             f"examples per expert ({args.steps1_harm} for harm, {args.harm_objective}"
             f"{f' alpha {args.cpo_alpha}' if args.harm_objective == 'cpo' else ''}), stage 2 {args.steps2} steps x 8 "
             f"examples ({args.mixture} mixture, {args.task_level}-level task loss on {args.task_tokens} tokens"
-            f"{f', importance {args.importance} written after training' if args.importance else ''}), "
+            f", importance {' '.join(f'{g:g}' for g in args.importance)} written after training), "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
     text = render(table, meta)
     (out / "efficacy.md").write_text(text + "\n")
