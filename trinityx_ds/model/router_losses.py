@@ -81,6 +81,22 @@ def kl_prev_loss(pbar_E: torch.Tensor, prev_E: torch.Tensor) -> torch.Tensor:
     return _kl(pbar_E.float(), prev_E.detach().float())
 
 
+def _token_example(valid_T: torch.Tensor, example_id_T: torch.Tensor) -> torch.Tensor:
+    """Each token's example index, 0 for invalid tokens (their weight is 0 wherever it is used)."""
+    return torch.where(valid_T > 0, example_id_T.reshape(-1), 0).long()
+
+
+def _example_sums(values_TX: torch.Tensor, valid_T: torch.Tensor, example_id_T: torch.Tensor, num_examples: int,
+                  reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the sum of `values_TX` [T, X] over its valid tokens [N, X] and their count [N],
+    summed over every rank that holds a slice of the tokens (`reduce`) in one collective."""
+    rows_TX1 = torch.cat([values_TX * valid_T[:, None], valid_T[:, None]], dim=1)
+    sums_NX1 = rows_TX1.new_zeros(num_examples, rows_TX1.shape[1]).index_add(
+        0, _token_example(valid_T, example_id_T), rows_TX1)
+    sums_NX1 = reduce(sums_NX1)
+    return sums_NX1[:, :-1], sums_NX1[:, -1]
+
+
 def task_ce_loss(
     probs_TE: torch.Tensor,
     mask_T: torch.Tensor | None,
@@ -95,15 +111,8 @@ def task_ce_loss(
     none. Averaged over examples with a label and at least one valid token.
     """
     probs_TE = probs_TE.float()
-    valid_T = _valid(mask_T, probs_TE)
-    num_examples = task_label_N.numel()
-    example_T = torch.where(valid_T > 0, example_id_T.reshape(-1), 0).long()
-    sum_NE = probs_TE.new_zeros(num_examples, probs_TE.shape[1])
-    sum_NE = sum_NE.index_add(0, example_T, probs_TE * valid_T[:, None])
-    count_N = valid_T.new_zeros(num_examples).index_add(0, example_T, valid_T)
-    sums_NE1 = reduce(torch.cat([sum_NE, count_N[:, None]], dim=1))
-    sum_NE, count_N = sums_NE1[:, :-1], sums_NE1[:, -1]
     label_N = task_label_N.reshape(-1).long()
+    sum_NE, count_N = _example_sums(probs_TE, _valid(mask_T, probs_TE), example_id_T, label_N.numel(), reduce)
     pbar_N = (sum_NE / count_N.clamp_min(1)[:, None]).gather(1, label_N.clamp_min(0)[:, None])[:, 0]
     return _masked_mean(-_log(pbar_N), ((label_N >= 0) & (count_N > 0)).float())
 
@@ -127,13 +136,11 @@ def task_token_ce_loss(
     """
     probs_TE = probs_TE.float()
     valid_T = _valid(mask_T, probs_TE)
-    example_T = torch.where(valid_T > 0, example_id_T.reshape(-1), 0).long()
     label_N = task_label_N.reshape(-1).long()
-    nll_T = -_log(probs_TE.gather(1, label_N.clamp_min(0)[example_T][:, None])[:, 0])
-    sums_N2 = probs_TE.new_zeros(label_N.numel(), 2).index_add(
-        0, example_T, torch.stack([nll_T * valid_T, valid_T], dim=1))
-    sum_N, count_N = reduce(sums_N2).unbind(1)
-    return _masked_mean(sum_N / count_N.clamp_min(1), ((label_N >= 0) & (count_N > 0)).float())
+    label_T = label_N.clamp_min(0)[_token_example(valid_T, example_id_T)]
+    nll_T1 = -_log(probs_TE.gather(1, label_T[:, None]))
+    sum_N1, count_N = _example_sums(nll_T1, valid_T, example_id_T, label_N.numel(), reduce)
+    return _masked_mean(sum_N1[:, 0] / count_N.clamp_min(1), ((label_N >= 0) & (count_N > 0)).float())
 
 
 def load_balance_loss(
