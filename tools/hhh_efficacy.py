@@ -128,8 +128,20 @@ DIMENSION = {"helpful": "help ll/token", "harmless": "harmless acc", "honest": "
 OWN = {"expert:help": "helpful", "expert:harm": "harmless", "expert:honest": "honest"}
 
 
-def goals(table: dict) -> list[str]:
-    """The issue's goals, each with the figures that decide it."""
+def versus_best(table: dict, results: dict[str, dict]) -> dict[str, dict]:
+    """{column: row}: TrinityX's paired difference from the best single expert of each dimension
+    [95% paired bootstrap], so a goal met or missed by a hair says whether the hair is noise."""
+    out = {}
+    for col in DIMENSION.values():
+        best = max(EXPERTS, key=lambda e: table[e]["rows"][col]["value"])
+        out[col] = figures({best: results[best], "trinityx": results["trinityx"]}, baseline=best)["trinityx"]["rows"][col]
+    return out
+
+
+def goals(table: dict, versus: dict[str, dict] | None = None) -> list[str]:
+    """The issue's goals, each with the figures that decide it (`versus`: versus_best's rows, whose
+    intervals are printed beside the within-0.02 verdicts; the verdict itself is the issue's, on the
+    point figures)."""
     out = []
     for expert, col in (("expert:harm", "harmless acc"), ("expert:honest", "MC2")):
         r = table[expert]["rows"][col]
@@ -140,8 +152,10 @@ def goals(table: dict) -> list[str]:
     for dim, col in DIMENSION.items():
         best = max(EXPERTS, key=lambda e: table[e]["rows"][col]["value"])
         gap = tx[col]["value"] - table[best]["rows"][col]["value"]
+        paired = versus.get(col) if versus else None
+        paired = f", paired [{paired['diff_ci'][0]:+.3f}, {paired['diff_ci'][1]:+.3f}]" if paired else ""
         out.append(f"{'MET' if gap >= -0.02 else 'MISSED'}: trinityx within 0.02 of the best expert ({best}) in "
-                   f"{dim} ({col}): {tx[col]['value']:.3f} vs {table[best]['rows'][col]['value']:.3f} ({gap:+.3f})")
+                   f"{dim} ({col}): {tx[col]['value']:.3f} vs {table[best]['rows'][col]['value']:.3f} ({gap:+.3f}{paired})")
     # "above every single expert on at least one of its other two dimensions": each expert is
     # beaten by the fused model on a dimension that is not the expert's own (the trade-off a single
     # expert makes); the stronger reading (one dimension above all three) is printed beside it
@@ -160,7 +174,7 @@ def goals(table: dict) -> list[str]:
     return out
 
 
-def render(table: dict, meta: str) -> str:
+def render(table: dict, meta: str, versus: dict[str, dict] | None = None) -> str:
     lines = [meta, "", "| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for v in VARIANTS:
         lines.append(f"| {v} | " + " | ".join(_fmt(table[v]["rows"][c], v != "backbone") for c in COLUMNS) + " |")
@@ -180,7 +194,8 @@ def render(table: dict, meta: str) -> str:
         own = " / ".join(f"{own[k]:.3f}" for k in ("help", "harm", "honest")) if own and v != "uniform" else "-"
         lines.append(f"| {v} | {before.get('accuracy', float('nan')):.3f} | {own} | {before.get('ece', float('nan')):.3f} | "
                      f"{after.get('ece', float('nan')):.3f} | {t if t is None else f'{t:.3f}'} |")
-    lines += ["", "Goals:", *[f"- {g}" for g in goals(table)]]
+    lines += ["", "Goals (\"paired\": TrinityX minus that expert, 95% paired bootstrap):",
+              *[f"- {g}" for g in goals(table, versus)]]
     return "\n".join(lines)
 
 
@@ -296,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [v for v in EVAL_ORDER if not result_file(evals, v).is_file()]
     if todo:
         _step(f"evaluate {len(todo)} variants", lambda: launch(opts, args.nproc))
-    table = figures({v: json.loads(result_file(evals, v).read_text()) for v in VARIANTS})
+    results = {v: json.loads(result_file(evals, v).read_text()) for v in VARIANTS}
+    table = figures(results)
     meta = (f"`python tools/hhh_efficacy.py{' --smoke' if args.smoke else ''}` ({time.time() - t0:.0f} s this "
             f"invocation; experts in layers {args.layers[0]}-{args.layers[-1]}, stage 1 {args.steps1} steps x 8 "
             f"examples per expert ({args.steps1_harm} for harm, {args.harm_objective}"
@@ -304,18 +320,18 @@ def main(argv: list[str] | None = None) -> int:
             f"examples ({args.mixture} mixture, {args.task_level}-level task loss on {args.task_tokens} tokens"
             f", importance {' '.join(f'{g:g}' for g in args.importance)} written after training), "
             f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
-    text = render(table, meta)
+    text = render(table, meta, versus_best(table, results))
     (out / "efficacy.md").write_text(text + "\n")
     (out / "efficacy.json").write_text(json.dumps({v: {"rows": t["rows"], "routing": t["routing"]}
                                                    for v, t in table.items()}, indent=1))
     print("\n" + text)
     if args.write_results:
-        results = ROOT / "docs" / "RESULTS.md"
-        doc = results.read_text()
+        results_md = ROOT / "docs" / "RESULTS.md"
+        doc = results_md.read_text()
         block = f"{MARK_START}\n{text}\n{MARK_END}"
         doc = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, doc, flags=re.S) \
             if MARK_START in doc else doc.rstrip() + "\n\n## HHH efficacy (`tools/hhh_efficacy.py`)\n" + block + "\n"
-        results.write_text(doc)
+        results_md.write_text(doc)
     return 0
 
 

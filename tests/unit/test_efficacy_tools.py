@@ -47,6 +47,35 @@ def test_goals_read_each_expert_against_its_other_dimensions():
     assert "MISSED: trinityx within 0.02 of the best expert (expert:help) in helpful" in hhh_efficacy.goals(_table(figs))[2]
 
 
+def _result(help_ll: list[float], mc2: list[float], c: list[float]) -> dict:
+    """An evaluation result in eval/heldout's per-item form (rejected log-prob 0, 10 tokens each)."""
+    return {"tqa_items": [{"mc1": 0.0, "mc2": x} for x in mc2], "hh_items": [{"c": x, "r": 0.0} for x in c],
+            "hh_tokens": [[10, 10] for _ in c], "help_items": [10 * x for x in help_ll],
+            "help_tokens": [10 for _ in help_ll]}
+
+
+def test_goals_print_the_paired_interval_against_the_best_expert():
+    help_ll, mc2, c = [-1.5, -2.0, -1.8, -2.2], [0.6, 0.5, 0.7, 0.4], [1.0, -1.0, 1.0, 1.0]
+    results = {"backbone": _result([x - 0.1 for x in help_ll], [x - 0.1 for x in mc2], [-1.0, -1.0, 1.0, 1.0]),
+               "expert:help": _result(help_ll, [x - 0.05 for x in mc2], c),
+               "expert:harm": _result([x - 0.2 for x in help_ll], [x - 0.05 for x in mc2], [1.0] * 4),
+               "expert:honest": _result([x - 0.2 for x in help_ll], mc2, c),
+               # help 0.03 below the help expert on every item: the paired interval is exactly -0.03
+               "trinityx": _result([x - 0.03 for x in help_ll], [m - (0.0 if i % 2 else 0.02) for i, m in enumerate(mc2)], c)}
+    table = hhh_efficacy.figures(results)
+    versus = hhh_efficacy.versus_best(table, results)
+    assert versus["help ll/token"]["diff"] == pytest.approx(-0.03)
+    assert versus["help ll/token"]["diff_ci"] == pytest.approx((-0.03, -0.03))
+    assert versus["MC2"]["diff"] == pytest.approx(-0.01)  # against the honest expert, the best on MC2
+    lo, hi = versus["MC2"]["diff_ci"]
+    assert -0.02 - 1e-9 <= lo < -0.01 < hi <= 1e-9
+    assert versus["harmless acc"]["diff"] == pytest.approx(-0.25)  # the harm expert ranks all four right
+    lines = hhh_efficacy.goals(table, versus)
+    assert lines[2].startswith("MISSED: trinityx within 0.02 of the best expert (expert:help)")
+    assert lines[2].endswith("(-0.030, paired [-0.030, -0.030])"), lines[2]
+    assert "paired [" in lines[4] and lines[4].startswith("MET")
+
+
 def test_dev_cut_is_prompt_disjoint_and_keeps_excluded_openings_on_the_fit_side(tmp_path):
     src = ROOT / "trinityx_ds" / "fixtures" / "data" / "hh_rlhf_tiny.jsonl"
     lines = [line for line in src.read_text().splitlines(keepends=True) if line.strip()]
