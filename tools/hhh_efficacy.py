@@ -73,7 +73,7 @@ def expert_layers(hf_dir: Path, last: int) -> list[int]:
 def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], args) -> Path:
     """The run: every setting fixed here, before any evaluation (see the module doc)."""
     cfg = {
-        "name": "hhh_efficacy", "seed": args.seed,
+        "name": "hhh_efficacy", "seed": args.seed if args.train_seed is None else args.train_seed,
         "model": {"hf_path": str(hf_dir), "dtype": "fp32"},
         # the last third of the layers: the backward pass stops at the first LoRA layer, so a step
         # costs about half of what experts in every layer cost, and the experts still see every token
@@ -270,7 +270,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--help-eval", type=int, default=100, help="held-out Alpaca instructions [100]")
     p.add_argument("--max-seq-len", type=int, default=192)
     p.add_argument("--batch", type=int, default=16, help="evaluation sequences per forward pass [16]")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="the split's seed, and training's unless --train-seed [1234]")
+    p.add_argument("--train-seed", type=int,
+                   help="training's seed alone (the run config's `seed`), the split kept: a replicate of a run")
     p.add_argument("--write-results", action="store_true", help="write the table into docs/RESULTS.md")
     p.add_argument("--smoke", action="store_true", help="tiny random model and fixtures: checks the path")
     return p
