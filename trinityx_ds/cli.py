@@ -168,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_route_arguments(rt)
     rt.set_defaults(fn=cmd_route)
 
+    from trinityx_ds.calibration.cli import add_calibrate_arguments
     from trinityx_ds.eval.runner import add_eval_arguments
     from trinityx_ds.launch.slurm import add_slurm_arguments
 
     add_eval_arguments(sub)
+    add_calibrate_arguments(sub)
     add_slurm_arguments(sub)
 
     plan = sub.add_parser("plan", help="per-GPU memory and speed of a layout, or the fastest layout that fits")

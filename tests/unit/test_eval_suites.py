@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,38 @@ def test_cli_arguments(tmp_path, monkeypatch):
         _check(parser.parse_args(["eval", "--checkpoint", "nothing", "--suite", "generate", "--prompts", "alpaca=p.json"]))
     args = parser.parse_args(["eval", "compare", "x", "y", "--out", "cmp"])
     assert args.eval_command == "compare" and args.folders == ["x", "y"]
+
+
+def test_calibrate_cli_sets_importance_by_name_and_temperature_and_refuses_bad_input(tmp_path, capsys):
+    """`trinityx calibrate RUN`: weights by expert name in the run config's order (unnamed: 1), one T
+    for every layer, the file as trained kept as the backup; a wrong name or weight is one line,
+    exit code 2, nothing written."""
+    import shutil
+
+    from trinityx_ds.calibration.fit import read_temperatures
+    from trinityx_ds.cli import main
+
+    run = tmp_path / "run"
+    (run / "stage2").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml", run / "config.yaml")
+    path = run / "stage2" / "router.safetensors"
+    save_file({f"model.layers.{i}.mlp.router.{k}": v for i in (0, 1) for k, v in
+               (("weight", torch.randn(3, 4)), ("log_temperature", torch.tensor([math.log(0.7)])),
+                ("log_importance", torch.zeros(3)))}, str(path))
+    assert main(["calibrate", str(run), "--importance", "honest=0.5", "help=4", "--temperature", "0.25"]) == 0
+    assert read_importance(path) == {0: pytest.approx([4.0, 1.0, 0.5]), 1: pytest.approx([4.0, 1.0, 0.5])}
+    assert read_temperatures(path) == {0: pytest.approx(0.25), 1: pytest.approx(0.25)}
+    assert read_importance(str(path) + ".bak") == {0: [1.0, 1.0, 1.0], 1: [1.0, 1.0, 1.0]}
+    out = capsys.readouterr().out
+    assert "help" in out and "0.2500" in out
+    before = path.read_bytes()
+    for bad, why in ((["--importance", "helpful=2"], "NAME one of the run's experts: help, harm, honest"),
+                     (["--importance", "harm=0"], "GAMMA must be a finite number > 0"),
+                     (["--importance", "harm"], "NAME=GAMMA"),
+                     (["--temperature", "-1"], "--temperature -1.0: must be a finite number > 0")):
+        assert main(["calibrate", str(run), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("trinityx calibrate: ") and why in err and "\n" not in err, err
+    assert path.read_bytes() == before
+    assert main(["calibrate", str(tmp_path / "nowhere")]) == 2
+    assert "stage 2 has not finished" in capsys.readouterr().err
