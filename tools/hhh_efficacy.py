@@ -128,12 +128,16 @@ DIMENSION = {"helpful": "help ll/token", "harmless": "harmless acc", "honest": "
 OWN = {"expert:help": "helpful", "expert:harm": "harmless", "expert:honest": "honest"}
 
 
+def best_expert(table: dict, col: str) -> str:
+    return max(EXPERTS, key=lambda e: table[e]["rows"][col]["value"])
+
+
 def versus_best(table: dict, results: dict[str, dict]) -> dict[str, dict]:
     """{column: row}: TrinityX's paired difference from the best single expert of each dimension
     [95% paired bootstrap], so a goal met or missed by a hair says whether the hair is noise."""
     out = {}
     for col in DIMENSION.values():
-        best = max(EXPERTS, key=lambda e: table[e]["rows"][col]["value"])
+        best = best_expert(table, col)
         out[col] = figures({best: results[best], "trinityx": results["trinityx"]}, baseline=best)["trinityx"]["rows"][col]
     return out
 
@@ -150,7 +154,7 @@ def goals(table: dict, versus: dict[str, dict] | None = None) -> list[str]:
                    f"[{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}] (goal >= +0.05, interval above 0)")
     tx = table["trinityx"]["rows"]
     for dim, col in DIMENSION.items():
-        best = max(EXPERTS, key=lambda e: table[e]["rows"][col]["value"])
+        best = best_expert(table, col)
         gap = tx[col]["value"] - table[best]["rows"][col]["value"]
         paired = versus.get(col) if versus else None
         paired = f", paired [{paired['diff_ci'][0]:+.3f}, {paired['diff_ci'][1]:+.3f}]" if paired else ""
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{f' alpha {args.cpo_alpha}' if args.harm_objective == 'cpo' else ''}), stage 2 {args.steps2} steps x 8 "
             f"examples ({args.mixture} mixture, {args.task_level}-level task loss on {args.task_tokens} tokens"
             f", importance {' '.join(f'{g:g}' for g in args.importance)} written after training), "
-            f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len})")
+            f"TP={args.tp}, {args.nproc} processes, max_seq_len {args.max_seq_len}"
+            f"{'' if args.train_seed is None else f', training seed {args.train_seed}'})")
     text = render(table, meta, versus_best(table, results))
     (out / "efficacy.md").write_text(text + "\n")
     (out / "efficacy.json").write_text(json.dumps({v: {"rows": t["rows"], "routing": t["routing"]}
