@@ -137,7 +137,9 @@ def evaluate(opts: dict) -> None:
     """Every variant in `opts["variants"]` in one process group (every rank calls this); rank 0
     writes result_file(out, variant): per-item figures. opts: run, out, variants, tqa, hh, alpaca
     (file paths; an Alpaca-format file or a format=path spec; tqa and alpaca may be None: that
-    suite is skipped, as tools/hhh_dev.py does), tp, max_seq_len, batch, routing."""
+    suite is skipped, as tools/hhh_dev.py does), tp, max_seq_len, batch, routing, share_prefix
+    (default true: the backbone layers below the first expert layer run once per batch for all the
+    variants, eval/prefix.py; exact)."""
     import gc
 
     import torch.distributed as dist
@@ -147,12 +149,14 @@ def evaluate(opts: dict) -> None:
     from trinityx_ds.eval import suites
     from trinityx_ds.eval.lm import load_lm
     from trinityx_ds.eval.loglik import Request
+    from trinityx_ds.eval.prefix import PrefixCache
     from trinityx_ds.parallel.groups import destroy_parallel
 
     out = Path(opts["out"])
     recs = read_source(DataSource(opts["alpaca"], "alpaca"), "help", "skip")[0] if opts.get("alpaca") else []
     help_requests = [Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs]
     lengths = None  # response lengths in tokens: one tokenizer for every variant of the run
+    cache = PrefixCache() if opts.get("share_prefix", True) else None
     try:
         for variant in opts["variants"]:
             path = result_file(out, variant)
@@ -161,6 +165,8 @@ def evaluate(opts: dict) -> None:
             t0 = time.time()
             lm = load_lm(opts["run"], variant, tp=opts.get("tp"), max_len=opts.get("max_seq_len"),
                          batch_size=opts.get("batch", 8))
+            before = cache.stats() if cache else None
+            detach = cache.attach(lm.model, first_expert_layer(lm)) if cache else (lambda: None)
             if lengths is None:
                 lengths = {"help_tokens": [_n_tokens(lm.tokenizer, r.continuation) for r in help_requests],
                            "hh_tokens": [[_n_tokens(lm.tokenizer, p.chosen), _n_tokens(lm.tokenizer, p.rejected)]
@@ -174,18 +180,33 @@ def evaluate(opts: dict) -> None:
                       **lengths}
             if opts.get("routing") and variant in ("uniform", "h3fusion", "trinityx"):
                 result["routing"], _ = suites.routing(lm, out / variant.replace(":", "-"))
+            detach()
             result["seconds"] = time.time() - t0
+            if cache:  # this variant's share of the cache: batches served from it, batches added to it
+                now = cache.stats()
+                result["prefix"] = {**now, "hits": now["hits"] - before["hits"], "misses": now["misses"] - before["misses"]}
             if dist.get_rank() == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(result))
                 tmp.replace(path)
-                print(f"  evaluated {variant}: {result['seconds']:.0f} s", flush=True)
+                shared = f" (prefix: {result['prefix']['hits']} batches from the cache)" if cache else ""
+                print(f"  evaluated {variant}: {result['seconds']:.0f} s{shared}", flush=True)
             del lm
             gc.collect()
             dist.barrier()
     finally:
         destroy_parallel()
+
+
+def first_expert_layer(lm) -> int:
+    """The first decoder layer that carries experts in the run (every variant of a run has the same
+    backbone below it; 0 for a plain model: nothing shared)."""
+    from trinityx_ds.model.mocae_spec import MoCaEConfig
+
+    if lm.cfg is None:
+        return 0
+    return min(MoCaEConfig.from_run_config(lm.cfg).layer_ids(lm.arch.num_layers))
 
 
 def _n_tokens(tokenizer, text: str) -> int:
