@@ -84,8 +84,9 @@ class PrefixCache:
                 kept = self.store.get(self._key)
                 if kept is None:
                     return forward(*args, **kwargs)
-                # the first layer hands on the kept tensor, the others pass it through
-                return (kept if index == 0 else kwargs["hidden_states"]), kwargs.get("context")
+                # the first layer hands on a copy of the kept tensor (a layer above that wrote into
+                # its input would otherwise change the cache), the others pass it through
+                return (kept.clone() if index == 0 else kwargs["hidden_states"]), kwargs.get("context")
             return wrapped
 
         handles = [model.embedding.register_forward_pre_hook(read_ids, with_kwargs=True),
