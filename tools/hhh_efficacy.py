@@ -10,13 +10,15 @@ the real samples in ../shared/data:
    harm: DPO on HH-RLHF harmless pairs + BeaverTails refusal pairs; honest: DPO on TruthfulQA
    correct-vs-incorrect answers), then the calibrated router on the chosen responses;
 3. evaluates backbone, each expert alone, uniform, H3Fusion-style top-2 and TrinityX in one
-   job (the model is rebuilt per variant, the process group kept) on the evaluation halves:
+   job (the model is rebuilt per variant, the process group kept; the backbone layers below the
+   experts run once per batch for all variants, eval/prefix.py) on the evaluation halves:
    TruthfulQA MC1/MC2, HH-RLHF harmless preference accuracy (raw, length-normalised and
    reference-relative with the backbone as reference, as RewardBench scores DPO models) and
    mean margin, the per-token log-likelihood of held-out Alpaca reference responses, and the
    router's accuracy and ECE before/after fitting T;
 4. prints the table with 95% bootstrap intervals (paired differences against the backbone use
-   the same resampled items for both), checks the issue's goals, writes OUT/efficacy.md and,
+   the same resampled items for both), checks the issue's goals (with TrinityX's paired
+   difference from each dimension's best expert), writes OUT/efficacy.md and,
    with --write-results, the section of docs/RESULTS.md between its markers.
 
 Nothing is tuned on the evaluation halves: every setting below is fixed before the run.
