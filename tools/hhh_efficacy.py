@@ -193,13 +193,22 @@ def render(table: dict, meta: str, versus: dict[str, dict] | None = None) -> str
               "|---|---|---|---|---|---|"]
     for v in ("uniform", "h3fusion", "trinityx"):
         r = table[v]["routing"] or {}
-        before, after = r.get("before", r.get("routed", {})), r.get("after", {})
+        first = "before" if "before" in r else "routed"
+        ci = r.get("intervals", {})  # absent from evaluations made before they were reported
+
+        def cell(part: str, metric: str) -> str:
+            value = r.get(part, {}).get(metric, float("nan"))
+            lo_hi = ci.get(part, {}).get(metric)
+            return f"{value:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
         t = r.get("temperature", {}).get("global")
         own = r.get("top1_token_accuracy_by_task")  # absent from evaluations made before it was reported
         # uniform routes densely with equal weights: its argmax is a tie, no decision to report
         own = " / ".join(f"{own[k]:.3f}" for k in ("help", "harm", "honest")) if own and v != "uniform" else "-"
-        lines.append(f"| {v} | {before.get('accuracy', float('nan')):.3f} | {own} | {before.get('ece', float('nan')):.3f} | "
-                     f"{after.get('ece', float('nan')):.3f} | {t if t is None else f'{t:.3f}'} |")
+        lines.append(f"| {v} | {cell(first, 'accuracy')} | {own} | {cell(first, 'ece')} | "
+                     f"{cell('after', 'ece')} | {t if t is None else f'{t:.3f}'} |")
+    lines += ["", "Router figures on the test half of the run's held-out routing examples (T is fitted on the "
+                  "other half), [95% bootstrap interval] over those examples where the evaluation recorded one."]
     lines += ["", "Goals (\"paired\": TrinityX minus that expert, 95% paired bootstrap):",
               *[f"- {g}" for g in goals(table, versus)]]
     return "\n".join(lines)

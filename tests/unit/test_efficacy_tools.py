@@ -76,6 +76,26 @@ def test_goals_print_the_paired_interval_against_the_best_expert():
     assert "paired [" in lines[4] and lines[4].startswith("MET")
 
 
+def test_render_prints_the_router_intervals_where_recorded():
+    results = {v: _result([-2.0, -1.5], [0.5, 0.6], [1.0, -1.0]) for v in hhh_efficacy.VARIANTS}
+    routing = {"before": {"accuracy": 0.75, "ece": 0.1}, "after": {"accuracy": 0.75, "ece": 0.04},
+               "temperature": {"global": 0.2}, "top1_token_accuracy_by_task": {"help": 0.9, "harm": 0.8, "honest": 0.4},
+               "intervals": {"routed": {"accuracy": [0.6, 0.7], "ece": [0.2, 0.3]},
+                             "before": {"accuracy": [0.7, 0.8], "ece": [0.08, 0.13]},
+                             "after": {"accuracy": [0.7, 0.8], "ece": [0.03, 0.06]}}}
+    results["trinityx"]["routing"] = routing
+    # an evaluation made before intervals were recorded prints its figures alone
+    results["h3fusion"]["routing"] = {k: v for k, v in routing.items() if k != "intervals"}
+    # nothing to fit: the figures as routed, with their intervals
+    results["uniform"]["routing"] = {"routed": {"accuracy": 0.1, "ece": 0.2}, "fit_skipped": "constant",
+                                     "intervals": {"routed": {"accuracy": [0.05, 0.15], "ece": [0.18, 0.25]}}}
+    text = hhh_efficacy.render(hhh_efficacy.figures(results), "meta")
+    assert ("| trinityx | 0.750 [0.700, 0.800] | 0.900 / 0.800 / 0.400 | 0.100 [0.080, 0.130] | "
+            "0.040 [0.030, 0.060] | 0.200 |") in text
+    assert "| h3fusion | 0.750 | 0.900 / 0.800 / 0.400 | 0.100 | 0.040 | 0.200 |" in text
+    assert "| uniform | 0.100 [0.050, 0.150] | - | 0.200 [0.180, 0.250] | nan | None |" in text
+
+
 def test_dev_cut_is_prompt_disjoint_and_keeps_excluded_openings_on_the_fit_side(tmp_path):
     src = ROOT / "trinityx_ds" / "fixtures" / "data" / "hh_rlhf_tiny.jsonl"
     lines = [line for line in src.read_text().splitlines(keepends=True) if line.strip()]

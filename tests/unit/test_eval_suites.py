@@ -206,9 +206,30 @@ def test_routing_report_and_figures(tmp_path):
         assert summary["top1_token_accuracy_by_task"][name] == pytest.approx(own)
     assert summary["figures"] == ["reliability.png", "routing_share.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in summary["figures"])
+    assert set(summary["intervals"]) == {"routed", "before", "after"}
+    assert summary["intervals"]["routed"] == suites.calibration_intervals(probs.mean(0)[~val], labels[~val])
     uniform = [{**s, "logits_LE": [[0.0] * 3] * 2} for s in stats]  # zero router weights: nothing to fit
     summary, _ = suites.routing_report(RoutingStub(), uniform, labels.tolist(), val.tolist(), tmp_path)
     assert "constant" in summary["fit_skipped"] and "after" not in summary
+    assert set(summary["intervals"]) == {"routed"}
+
+
+def test_calibration_intervals_resample_calibration_ece():
+    """The bincount ECE of each resample equals calibration.ece on the resampled examples (the
+    oracle, 100x slower), and the interval is the benchmark's percentile bootstrap."""
+    from trinityx_ds.calibration.metrics import ece
+    from trinityx_ds.eval.heldout import bootstrap
+
+    g = torch.Generator().manual_seed(3)
+    probs = (torch.randn(97, 3, generator=g) * 2).softmax(-1)
+    labels = torch.randint(0, 3, (97,), generator=g)
+    got = suites.calibration_intervals(probs, labels, resamples=200, seed=5)
+    want = bootstrap(lambda i: ece(probs[torch.from_numpy(i)], labels[torch.from_numpy(i)]), 97, 200, 5)
+    assert got["ece"] == pytest.approx(list(want), abs=1e-12)
+    correct = (probs.argmax(1) == labels).double()
+    assert got["accuracy"] == pytest.approx(list(bootstrap(lambda i: float(correct[torch.from_numpy(i)].mean()),
+                                                          97, 200, 5)), abs=1e-12)
+    assert got["ece"][0] < ece(probs, labels) < got["ece"][1]
 
 
 def test_generate_with_hf_classifier_and_http_judges(tmp_path):
