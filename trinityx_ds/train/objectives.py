@@ -11,7 +11,7 @@ sequence, row 2i + 1 its rejected one; labels are on the final response's tokens
   computed under no_grad in the same step. Why in the step and not precomputed once per data set
   (TRL's precompute_ref_log_probs): it keeps no state, so resume, resharding and preemption stay
   exactly what they are for SFT, and it costs one forward without backward per step (measured in
-  docs/RESULTS.md); a precomputed table would have to be built before step 1 by a full pass over
+  docs/DESIGN.md, "Preference objectives"); a precomputed table would have to be built before step 1 by a full pass over
   the data set, which costs more than the whole run whenever a run sees each pair less than about
   once (every run here).
 - simpo: SimPO (Meng et al. 2024; TRL's CPOTrainer with loss_type="simpo", cpo_alpha=0): the
