@@ -189,8 +189,8 @@ def render(table: dict, meta: str, versus: dict[str, dict] | None = None) -> str
                   f"Alpaca {n['help ll/token']} reference responses. Each cell: the figure [95% bootstrap interval]; "
                   "below it, for every variant but the backbone, its paired difference from the backbone "
                   "[95% paired bootstrap interval], 2000 resamples.", "",
-              "| router | accuracy | top-1 token share help / harm / honest | ECE before T | ECE after T | fitted T |",
-              "|---|---|---|---|---|---|"]
+              "| router | accuracy | top-1 token share help / harm / honest | ECE before T | ECE after T | fitted T | "
+              "accuracy after T |", "|---|---|---|---|---|---|---|"]
     for v in ("uniform", "h3fusion", "trinityx"):
         r = table[v]["routing"] or {}
         first = "before" if "before" in r else "routed"
@@ -206,9 +206,11 @@ def render(table: dict, meta: str, versus: dict[str, dict] | None = None) -> str
         # uniform routes densely with equal weights: its argmax is a tie, no decision to report
         own = " / ".join(f"{own[k]:.3f}" for k in ("help", "harm", "honest")) if own and v != "uniform" else "-"
         lines.append(f"| {v} | {cell(first, 'accuracy')} | {own} | {cell(first, 'ece')} | "
-                     f"{cell('after', 'ece')} | {t if t is None else f'{t:.3f}'} |")
+                     f"{cell('after', 'ece')} | {t if t is None else f'{t:.3f}'} | {cell('after', 'accuracy')} |")
     lines += ["", "Router figures on the test half of the run's held-out routing examples (T is fitted on the "
-                  "other half), [95% bootstrap interval] over those examples where the evaluation recorded one."]
+                  "other half), [95% bootstrap interval] over those examples where the evaluation recorded one. "
+                  "Accuracy moves with T when the router has importance weights: a smaller T gives its logits "
+                  "more weight against the fixed log-priors."]
     lines += ["", "Goals (\"paired\": TrinityX minus that expert, 95% paired bootstrap):",
               *[f"- {g}" for g in goals(table, versus)]]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """`trinityx demo` end to end (tiny model, short stages): every output it promises is there."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,11 @@ def test_demo_runs_the_pipeline(tmp_path):
         assert (stage / "checkpoints" / "latest").read_text() == "step00000004"
         assert {"train/loss", "train/lr", "train/tokens_per_s", "train/tflops_per_gpu", "train/grad_norm"} <= \
             _tags(stage / "tensorboard")  # no train/mfu on CPU: no peak to divide by
+    for name in ("harm", "honest"):  # the demo's DPO experts: TensorBoard carries DPO's own figures
+        assert {"dpo/loss", "dpo/reward_accuracy", "dpo/reward_margin", "dpo/logps_chosen", "dpo/logps_rejected",
+                "time/reference_s"} <= _tags(out / "stage1" / name / "tensorboard")
+    # the progress bar (tqdm on stderr) of a DPO expert, with the loss it shows
+    assert re.search(r"stage 1 harm:[^\r\n]*loss=", proc.stderr), proc.stderr[-2000:]
     stage2 = out / "stage2"
     assert (stage2 / "router.safetensors").stat().st_size > 0
     tags = _tags(stage2 / "tensorboard")

@@ -1,5 +1,6 @@
 """Training: ZeRO stages agree, ZeRO-3 at TP=2 equals a plain single-process loop, and a run
 killed (SIGKILL, also in the middle of a checkpoint) resumes to the uninterrupted result."""
+import math
 import os
 import re
 import socket
@@ -27,16 +28,24 @@ def model_dir(tmp_path_factory):
 
 
 def test_expert_training_zero_1_2_3_agree(run_dist, tmp_path, model_dir):
+    """An SFT expert (help) and a DPO expert (harm, its reference forward under each ZeRO stage's
+    partitioning) log the same losses at ZeRO 1, 2 and 3."""
     losses = {}
     for zero in (1, 2, 3):
         # importance weighs experts against each other in stage 2; stage 1 (one expert) ignores it
-        cfg = write_config(tmp_path / f"z{zero}", model_dir, **{"parallel.zero_stage": zero,
-                                                                 "router.importance": [2.0, 1.0, 1.0]})
-        run_dist(WORKER, 2, "cli", str(cfg), "experts --only help")
-        losses[zero] = [m["train/loss"] for m in metrics(tmp_path / f"z{zero}/out/stage1/help/metrics.jsonl")]
-    assert len(losses[1]) == 5
-    for zero in (2, 3):
-        assert max(abs(a - b) for a, b in zip(losses[1], losses[zero])) <= 1e-5, (losses, zero)
+        cfg = write_config(tmp_path / f"z{zero}", model_dir, **{
+            "parallel.zero_stage": zero, "router.importance": [2.0, 1.0, 1.0],
+            "experts.objective": {"help": "sft", "harm": "dpo", "honest": "sft"}})
+        run_dist(WORKER, 2, "cli", str(cfg), "experts")
+        for name, key in (("help", "train/loss"), ("harm", "dpo/loss"), ("harm", "dpo/reward_margin")):
+            logged = metrics(tmp_path / f"z{zero}/out/stage1/{name}/metrics.jsonl")
+            losses[zero, name, key] = [m[key] for m in logged]
+    assert len(losses[1, "help", "train/loss"]) == 5 and len(losses[1, "harm", "dpo/loss"]) == 5
+    # step 1: the LoRA B factors start at zero, so the policy is its reference and the loss is log 2
+    assert abs(losses[1, "harm", "dpo/loss"][0] - math.log(2)) <= 1e-6 and len(set(losses[1, "harm", "dpo/loss"])) > 1
+    for (zero, name, key), got in losses.items():
+        want = losses[1, name, key]
+        assert max(abs(a - b) for a, b in zip(want, got)) <= 1e-5, (zero, name, key, want, got)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])

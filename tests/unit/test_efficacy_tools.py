@@ -91,9 +91,9 @@ def test_render_prints_the_router_intervals_where_recorded():
                                      "intervals": {"routed": {"accuracy": [0.05, 0.15], "ece": [0.18, 0.25]}}}
     text = hhh_efficacy.render(hhh_efficacy.figures(results), "meta")
     assert ("| trinityx | 0.750 [0.700, 0.800] | 0.900 / 0.800 / 0.400 | 0.100 [0.080, 0.130] | "
-            "0.040 [0.030, 0.060] | 0.200 |") in text
-    assert "| h3fusion | 0.750 | 0.900 / 0.800 / 0.400 | 0.100 | 0.040 | 0.200 |" in text
-    assert "| uniform | 0.100 [0.050, 0.150] | - | 0.200 [0.180, 0.250] | nan | None |" in text
+            "0.040 [0.030, 0.060] | 0.200 | 0.750 [0.700, 0.800] |") in text
+    assert "| h3fusion | 0.750 | 0.900 / 0.800 / 0.400 | 0.100 | 0.040 | 0.200 | 0.750 |" in text
+    assert "| uniform | 0.100 [0.050, 0.150] | - | 0.200 [0.180, 0.250] | nan | None | nan |" in text
 
 
 def test_dev_cut_is_prompt_disjoint_and_keeps_excluded_openings_on_the_fit_side(tmp_path):
@@ -149,3 +149,33 @@ def test_router_dev_cut_comes_from_the_training_side_only(tmp_path):
         fit, cut, held = keys(dev[f"{name}_train"]), keys(dev[f"{name}_eval"]), keys(split[f"{name}_eval"])
         assert cut and fit and not fit & cut and not cut & held, name
         assert fit | cut == keys(split[f"{name}_train"]), name  # the training side, all of it, once
+
+
+def test_gap_attribution_splits_the_gap_by_routing_share():
+    """tools/gap_attribution.py's arithmetic on tokens whose answers are known: the gap of tokens
+    routed right in every layer, in some, in none; splicing the expert's log-probs in."""
+    import numpy as np
+
+    import gap_attribution
+
+    a = {"routed": np.array([-1.0, -2.0, -3.0]), "expert": np.array([-1.0, -1.5, -2.0]),
+         "backbone": np.array([-1.2, -2.0, -2.5]), "s": np.array([1.0, 0.5, 0.0])}
+    b = {"routed": np.array([-0.5]), "expert": np.array([-0.7]), "backbone": np.array([-0.5]), "s": np.array([1.0])}
+    # gaps routed - expert: 0, -0.5, -1.0 and +0.2; summed -1.3
+    rows = {g: (share, mean, part) for g, share, mean, part in gap_attribution.by_share([a, b])}
+    assert rows["s = 1"] == pytest.approx((0.5, 0.1, -0.2 / 1.3))
+    assert rows["0 < s < 1"] == pytest.approx((0.25, -0.5, 0.5 / 1.3))
+    assert rows["s = 0"] == pytest.approx((0.25, -1.0, 1.0 / 1.3))
+    # routing fixed: the expert's log-probs wherever s < 1, TrinityX's where every layer chose the expert
+    assert gap_attribution.splice(a, lambda s: s == 1) == pytest.approx(-1.0 - 1.5 - 2.0)
+    assert gap_attribution.splice(a, lambda s: s < 1) == pytest.approx(-1.0 - 2.0 - 3.0)
+    lines = gap_attribution.help_report([a, b], resamples=50)
+    assert "TrinityX -1.2500, help expert -1.1000, backbone -1.2000" in lines[0], lines[0]
+    assert "  | s = 0 | 0.250 | -1.0000 | 0.769 |" in lines
+    q = {"true": [a], "false": [b]}
+    lines = gap_attribution.honest_report([q], resamples=50)
+    # MC2 = p(true) / (p(true) + p(false)) with p = exp(summed log-prob)
+    mc2 = np.exp(-6.0) / (np.exp(-6.0) + np.exp(-0.5))
+    assert f"TrinityX {mc2:.4f}" in lines[0]
+    # |log p_honest - log p_backbone| = 0.2, 0.5, 0.5, 0.2: the weighted share (0.2 + 0.25 + 0 + 0.2) / 1.4
+    assert f"weighted by |log p_honest - log p_backbone| {0.65 / 1.4:.3f}" in lines[4], lines[4]
