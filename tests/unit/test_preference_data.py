@@ -275,3 +275,24 @@ def test_cpo_and_simpo_equal_trl_cpo_trainer(objective, alpha, smoothing):
     assert Objective(objective, cfg).needs_reference() is False
     assert stats[f"{objective}/reward_margin"] == pytest.approx(
         (chosen_reward - 0.7 * logps[P:]).mean().item(), abs=1e-5)
+
+
+def test_pairs_that_do_not_fit_are_truncated_or_skipped_and_counted(tok, caplog):
+    """data.pair_too_long: under `skip` every pair whose prompt and response exceed max_seq_len is
+    left out, under `truncate_prompt` only those whose response alone does not fit; either way the
+    log says how many, and kept + skipped is every pair of the task."""
+    split = split_tasks(_data(), NAMES, 3, pairs_for=("harm",))
+    total = len(split.train["harm"].pairs) + len(split.heldout["harm"].pairs)
+    kept, logged = {}, {}
+    for mode in ("skip", "truncate_prompt"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train, held = build_pair_datasets(_data(max_seq_len=96, pair_too_long=mode), tok, NAMES, 3, "harm")
+        kept[mode] = len(train) + len(held)
+        found = [r.getMessage() for r in caplog.records if "preference pairs skipped" in r.getMessage()]
+        logged[mode] = int(found[0].split(": ")[1].split()[0]) if found else 0
+        assert kept[mode] + logged[mode] == total, (mode, kept[mode], logged[mode], total)
+        assert all(len(r["chosen_input_ids"]) <= 97 and len(r["rejected_input_ids"]) <= 97 for r in train)
+    assert logged["skip"] > logged["truncate_prompt"] and kept["truncate_prompt"] > kept["skip"]
+    full_train, full_held = build_pair_datasets(_data(), tok, NAMES, 3, "harm")  # 256 tokens: every pair fits
+    assert len(full_train) + len(full_held) == total
