@@ -97,3 +97,28 @@ def test_split_samples_is_by_prompt_on_the_fixture_layout(tmp_path):
 def test_split_samples_on_the_real_samples(tmp_path):
     paths = split_samples(SHARED, tmp_path, 150, 200, 50, seed=1234)
     _check_split(paths, 150, 200, 50)
+
+
+def test_per_token_figures_divide_by_the_tokens_that_were_scored(tmp_path):
+    """The help ll/token and the length-normalised accuracy divide a response's log-likelihood by
+    the tokens eval/loglik.encode scores: all of a response that fits, max_len of one that alone is
+    longer (its prompt cut from the left first)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trinityx_ds.eval.heldout import _n_scored
+    from trinityx_ds.eval.loglik import Request
+    from trinityx_ds.model.tiny import make_tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))
+    lm = SimpleNamespace(tokenizer=tok, max_len=32, chat_template="default")
+
+    def n(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    short, long_prompt = "a short answer here", [{"role": "user", "content": " ".join(["question"] * 60)}]
+    assert 1 < n(short) < 10 and _n_scored(lm, Request(long_prompt, short)) == n(short)
+    long = " ".join(["answer"] * 60)
+    assert n(long) > 32 and _n_scored(lm, Request([{"role": "user", "content": "hi"}], long)) == 32
+    assert _n_scored(lm, Request([{"role": "user", "content": "hi"}], "")) == 1

@@ -168,8 +168,8 @@ def evaluate(opts: dict) -> None:
             before = cache.stats() if cache else None
             detach = cache.attach(lm.model, first_expert_layer(lm)) if cache else (lambda: None)
             if lengths is None:
-                lengths = {"help_tokens": [_n_tokens(lm.tokenizer, r.continuation) for r in help_requests],
-                           "hh_tokens": [[_n_tokens(lm.tokenizer, p.chosen), _n_tokens(lm.tokenizer, p.rejected)]
+                lengths = {"help_tokens": [_n_scored(lm, r) for r in help_requests],
+                           "hh_tokens": [[_n_scored(lm, Request(p.prompt, text)) for text in (p.chosen, p.rejected)]
                                          for p in _hh_pairs(opts["hh"])]}
             tqa_items = suites.truthfulqa_mc(lm, opts["tqa"])[1] if opts.get("tqa") else []
             _, hh_items = suites.hh_preference(lm, [("harmless", opts["hh"])])
@@ -209,9 +209,15 @@ def first_expert_layer(lm) -> int:
     return min(MoCaEConfig.from_run_config(lm.cfg).layer_ids(lm.arch.num_layers))
 
 
-def _n_tokens(tokenizer, text: str) -> int:
-    """A response's length in tokens (at least 1), what the length-normalised accuracy divides by."""
-    return max(len(tokenizer(text, add_special_tokens=False)["input_ids"]), 1)
+def _n_scored(lm, request) -> int:
+    """How many of a response's tokens its log-likelihood sums (at least 1): what the per-token and
+    length-normalised figures divide by. eval/loglik.encode cuts the prompt from the left to fit
+    max_len, and a response longer than max_len itself to its last max_len tokens; dividing by the
+    whole response's length there (as evaluations before 2026-12-07 12:00 did: one of the efficacy
+    benchmark's 100 Alpaca responses, 4332 scored tokens of 4431) would understate that item's cost."""
+    from trinityx_ds.eval.loglik import encode
+
+    return max(encode(lm.tokenizer, request, lm.max_len, lm.chat_template)[1], 1)
 
 
 def _hh_pairs(path: str):
