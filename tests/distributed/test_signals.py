@@ -53,7 +53,9 @@ def _alive(processes: list) -> list:
 
 
 def test_sigterm_and_sigint_save_and_leave_nothing_running(tmp_path):
-    cfg = write_config(tmp_path, **{"train.stage1": {"steps": 100000}, "train.checkpoint_every": 100000})
+    # harm trains with DPO: a preference run (pairs, the reference forward) is preempted and resumed
+    cfg = write_config(tmp_path, **{"train.stage1": {"steps": 100000}, "train.checkpoint_every": 100000,
+                                    "experts.objective": {"help": "sft", "harm": "dpo", "honest": "sft"}})
     harm = tmp_path / "out/stage1/harm"
     ckpt = CheckpointDir(harm / "checkpoints")
     rc, out, started = _interrupt(cfg, harm / "metrics.jsonl", signal.SIGTERM, after_lines=2)
@@ -66,3 +68,5 @@ def test_sigterm_and_sigint_save_and_leave_nothing_running(tmp_path):
     assert rc == 128 + signal.SIGINT, out[-3000:]
     assert f"at step {first[1]['step']}" in out and "preempted: checkpoint saved" in out and not _alive(started)
     assert ckpt.latest()[1]["step"] > first[1]["step"]  # Ctrl-C saved too
+    logged = [line for line in (harm / "metrics.jsonl").read_text().splitlines() if '"dpo/loss"' in line]
+    assert len(logged) >= first[1]["step"] + 2  # the resumed run went on with DPO's steps
