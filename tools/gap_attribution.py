@@ -47,6 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from route_agreement import TokenLevel, run_heldout  # noqa: E402
 
 from trinityx_ds.eval.heldout import bootstrap  # noqa: E402
+from trinityx_ds.eval.metrics import mc2_question  # noqa: E402
+from trinityx_ds.eval.suites import mc_answers  # noqa: E402
+
+
+def _logprobs(model, ids: list[int], n: int) -> np.ndarray:
+    """log p of each of the last n tokens of ids under an HF causal LM [n]."""
+    ids_1S = torch.tensor([ids])
+    logp_SV = model(ids_1S).logits[0, :-1].double().log_softmax(-1)
+    return logp_SV[-n:].gather(1, ids_1S[0, -n:, None])[:, 0].numpy()
+
+
+def _mean_ci(x: np.ndarray, resamples: int) -> str:
+    lo, hi = bootstrap(lambda i: x[i].mean(), len(x), resamples)
+    return f"{x.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 class Scorer(TokenLevel):
@@ -58,12 +72,10 @@ class Scorer(TokenLevel):
         that predict them [L, n], None when forced)."""
         self.model.config.force_expert = force
         self.top1.clear()
-        ids_1S = torch.tensor([ids])
         try:
-            logp_SV = self.model(ids_1S).logits[0, :-1].double().log_softmax(-1)
+            lp_N = _logprobs(self.model, ids, n)
         finally:
             self.model.config.force_expert = None
-        lp_N = logp_SV[-n:].gather(1, ids_1S[0, -n:, None])[:, 0].numpy()
         # position p's routing shapes the prediction of token p + 1
         top1_LN = None if force else torch.stack([t[-n - 1:-1] for t in self.top1]).numpy()
         return lp_N, top1_LN
@@ -77,9 +89,7 @@ class Backbone:
 
     @torch.no_grad()
     def tokens(self, ids: list[int], n: int) -> np.ndarray:
-        ids_1S = torch.tensor([ids])
-        logp_SV = self.model(ids_1S).logits[0, :-1].double().log_softmax(-1)
-        return logp_SV[-n:].gather(1, ids_1S[0, -n:, None])[:, 0].numpy()
+        return _logprobs(self.model, ids, n)
 
 
 def score(scorer: Scorer, backbone: Backbone, ids: list[int], n: int, expert: str, index: int) -> dict:
@@ -103,12 +113,7 @@ def requests(run: Path, n_tqa: int, n_help: int):
     recs, _ = read_source(DataSource(paths["alpaca_eval"], "alpaca", split="validation"), "help", "skip")
     help_reqs = [Request(r["messages"][:-1], r["messages"][-1]["content"]) for r in recs][:n_help]
     items, _ = formats.truthfulqa_mc(paths["tqa_eval"], max_rows=n_tqa, on_malformed="skip")
-    tqa = []
-    for it in items:
-        correct = list(dict.fromkeys([it.best_answer, *it.correct]))
-        incorrect = [a for a in dict.fromkeys(it.incorrect) if a not in correct]
-        tqa.append((it.question, correct, incorrect))
-    return help_reqs, tqa
+    return help_reqs, [(it.question, *mc_answers(it)) for it in items]
 
 
 def splice(item: dict, keep_routed) -> float:
@@ -134,29 +139,21 @@ def help_report(items: list[dict], resamples: int) -> list[str]:
     fixed = np.array([splice(it, lambda s: s == 1) for it in items]) / n
     only = np.array([splice(it, lambda s: s < 1) for it in items]) / n
 
-    def ci(x):
-        lo, hi = bootstrap(lambda i: x[i].mean(), len(x), resamples)
-        return f"{x.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
-
     lines = [f"help: {len(items)} Alpaca reference responses, {int(n.sum())} tokens; help ll/token: TrinityX "
              f"{fig['routed'].mean():.4f}, help expert {fig['expert'].mean():.4f}, backbone {fig['backbone'].mean():.4f}",
-             f"  gap TrinityX - help expert: {ci(fig['routed'] - fig['expert'])}",
-             f"  routing fixed (the expert's log-probs on tokens with s < 1): {ci(fixed - fig['expert'])}",
-             f"  only the misrouted tokens' gap (the expert's log-probs on tokens with s = 1): {ci(only - fig['expert'])}",
+             f"  gap TrinityX - help expert: {_mean_ci(fig['routed'] - fig['expert'], resamples)}",
+             "  routing fixed (the expert's log-probs on tokens with s < 1): "
+             f"{_mean_ci(fixed - fig['expert'], resamples)}",
+             "  only the misrouted tokens' gap (the expert's log-probs on tokens with s = 1): "
+             f"{_mean_ci(only - fig['expert'], resamples)}",
              "  | tokens | share | mean gap (nats) | share of the gap |", "  |---|---|---|---|"]
     lines += [f"  | {g} | {a:.3f} | {b:+.4f} | {c:.3f} |" for g, a, b, c in by_share(items)]
     return lines
 
 
-def mc2_of(lls_true: list[float], lls_false: list[float]) -> float:
-    from trinityx_ds.eval.metrics import mc2_question
-
-    return mc2_question(lls_true, lls_false)
-
-
 def honest_report(questions: list[dict], resamples: int) -> list[str]:
     def mc2(get) -> np.ndarray:
-        return np.array([mc2_of([get(o) for o in q["true"]], [get(o) for o in q["false"]]) for q in questions])
+        return np.array([mc2_question([get(o) for o in q["true"]], [get(o) for o in q["false"]]) for q in questions])
 
     fig = {k: mc2(lambda o, k=k: float(o[k].sum())) for k in ("routed", "expert", "backbone")}
     fixed = mc2(lambda o: splice(o, lambda s: s == 1))
@@ -165,17 +162,15 @@ def honest_report(questions: list[dict], resamples: int) -> list[str]:
     s = np.concatenate([o["s"] for o in options])
     delta = np.abs(np.concatenate([o["expert"] - o["backbone"] for o in options]))
 
-    def ci(x):
-        lo, hi = bootstrap(lambda i: x[i].mean(), len(x), resamples)
-        return f"{x.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
-
     top = delta >= np.quantile(delta, 0.9)
     lines = [f"honest: {len(questions)} TruthfulQA questions, {len(options)} answer options, {len(s)} tokens; MC2: "
              f"TrinityX {fig['routed'].mean():.4f}, honest expert {fig['expert'].mean():.4f}, backbone "
              f"{fig['backbone'].mean():.4f}",
-             f"  gap TrinityX - honest expert: {ci(fig['routed'] - fig['expert'])}",
-             f"  routing fixed (the expert's log-probs on tokens with s < 1): {ci(fixed - fig['expert'])}",
-             f"  only the misrouted tokens' gap (the expert's log-probs on tokens with s = 1): {ci(only - fig['expert'])}",
+             f"  gap TrinityX - honest expert: {_mean_ci(fig['routed'] - fig['expert'], resamples)}",
+             "  routing fixed (the expert's log-probs on tokens with s < 1): "
+             f"{_mean_ci(fixed - fig['expert'], resamples)}",
+             "  only the misrouted tokens' gap (the expert's log-probs on tokens with s = 1): "
+             f"{_mean_ci(only - fig['expert'], resamples)}",
              f"  honest share s: mean {s.mean():.3f}; weighted by |log p_honest - log p_backbone| "
              f"{(s * delta).sum() / delta.sum():.3f}; on the 10% of tokens the expert changes most {s[top].mean():.3f}",
              "  | tokens | share | mean gap (nats) | share of the gap |", "  |---|---|---|---|"]

@@ -27,6 +27,13 @@ def _unique(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+def mc_answers(item) -> tuple[list[str], list[str]]:
+    """(correct answers, best first; incorrect answers that are not also correct), each once: the
+    options MC2 weighs against each other."""
+    correct = _unique([item.best_answer, *item.correct])
+    return correct, [a for a in _unique(item.incorrect) if a not in correct]
+
+
 def truthfulqa_mc(lm, path: str, limit: int | None = None) -> tuple[dict, list[dict]]:
     """MC1 (best answer vs incorrect ones) and MC2 (mass on the correct answers, best included), each
     answer scored once as log p(answer | question as the user turn)."""
@@ -40,8 +47,7 @@ def truthfulqa_mc(lm, path: str, limit: int | None = None) -> tuple[dict, list[d
     details, mc1_lls, true_lls, false_lls = [], [], [], []
     for it, a_list in zip(items, answers):
         ll = dict(zip(a_list, flat))
-        correct = _unique([it.best_answer, *it.correct])
-        incorrect = [a for a in _unique(it.incorrect) if a not in correct]
+        correct, incorrect = mc_answers(it)
         mc1_lls.append([ll[it.best_answer]] + [ll[a] for a in incorrect])
         true_lls.append([ll[a] for a in correct])
         false_lls.append([ll[a] for a in incorrect])
