@@ -25,15 +25,25 @@ fi
 # export NCCL_IB_GID_INDEX=3               # RoCE
 # export NCCL_NET_GDR_LEVEL=PHB            # GPUDirect RDMA
 # export NCCL_DEBUG=WARN                   # INFO when a job hangs at start-up
-# export NCCL_ASYNC_ERROR_HANDLING=1       # a dead rank ends the job instead of hanging it
+# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 # a dead rank ends the job instead of hanging it (torch's current name)
 # export TORCH_NCCL_BLOCKING_WAIT=0
 # export TORCH_EXTENSIONS_DIR=/shared/cache/torch_extensions   # DeepSpeed ops built once, shared
 # export HF_HOME=/shared/cache/hf
 
-# --- no GPU asked for, or none on this node: DeepSpeed's CPU accelerator and gloo
-if [ "$GPUS_PER_NODE" = 0 ] || ! nvidia-smi -L >/dev/null 2>&1; then
+# --- no GPU asked for: DeepSpeed's CPU accelerator and gloo. GPUs asked for but none seen: stop,
+#     rather than train a GPU job on CPU without a word
+if [ "$GPUS_PER_NODE" = 0 ]; then
   export {{CPU_ENV}}
+elif ! nvidia-smi -L >/dev/null 2>&1 && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "job $SLURM_JOB_ID asked for $GPUS_PER_NODE GPU(s) per node, but $(hostname) shows none" \
+       "(nvidia-smi and torch.cuda both fail): stopping instead of running on CPU" >&2
+  exit 1
+else
+  # megatron overlaps its TP all-reduce / reduce-scatter with the GEMMs only with one hardware queue
+  [ "{{TP}}" -gt 1 ] && export CUDA_DEVICE_MAX_CONNECTIONS=1
 fi
+# srun inside the batch script does not inherit --cpus-per-task (Slurm >= 22.05): pass it on
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 # --- the Slurm settings' `env` (after the CPU defaults, so it can override them)
 {{ENV_EXPORTS}}
 
@@ -61,8 +71,14 @@ launch() {  # MODULE ARGS...: python -m MODULE on every process of the job
   fi
 }
 
-run_once() {  # MODULE ARGS...: one process (export, eval)
-  srun "${CONTAINER_ARGS[@]}" --ntasks=1 bash -c "$TASK" task "$PY" -m "$@"
+run_once() {  # MODULE ARGS...: one process (export)
+  run_tasks 1 "$@"
+}
+
+run_tasks() {  # N MODULE ARGS...: N processes, one srun task each (eval at the run's TP)
+  local n=$1
+  shift
+  srun "${CONTAINER_ARGS[@]}" --kill-on-bad-exit=1 --ntasks="$n" bash -c "$TASK" task "$PY" -m "$@"
 }
 
 # Training jobs: `train_stage DONE_FILE CKPT_DIR MODULE ARGS...`. The run handles USR1/TERM by

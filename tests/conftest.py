@@ -1,7 +1,14 @@
 """Shared pytest set-up: import paths and the `run_dist` fixture (see tests/dist.py)."""
 
+import os
 import sys
 from pathlib import Path
+
+# The suite is a CPU suite, also on a machine with GPUs: its exact equalities (DP1 = DP2, resume
+# = uninterrupted) are CPU facts, and a test must not take a GPU path by accident
+# (GPU_READINESS finding 25). The GPU's own checks are tools/gpu_check.sh.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest
 

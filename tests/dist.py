@@ -71,6 +71,23 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def allow_cpu_fp16() -> None:
+    """Let DeepSpeed's fp16 path run on a CPU whose oneDNN has no fp16 kernels.
+
+    DeepSpeed's CPU accelerator answers `is_fp16_supported()` from
+    `torch.ops.mkldnn._is_mkldnn_fp16_supported()`, False on CPUs without native fp16 units (AMD
+    EPYC with AVX-512 and bf16 but no AVX512-FP16), and its engine then refuses fp16 ("Type fp16 is
+    not supported on your device"). torch's own CPU kernels still compute in fp16 there (slower),
+    so the maths DeepSpeed adds under fp16 (loss scaling, fp32 masters, overflow skips) runs the
+    same; the tests that check that maths say yes for the accelerator. A user's run is refused
+    before launch instead (train/preflight.py: device_problems)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        type(accelerator).is_fp16_supported = lambda self: True
+
+
 def write_result(result: dict) -> None:
     """Rank 0 hands `result` back to `run_dist`."""
     if int(os.environ.get("RANK", "0")) == 0:

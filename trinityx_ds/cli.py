@@ -66,7 +66,7 @@ def _train(args) -> int:
         cfg = load_config(args.config, world_size=args.nproc)  # fail here, before any process starts
         if report(problems(cfg, args.stage, args.only)):
             return 2
-        return relaunch(argv, args.nproc)
+        return relaunch(argv, args.nproc, tp=cfg.parallel.tp)
     from trinityx_ds.parallel.env import dist_env
     from trinityx_ds.parallel.groups import destroy_parallel
     from trinityx_ds.train.stages import run_stage

@@ -81,7 +81,8 @@ def _train(config: Path, stage: str, nproc: int) -> None:
     """`trinityx train <stage>` in `nproc` local processes (run_demo has validated `config` for them)."""
     from trinityx_ds.launch.local import relaunch
 
-    if relaunch(["-m", "trinityx_ds.cli", "train", stage, "--config", str(config)], nproc) != 0:
+    if relaunch(["-m", "trinityx_ds.cli", "train", stage, "--config", str(config)], nproc, tp=nproc,
+                cpu_fallback=True) != 0:
         raise RuntimeError(f"`trinityx train {stage}` failed (see its output above)")
 
 
@@ -98,7 +99,7 @@ def hhh_report(out: Path, config: Path, tp: int) -> dict:
     shutil.rmtree(evals, ignore_errors=True)  # figures of this run's experts and router only
     opts = {"run": str(out), "out": str(evals), "variants": HHH_VARIANTS, "tqa": held["honest"], "hh": held["harm"],
             "alpaca": held["help"], "tp": tp, "max_seq_len": cfg["data"]["max_seq_len"], "batch": 8}
-    if launch(opts, tp) != 0:
+    if launch(opts, tp, cpu_fallback=True) != 0:
         raise RuntimeError("the held-out HHH evaluation failed (see its output above)")
     table = figures({v: json.loads(result_file(evals, v).read_text()) for v in HHH_VARIANTS})
     print(side_by_side(table, HHH_VARIANTS, HHH_COLUMNS))

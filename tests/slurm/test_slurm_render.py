@@ -10,7 +10,7 @@ from trinityx_ds.launch.slurm import JOBS, load_slurm_config, render, render_tex
 
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("render"))
+    return write_config(tmp_path_factory.mktemp("render"), parallel={"tp": 2})
 
 
 def test_empty_settings_are_commented_out_and_lines_dropped():
@@ -37,7 +37,9 @@ def test_gpu_cluster_render(run_config, tmp_path):
     launch = (out.dir / "launch.sh").read_text()
     assert "PROCS_PER_NODE=8" in launch and "export NCCL_DEBUG=WARN" in launch
     assert "CONTAINER_IMAGE='nvcr.io#nvidia/pytorch:24.05-py3'" in launch
-    assert "#SBATCH --gres=gpu:1\n" in out.scripts["eval"].read_text()
+    evaluation = out.scripts["eval"].read_text()  # sized to the run's TP (2 here), not one GPU
+    assert "#SBATCH --gres=gpu:2\n" in evaluation and "#SBATCH --ntasks=2\n" in evaluation
+    assert "run_tasks 2 trinityx_ds.cli eval" in evaluation
     for path in [out.dir / "launch.sh", out.dir / "submit.sh", *out.scripts.values()]:
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
         assert "{{" not in path.read_text(), path
@@ -67,3 +69,33 @@ def test_bad_settings_fail_before_anything_is_written(run_config, tmp_path):
     with pytest.raises(ValueError, match="does not divide world size"):  # 1 process per expert task
         render(tp4, load_slurm_config(None, nodes=2), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_gpu_job_on_a_node_without_gpus_stops_with_one_line(run_config, tmp_path):
+    """A job that asked for GPUs but lands where neither nvidia-smi nor torch sees one stops
+    (exit 1, one line) instead of training on CPU without a word (GPU_READINESS finding 11:
+    b86774b exported the CPU environment there); a CPU job gets the CPU environment; a GPU job at
+    TP > 1 sets CUDA_DEVICE_MAX_CONNECTIONS=1 (finding 18) and srun gets --cpus-per-task (20)."""
+    import sys
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_CPUS_PER_TASK": "16", "CUDA_VISIBLE_DEVICES": ""}
+    probe = 'echo "CPU=${DS_ACCELERATOR:-} CONN=${CUDA_DEVICE_MAX_CONNECTIONS:-} SRUN=${SRUN_CPUS_PER_TASK:-}"'
+    for gpus, want_rc in ((8, 1), (0, 0)):
+        out = render(run_config, load_slurm_config(None, gpus_per_node=gpus, procs_per_node=2,
+                                                   python=sys.executable), tmp_path / f"g{gpus}")
+        proc = subprocess.run(["bash", "-c", f"source {out.dir / 'launch.sh'} && {probe}"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == want_rc, proc.stderr
+        if gpus:
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and "asked for 8 GPU(s) per node" in lines[0], proc.stderr
+            assert "stopping instead of running on CPU" in lines[0]
+        else:
+            assert "CPU=cpu CONN= SRUN=16" in proc.stdout, proc.stdout
+    launch = (tmp_path / "g8" / "launch.sh").read_text()
+    assert '[ "2" -gt 1 ] && export CUDA_DEVICE_MAX_CONNECTIONS=1' in launch

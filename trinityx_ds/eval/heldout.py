@@ -227,13 +227,11 @@ def _hh_pairs(path: str):
     return pairs
 
 
-def launch(opts: dict, nproc: int, timeout: float = 6 * 3600) -> int:
+def launch(opts: dict, nproc: int, timeout: float = 6 * 3600, cpu_fallback: bool = False) -> int:
     """`evaluate(opts)` in `nproc` local processes (torchrun); their output on this terminal."""
-    import torch
+    from trinityx_ds.parallel.env import launch_torchrun, local_job_env
 
-    from trinityx_ds.parallel.env import cpu_env, launch_torchrun
-
-    env = None if torch.cuda.is_available() else cpu_env()
+    env = local_job_env(nproc, opts.get("tp") or 1, cpu_fallback)
     proc = launch_torchrun(["-m", "trinityx_ds.eval.heldout", "--worker", json.dumps(opts)], nproc, timeout,
                            env=env, capture=False, forward_signals=True)
     return proc.returncode

@@ -63,7 +63,7 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) 
 
     # megatron -> HF: every rank's shards gathered, mapped back, loaded into a fresh transformers model
     shards = [None] * tp
-    dist.all_gather_object(shards, {k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)},
+    dist.all_gather_object(shards, {k: v.detach().cpu() for k, v in model.state_dict().items() if torch.is_tensor(v)},
                            group=parallel_state.get_tensor_model_parallel_group())
     adapter = LlamaAdapter(arch, tp)
     mapped = dict(adapter.unshard(lambda r, n: shards[r][n]))

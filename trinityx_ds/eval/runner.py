@@ -183,7 +183,8 @@ def cmd_eval(args) -> int:
         from trinityx_ds.parallel.env import relaunch  # launch.local's: eval sits below launch/
 
         opts = {k: v for k, v in vars(args).items() if k not in ("fn", "nproc")}
-        return relaunch(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc)
+        return relaunch(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc,
+                        tp=args.tp or 1)
     run_eval(args)
     return 0
 

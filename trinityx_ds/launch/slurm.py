@@ -123,13 +123,15 @@ def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log
 
     run_dir = Path(run_cfg.output.dir).resolve()
     gpus = str(slurm.gpus_per_node) if slurm.gpus_per_node else ""
+    tp = run_cfg.parallel.tp  # the eval job: one process (and GPU) per TP rank of the run
     return {
         "NAME": run_cfg.name, "CONFIG": str(run_config), "WORKDIR": os.getcwd(), "RUN_DIR": str(run_dir),
         "RENDER_DIR": str(render_dir), "LOG_DIR": str(log_dir), "PYTHON": slurm.python,
         "LAUNCHER": slurm.launcher, "PROCS_PER_NODE": str(slurm.procs),
         "TASKS_PER_NODE": "1" if slurm.launcher == "torchrun" else str(slurm.procs),
         "NODES": str(slurm.nodes), "EXPERT_NODES": str(slurm.expert_nodes), "CPUS_PER_TASK": str(slurm.cpus_per_task),
-        "GPUS_PER_NODE": gpus, "GPUS_PER_NODE_OR_0": gpus or "0", "EVAL_GPUS": "1" if gpus else "",
+        "GPUS_PER_NODE": gpus, "GPUS_PER_NODE_OR_0": gpus or "0", "EVAL_GPUS": str(tp) if gpus else "",
+        "EVAL_PROCS": str(tp), "TP": str(tp),
         "PARTITION": slurm.partition or "", "ACCOUNT": slurm.account or "", "QOS": slurm.qos or "",
         "TIME": slurm.time, "SIGNAL_SECONDS": str(slurm.signal_seconds),
         "PORT_OR_AUTO": str(slurm.port) if slurm.port else "$((20000 + SLURM_JOB_ID % 40000))",

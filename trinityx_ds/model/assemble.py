@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, expert_shapes, mocae_role
+from trinityx_ds.parallel.device import rank_device
 from trinityx_ds.storage.layout import CheckpointError, RunLayout
 from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
 
@@ -76,4 +77,8 @@ def assemble(arch, dims, moe, sources: list, *, where: str | Path, dtype: str = 
     unexpected = [n for n in foreign if not may_be_absent(n, upcycled_experts)]
     if unexpected:
         raise ValueError(f"{where}: no weights for {unexpected[:5]}")
+    # megatron builds the backbone on the current GPU, the MoCaE parts (router, LoRA, post-mix
+    # norm, routing EMA) are made on the CPU: the whole model onto the rank's device, for
+    # evaluation (which has no engine to move it) and training alike
+    model.to(rank_device())
     return model, blocks

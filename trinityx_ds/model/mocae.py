@@ -182,7 +182,8 @@ class MoCaEBlock(nn.Module):
     def _record(self, ctx: RoutingContext, out, losses, mask_T: torch.Tensor | None) -> None:
         """Losses, the top-1 shares over the valid tokens and (keep_probs) the probabilities of
         every token, in token order: under SP gathered from the TP group's slices."""
-        mask = mask_T if mask_T is not None else torch.ones(out.probs_TE.shape[0], dtype=torch.bool)
+        mask = mask_T if mask_T is not None else torch.ones(out.probs_TE.shape[0], dtype=torch.bool,
+                                                                  device=out.probs_TE.device)
         top1 = out.topk_idx_TK[:, 0][mask]
         counts = torch.cat([torch.bincount(top1, minlength=self.cfg.num_experts).float(), mask.sum().float()[None]])
         if self.sequence_parallel:

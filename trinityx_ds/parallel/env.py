@@ -137,17 +137,21 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     import deepspeed
     import torch
 
+    from trinityx_ds.parallel.device import bind, cuda_device_index
+
     denv = dist_env()
     os.environ.update(
         RANK=str(denv.rank),
         WORLD_SIZE=str(denv.world_size),
-        LOCAL_RANK=str(denv.local_rank),
         MASTER_ADDR=denv.master_addr,
         MASTER_PORT=str(denv.master_port),
     )
-    if torch.cuda.is_available():  # one GPU per local rank, before NCCL picks cuda:0 for everyone
-        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # LOCAL_RANK is the device index this rank uses: DeepSpeed's engine binds cuda:LOCAL_RANK
+    # itself, which must be ours also where each srun task sees only its own GPU (index 0)
+    cuda = torch.cuda.is_available()
+    os.environ["LOCAL_RANK"] = str(cuda_device_index(denv.local_rank) if cuda else denv.local_rank)
+    bind(denv.local_rank)  # one GPU per local rank, before NCCL picks cuda:0 for everyone
+    backend = backend or ("nccl" if cuda else "gloo")
     deepspeed.init_distributed(dist_backend=backend)
     return denv
 
@@ -233,13 +237,40 @@ def _signal_workers(agent: int, sig: int) -> list:
     return workers
 
 
-def relaunch(argv: list[str], nproc: int) -> int:
-    """Become `nproc` local processes running `argv` (e.g. `["-m", "trinityx_ds.cli", "train", ...]`)
-    under torchrun, their output on this terminal; CPU-only (`cpu_env`) when no GPU is visible.
-    Returns the job's exit code."""
+class LaunchError(ValueError):
+    """A local job this machine cannot run as asked (one line, before any process starts)."""
+
+
+def local_job_env(nproc: int, tp: int = 1, cpu_fallback: bool = False, what: str = "--nproc") -> dict:
+    """The environment of `nproc` local processes: CPU-only (`cpu_env`) where no GPU is visible;
+    one GPU per process where enough are (with CUDA_DEVICE_MAX_CONNECTIONS=1 at TP > 1, which
+    megatron needs to overlap its TP communication with the GEMMs); fewer GPUs than processes
+    (two ranks on one GPU: NCCL refuses a duplicate GPU) is refused in one line, or, with
+    `cpu_fallback` (the demo), runs on CPU with a notice."""
     import torch
 
-    env = None if torch.cuda.is_available() else cpu_env()
+    if not torch.cuda.is_available():
+        return cpu_env()
+    gpus = torch.cuda.device_count()
+    if nproc > gpus:
+        if cpu_fallback:
+            print(f"{what} {nproc}: {gpus} GPU(s) visible, one per process needed: running on CPU",
+                  file=sys.stderr)
+            return cpu_env()
+        raise LaunchError(f"{what} {nproc}: this machine shows {gpus} GPU(s) and each process needs its own "
+                          f"(NCCL refuses two ranks on one GPU); use {what} {gpus} or fewer, or "
+                          "CUDA_VISIBLE_DEVICES= to run on CPU")
+    env = dict(os.environ)
+    if tp > 1:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    return env
+
+
+def relaunch(argv: list[str], nproc: int, tp: int = 1, cpu_fallback: bool = False) -> int:
+    """Become `nproc` local processes running `argv` (e.g. `["-m", "trinityx_ds.cli", "train", ...]`)
+    under torchrun, their output on this terminal, in `local_job_env`'s environment. Returns the
+    job's exit code."""
+    env = local_job_env(nproc, tp, cpu_fallback)
     return launch_torchrun(argv, nproc, timeout=RELAUNCH_TIMEOUT, env=env, capture=False,
                            forward_signals=True).returncode
 

@@ -238,15 +238,21 @@ PATCHES = (
 _applied: list[str] = []
 
 
+# Not a CPU workaround: sequence parallelism through torch norms, which megatron's local spec
+# uses for RMSNorm on every device (the 70B recipe's SP at TP 4 cannot build without it).
+DEVICE_INDEPENDENT = ("F6",)
+
+
 def apply_cpu_patches() -> list[str]:
     """Patch megatron-core for CPU; return the names of the patches in effect.
 
     Idempotent (a second call changes nothing and returns the same names); with CUDA present it
-    does nothing and returns [].
+    applies only the DEVICE_INDEPENDENT ones.
     """
-    if torch.cuda.is_available():
-        return []
+    cuda = torch.cuda.is_available()
     for patch in PATCHES:
+        if cuda and patch.fix not in DEVICE_INDEPENDENT:
+            continue
         if patch.name not in _applied:
             patch.apply(patch.module())
             _applied.append(patch.name)

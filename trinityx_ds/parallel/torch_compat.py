@@ -16,3 +16,13 @@ def in_backward() -> bool:
     torch has no public test for it; `torch._C._current_graph_task_id()` is -1 outside a graph
     task (backward), its id inside one."""
     return torch._C._current_graph_task_id() != -1
+
+
+def mkldnn_fp16_supported() -> bool:
+    """Whether oneDNN has fp16 kernels on this CPU: what DeepSpeed's CPU accelerator asks before
+    its engine accepts fp16 (`CPU_Accelerator.is_fp16_supported`). torch has no public query;
+    `torch.ops.mkldnn._is_mkldnn_fp16_supported` is the one DeepSpeed itself calls."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False

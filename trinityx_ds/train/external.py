@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from trinityx_ds.parallel import deepspeed_compat
+from trinityx_ds.parallel.device import rank_device
 from trinityx_ds.storage.layout import CheckpointDir
 from trinityx_ds.train.engine import lr_lambda, make_optimizer
 
@@ -38,11 +39,17 @@ class ExternalExperts:
 
     def build_optimizer(self, stage_cfg) -> None:
         """Their optimizer (the stage's kind and settings) on the engine's schedule, when any of
-        them trains; none otherwise."""
+        them trains; none otherwise. Under bf16/fp16 it steps fp32 master copies (as DeepSpeed
+        does for the engine's parameters) and copies them back into the model's weights: an
+        update below bf16's resolution (2^-8 of the weight) would otherwise be lost every step.
+        `optimizer.fp32_masters` maps each weight to its master (train/universal.py reads it)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return
-        self.optimizer = make_optimizer(params, stage_cfg)
+        masters = {id(p): torch.nn.Parameter(p.detach().float().clone()) if p.dtype != torch.float32 else p
+                   for p in params}
+        self.optimizer = make_optimizer([masters[id(p)] for p in params], stage_cfg)
+        self.optimizer.fp32_masters = masters
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage_cfg))
         self.grad_clip = stage_cfg.grad_clip
 
@@ -74,24 +81,42 @@ class ExternalExperts:
             dist.all_reduce(p.grad, group=replicas)
             p.grad /= self.dims.dp
         if self.grad_clip > 0:
-            sq = torch.stack([p.grad.float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
+            sq = (torch.stack([p.grad.float().pow(2).sum() for p in params]).sum() if params
+                  else torch.zeros((), device=rank_device()))  # NCCL: no CPU tensors
             dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
             if ep:
                 dist.all_reduce(sq, group=deepspeed_compat.expert_parallel_group(self.dims.ep_group_name))
             scale = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
             for p in params:
                 p.grad.mul_(scale)
+        masters = self.optimizer.fp32_masters
+        for p in params:
+            if masters[id(p)] is not p:
+                masters[id(p)].grad = p.grad.float()
         self.optimizer.step()
         self.scheduler.step()
+        with torch.no_grad():
+            for p in params:
+                if masters[id(p)] is not p:
+                    p.copy_(masters[id(p)])
+                    p.grad = None
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
+        masters = self.optimizer.fp32_masters
         return {"experts": [e.state_dict() for e in self.modules], "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                "scheduler": self.scheduler.state_dict(),
+                "fp32_masters": [masters[id(p)].detach() for p in self.parameters() if id(p) in masters]}
 
     def load_state_dict(self, state: dict) -> None:
         for experts, sd in zip(self.modules, state["experts"]):
             experts.load_state_dict(sd)
+        masters = self.optimizer.fp32_masters
+        held = [p for p in self.parameters() if id(p) in masters]
+        with torch.no_grad():
+            for p, saved in zip(held, state.get("fp32_masters") or [p.float() for p in held]):
+                if masters[id(p)] is not p:
+                    masters[id(p)].copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -105,4 +130,5 @@ class ExternalExperts:
     def load(self, ckpt: CheckpointDir, tag: str) -> None:
         path = ckpt.external_experts_file(tag, self.dims.tp_rank, self.dims.dp_rank)
         if self.trains and path.is_file():
-            self.load_state_dict(torch.load(path, weights_only=True))
+            # onto this rank's device, not the saver's cuda:N (which may not exist here)
+            self.load_state_dict(torch.load(path, weights_only=True, map_location=rank_device()))

@@ -43,7 +43,9 @@ def gather_layers(model, moe_cfg, arch, dims, include: Callable[[str], bool],
         for n, t in named:
             if n.startswith(pre):
                 for kind, value in values(n, t).items():
-                    mine.setdefault(kind, {})[n] = value
+                    # on the CPU before pickling: a CUDA tensor would unpickle on rank 0 onto the
+                    # sender's GPU, and the TP shards of one tensor onto different GPUs
+                    mine.setdefault(kind, {})[n] = value.detach().cpu()
         every = [None] * dims.world_size if dims.rank == 0 else None
         dist.gather_object((dims.tp_rank, mine), every, dst=0)
         if dims.rank != 0:

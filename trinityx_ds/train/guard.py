@@ -9,6 +9,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from trinityx_ds.parallel.device import rank_device
+
 
 class Diverged(ValueError):
     """Training stopped on a non-finite value or too many skipped steps (a one-line error)."""
@@ -35,7 +37,7 @@ class DivergenceGuard:
     def check(self, step: int, loss: float, grad_norm: float | None, skipped_now: int, kept: str) -> None:
         """Raises Diverged on every rank together (the ranks agree through an all-reduce)."""
         why = self.problem(step, loss, grad_norm, skipped_now)
-        flag = torch.tensor([0.0 if why is None else 1.0])
+        flag = torch.tensor([0.0 if why is None else 1.0], device=rank_device())  # NCCL: no CPU tensors
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             raise Diverged(f"{self.where}: diverged: {why or 'on another rank'} — stopped before saving it "

@@ -92,7 +92,7 @@ class Objective:
         return self.name == "dpo"
 
     def loss(self, token_loss_BS: torch.Tensor, labels_BS: torch.Tensor,
-             ref_token_loss_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             ref_token_loss_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to backpropagate and this micro-batch's per-pair means (`<objective>/...`)."""
         average = self.name == "simpo"
         logp_B = sequence_logps(token_loss_BS, labels_BS, average)
@@ -108,7 +108,8 @@ class Objective:
             loss, r = simpo_loss(chosen, rejected, self.beta, self.gamma, self.label_smoothing)
         margin = r["chosen_reward"] - r["rejected_reward"]
         p = self.name
-        stats = {f"{p}/loss": loss.detach().item(), f"{p}/reward_accuracy": (margin > 0).float().mean().item(),
-                 f"{p}/reward_margin": margin.mean().item(), f"{p}/logps_chosen": chosen.detach().mean().item(),
-                 f"{p}/logps_rejected": rejected.detach().mean().item()}
+        # 0-dim tensors, not floats: train_step reads a step's scalars back in one copy, after backward
+        stats = {f"{p}/loss": loss.detach(), f"{p}/reward_accuracy": (margin > 0).float().mean(),
+                 f"{p}/reward_margin": margin.detach().mean(), f"{p}/logps_chosen": chosen.detach().mean(),
+                 f"{p}/logps_rejected": rejected.detach().mean()}
         return loss, stats

@@ -8,6 +8,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from trinityx_ds.parallel.device import rank_device
+
 
 class Preemption:
     """SIGUSR1/SIGTERM/SIGINT ask for a checkpoint at the end of the current step; ranks agree
@@ -22,6 +24,6 @@ class Preemption:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=rank_device())  # NCCL: no CPU tensors
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -184,6 +184,8 @@ class StageRun:
             stats |= step_flops(cfg, self.arch, self.moe, self.stage, stats["train/tokens_per_s"],
                                 batch["input_ids"].shape[1], dims.world_size)
             stats["train/lr"] = engine.get_lr()[0]
+            if torch.cuda.is_available():  # this rank's peak since the run started
+                stats["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 stats["train/grad_norm"] = float(grad_norm)

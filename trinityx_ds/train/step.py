@@ -9,33 +9,47 @@ import torch.distributed as dist
 from trinityx_ds.model.backbone import masked_mean_loss
 from trinityx_ds.model.mocae import RoutingContext, set_router_loss_scale, set_routing_context
 from trinityx_ds.parallel.deepspeed_compat import backward_loss_scale
+from trinityx_ds.parallel.device import on_rank_device, rank_device
 
 
 def local_examples(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token example index renumbered 0..N-1 within the batch, and each example's task label."""
+    """Per-token example index renumbered 0..N-1 within the batch, and each example's task label.
+    On the batch's device (train_step calls it on the CPU batch, before moving it)."""
     ex_BS = batch["example_id"]
     valid = ex_BS >= 0
     uniq, inv = torch.unique(ex_BS[valid], return_inverse=True)
     local = torch.full_like(ex_BS, -1)
     local[valid] = inv
-    rows = torch.arange(ex_BS.shape[0]).unsqueeze(1).expand_as(ex_BS)[valid]
-    task_N = torch.full((len(uniq),), -1, dtype=torch.long)
+    rows = torch.arange(ex_BS.shape[0], device=ex_BS.device).unsqueeze(1).expand_as(ex_BS)[valid]
+    task_N = torch.full((len(uniq),), -1, dtype=torch.long, device=ex_BS.device)
     task_N[inv] = batch["task_label"][rows]
     return local, task_N
 
 
 def record_routing(ctx: RoutingContext, stats: dict, names: list[str], grad_accum: int) -> None:
-    """Adds one micro-batch's router losses (mean over layers) and per-layer top-1 shares."""
+    """Adds one micro-batch's router losses (mean over layers) and per-layer top-1 shares, as
+    tensors on the model's device: `host_scalars` reads them back once per step (a `.item()` per
+    term and layer would stall the host's run-ahead hundreds of times per micro-batch at 80 layers)."""
     if not ctx.records:
         return
     n_layers = len(ctx.records)
     for layer, rec in ctx.records.items():
         for term, value in rec["losses"].items():
             key = f"router/{term}"
-            stats[key] = stats.get(key, 0.0) + value.item() / (n_layers * grad_accum)
-        for e, share in enumerate(rec["share_E"].tolist()):
+            stats[key] = stats.get(key, 0.0) + value.detach().float() / (n_layers * grad_accum)
+        share_E = rec["share_E"].detach().float() / grad_accum
+        for e in range(share_E.shape[0]):
             key = f"routing/layer{layer:02d}/{names[e]}"
-            stats[key] = stats.get(key, 0.0) + share / grad_accum
+            stats[key] = stats.get(key, 0.0) + share_E[e]
+
+
+def host_scalars(stats: dict) -> dict[str, float]:
+    """Every tensor of `stats` as a Python float, through one device-to-host copy."""
+    keys = [k for k, v in stats.items() if torch.is_tensor(v)]
+    if keys:
+        values = torch.stack([stats[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        stats = {**stats, **dict(zip(keys, values))}
+    return stats
 
 
 def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int, grad_accum: int,
@@ -44,17 +58,26 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
     (`_tokens`: this rank's token count). Stage 1 forces every token to its one expert; stage 2
     routes and adds the router losses. `external`: experts held outside the engine, stepped after
     the engine's last micro-batch. `objective` (train/objectives.py, stage 1): a preference loss
-    over `micro_batch` pairs per micro-batch (2 rows each); None or sft: the LM loss."""
-    stats: dict[str, float] = {}
-    task_sum, task_cnt = torch.zeros(len(names)), torch.zeros(len(names))
+    over `micro_batch` pairs per micro-batch (2 rows each); None or sft: the LM loss.
+
+    `big_batch` comes from the data loader on the CPU; each micro-batch is moved to the rank's
+    device here (DeepSpeed's forward moves no inputs), and every scalar of the step stays there
+    until one copy back at the end: the all-reduce over the data-parallel ranks needs device
+    tensors under NCCL."""
+    device = rank_device()
+    stats: dict = {}
+    task_sum = torch.zeros(len(names), device=device)
+    task_cnt = torch.zeros(len(names), device=device)
     tokens = 0
     pairs = objective is not None and objective.pairs
     needs_reference = pairs and objective.needs_reference()
     rows = micro_batch * (2 if pairs else 1)
-    pref: dict[str, float] = {}
+    pref: dict = {}
     reference_s = 0.0  # this rank's time in the reference forwards: what precomputing them would save
     for i in range(grad_accum):
-        batch = {k: v[i * rows:(i + 1) * rows] for k, v in big_batch.items()}
+        cpu_batch = {k: v[i * rows:(i + 1) * rows] for k, v in big_batch.items()}
+        local_ex, task_N = local_examples(cpu_batch)  # on the CPU: the mask indexes a CPU arange
+        batch = on_rank_device({**cpu_batch, "_local_ex": local_ex, "_task_N": task_N})
         ids, labels = batch["input_ids"], batch["labels"]
         ref_BS = None
         if needs_reference:
@@ -64,9 +87,8 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
             with torch.no_grad():
                 ref_BS = engine(ids, labels)
             reference_s += time.perf_counter() - t_ref
-        local_ex, task_N = local_examples(batch)
-        ctx = RoutingContext.from_batch(labels, local_ex, task_N, force_expert=0 if stage == 1 else None,
-                                        compute_losses=stage == 2)
+        ctx = RoutingContext.from_batch(labels, batch["_local_ex"], batch["_task_N"],
+                                        force_expert=0 if stage == 1 else None, compute_losses=stage == 2)
         set_routing_context(blocks, ctx)
         token_loss_BS = engine(ids, labels)
         if pairs:
@@ -83,25 +105,31 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         engine.step()
         with torch.no_grad():
             valid = labels >= 0
-            row_loss = (token_loss_BS.detach() * valid).sum(1)
+            row_loss = (token_loss_BS.detach().float() * valid).sum(1)
             task = batch["task_label"].clamp(min=0)
             task_sum.index_add_(0, task, row_loss)
             task_cnt.index_add_(0, task, valid.sum(1).float())
             tokens += int(ids.numel())
-        stats["train/loss"] = stats.get("train/loss", 0.0) + loss.detach() / grad_accum
+        stats["train/loss"] = stats.get("train/loss", 0.0) + loss.detach().float() / grad_accum
         record_routing(ctx, stats, names, grad_accum)
     if external is not None and external.trains:
         external.step()
     # what the data-parallel ranks optimise together, and the preference scalars over all their pairs
     keys = sorted(pref)
-    summed = torch.cat([stats["train/loss"].reshape(1).float(), torch.tensor([pref[k] for k in keys])])
+    summed = torch.stack([stats["train/loss"].reshape(()), *(pref[k].float().reshape(()) for k in keys)])
     dist.all_reduce(summed, group=dp_group)
-    stats["train/loss"] = summed[0].item() / dp
-    stats |= {k: v / dp for k, v in zip(keys, summed[1:].tolist())}
+    stats["train/loss"] = summed[0] / dp
+    stats |= {k: v / dp for k, v in zip(keys, summed[1:])}
     if stage == 2:
         for t, name in enumerate(names):
-            if task_cnt[t] > 0:
-                stats[f"train/loss_{name}"] = (task_sum[t] / task_cnt[t]).item()
+            stats[f"_task_loss/{name}"] = task_sum[t] / task_cnt[t].clamp(min=1)
+            stats[f"_task_cnt/{name}"] = task_cnt[t]
+    stats = host_scalars(stats)  # the step's one device-to-host copy
+    if stage == 2:
+        for name in names:
+            loss_t, count = stats.pop(f"_task_loss/{name}"), stats.pop(f"_task_cnt/{name}")
+            if count > 0:
+                stats[f"train/loss_{name}"] = loss_t
     if needs_reference:
         stats["time/reference_s"] = reference_s
     stats["_tokens"] = tokens

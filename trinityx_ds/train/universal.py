@@ -50,8 +50,15 @@ def full(p: torch.Tensor, opt, key: str = "") -> torch.Tensor:
     if dsc.zero_managed(p):
         value = safe_get_full_optimizer_state(p, key) if key else safe_get_full_fp32_param(p)
     else:
-        value = dsc.inner_optimizer(opt).state[p][key] if key else p.detach()
+        held = stepped(p, opt)
+        value = dsc.inner_optimizer(opt).state[held][key] if key else held.detach()
     return value.float().clone()
+
+
+def stepped(p: torch.Tensor, opt) -> torch.Tensor:
+    """The tensor `opt` steps for parameter `p`: its fp32 master where the owner keeps one
+    (train/external.py under bf16/fp16), else `p` itself."""
+    return getattr(opt, "fp32_masters", {}).get(id(p), p)
 
 
 def set_full(p: torch.Tensor, opt, value: torch.Tensor, key: str = "") -> None:
@@ -62,10 +69,12 @@ def set_full(p: torch.Tensor, opt, value: torch.Tensor, key: str = "") -> None:
         value = value.float()
         safe_set_full_optimizer_state(p, value, key) if key else safe_set_full_fp32_param(p, value)
     elif key:
-        dsc.inner_optimizer(opt).state[p][key] = value.to(p.dtype).clone()
+        held = stepped(p, opt)  # on its own device: the moments meet it in the optimizer's step
+        dsc.inner_optimizer(opt).state[held][key] = value.to(held.device, held.dtype).clone()
     else:
         with torch.no_grad():
             p.copy_(value)
+            stepped(p, opt).copy_(value)
 
 
 def materialise(opt, summary: dict) -> None:

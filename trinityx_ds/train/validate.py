@@ -15,6 +15,7 @@ import torch
 from trinityx_ds.calibration import calibration_report
 from trinityx_ds.data.dataset import collate
 from trinityx_ds.model.mocae import RoutingContext, set_routing_context
+from trinityx_ds.parallel.device import on_rank_device
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def routing_probs(engine, blocks, dataset, micro_batch: int, pad_id: int,
     probs, logits, shares = [], [], []
     for i in range(0, len(dataset), micro_batch):
         rows = dataset[i:i + micro_batch]
-        batch = collate([dict(zip(rows, v)) for v in zip(*rows.values())], pad_id, pad_to_multiple)
+        batch = on_rank_device(collate([dict(zip(rows, v)) for v in zip(*rows.values())], pad_id, pad_to_multiple))
         ctx = RoutingContext.from_batch(batch["labels"], compute_losses=False, keep_probs=True)
         set_routing_context(blocks, ctx)
         engine(batch["input_ids"], batch["labels"])
@@ -41,9 +42,10 @@ def routing_probs(engine, blocks, dataset, micro_batch: int, pad_id: int,
             per_layer_p.append((p_BSE * mask_BS.unsqueeze(-1)).sum(1) / n_B)
             per_layer_z.append((z_BSE * mask_BS.unsqueeze(-1)).sum(1) / n_B)
             per_layer_s.append((top1_BSE * mask_BS.unsqueeze(-1)).sum(1) / n_B)
-        probs.append(torch.stack(per_layer_p).mean(0))
-        logits.append(torch.stack(per_layer_z))
-        shares.append(torch.stack(per_layer_s).mean(0))
+        # to the CPU once per batch: the calibration maths runs in fp64 there, against CPU labels
+        probs.append(torch.stack(per_layer_p).mean(0).cpu())
+        logits.append(torch.stack(per_layer_z).cpu())
+        shares.append(torch.stack(per_layer_s).mean(0).cpu())
     set_routing_context(blocks, None)
     return torch.cat(probs), torch.cat(logits, dim=1), torch.cat(shares)
 
