@@ -32,6 +32,21 @@ def _fix(name: str, where: str) -> str:
 IN_BACKWARD = _fix("torch._C._current_graph_task_id", "trinityx_ds.parallel.torch_compat.in_backward")
 
 
+MKLDNN_FP16 = _fix("torch.ops.mkldnn._is_mkldnn_fp16_supported", "trinityx_ds.parallel.torch_compat.mkldnn_fp16_supported")
+
+
+def test_mkldnn_fp16_query_is_the_one_deepspeed_asks():
+    """train/preflight.py refuses fp16 on a CPU where DeepSpeed's CPU accelerator would: both ask
+    torch's private oneDNN query."""
+    import inspect
+
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    assert isinstance(torch.ops.mkldnn._is_mkldnn_fp16_supported(), bool), MKLDNN_FP16
+    assert "_is_mkldnn_fp16_supported" in inspect.getsource(CPU_Accelerator.is_fp16_supported), MKLDNN_FP16
+    assert torch_compat.mkldnn_fp16_supported() is torch.ops.mkldnn._is_mkldnn_fp16_supported(), MKLDNN_FP16
+
+
 def test_current_graph_task_id_is_minus_one_outside_backward():
     assert callable(getattr(torch._C, "_current_graph_task_id", None)), IN_BACKWARD
     assert torch._C._current_graph_task_id() == -1, IN_BACKWARD

@@ -90,3 +90,25 @@ def test_unsupported_model_refused_before_launch(tmp_path, model_dir, capsys):
     err = capsys.readouterr().err
     assert "config.json model_type: 'gemma2' — supported: llama, mistral, qwen2, gemma, qwen3" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("has_fp16", [False, True])
+def test_fp16_on_a_cpu_without_fp16_refused_before_launch(tmp_path, model_dir, capsys, monkeypatch, has_fp16):
+    """model.dtype fp16 where the job would train on a CPU without fp16 units: one line naming the
+    field, exit 2, before any worker (issue 25 item 0: DeepSpeed's traceback per rank before); a
+    CPU with fp16 units passes this check (the answer is DeepSpeed's own question, patched here)."""
+    from trinityx_ds.parallel import torch_compat
+    from trinityx_ds.train.preflight import device_problems
+
+    monkeypatch.setattr(torch_compat, "mkldnn_fp16_supported", lambda: has_fp16)
+    cfg_path = write_config(tmp_path, model_dir, **{"model.dtype": "fp16"})
+    from trinityx_ds.config import load_config
+
+    got = device_problems(load_config(str(cfg_path)))
+    if has_fp16:
+        assert got == []
+        return
+    assert main(["train", "experts", "--config", str(cfg_path), "--nproc", "2"]) == 2
+    line = _one_error(capsys.readouterr().err, "trinityx train")
+    assert line.startswith("trinityx train: model.dtype: 'fp16' — this CPU has no fp16 units"), line
+    assert not (tmp_path / "out" / "stage1").exists()  # nothing launched

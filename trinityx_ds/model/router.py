@@ -6,6 +6,8 @@ enough to flip top-k decisions and to bias the calibration the temperature is fi
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Callable, Literal, NamedTuple
 
@@ -112,7 +114,10 @@ class CalibratedRouter(nn.Module):
         h_TH = h_TH.reshape(-1, h_TH.shape[-1]).float()
         p = shared or (lambda t: t)  # noqa: E731
         # autocast would run the projection in bf16 again
-        with torch.autocast(h_TH.device.type, enabled=False):
+        # (meta tensors have no autocast: shapes-only builds, plan/verify.py and tests/devices.py)
+        no_autocast = (torch.autocast(h_TH.device.type, enabled=False) if h_TH.device.type != "meta"
+                       else contextlib.nullcontext())
+        with no_autocast:
             logits_TE = F.linear(h_TH, p(self.weight), None if self.bias is None else p(self.bias))
             log_t = p(self.log_temperature) if self.log_temperature.requires_grad else self.log_temperature
             calibrated_TE = logits_TE / log_t.exp() + self.log_importance

@@ -70,9 +70,23 @@ def output_problems(cfg) -> list[str]:
     return []
 
 
+def device_problems(cfg) -> list[str]:
+    """The run's precision against the device it will train on: fp16 where the job runs on a CPU
+    without fp16 units (AMD EPYC with AVX-512 and bf16, ...), which DeepSpeed's engine would
+    refuse in a traceback per rank ("Type fp16 is not supported on your device")."""
+    import torch
+
+    from trinityx_ds.parallel.device import cpu_fp16_supported
+
+    if cfg.model.dtype == "fp16" and not torch.cuda.is_available() and not cpu_fp16_supported():
+        return ["model.dtype: 'fp16' — this CPU has no fp16 units (torch.ops.mkldnn._is_mkldnn_fp16_supported() "
+                "is False) and DeepSpeed's CPU engine refuses fp16 here; use bf16 or fp32, or train on GPUs"]
+    return []
+
+
 def problems(cfg, stage: str, only: str | None = None) -> list[str]:
     """Everything `trinityx train <stage>` would fail on later, found now (`stage`: experts | router)."""
-    out = output_problems(cfg) + data_problems(cfg)
+    out = device_problems(cfg) + output_problems(cfg) + data_problems(cfg)
     if stage == "router":
         arch, _ = open_source(cfg.model.checkpoint or cfg.model.hf_path)
         out += expert_problems(cfg, arch, list(cfg.experts.names))
