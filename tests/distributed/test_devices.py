@@ -69,3 +69,14 @@ def test_restored_moments_meet_their_parameter_on_its_device(got):
 def test_routing_record_without_labels_builds_its_mask_on_the_device(got):
     """Finding 17. b86774b: "Tensor on device cpu is not on the expected device meta" (mocae.py:187)."""
     assert got["mocae_record_without_mask"] == "ok", got
+
+
+def test_experts_outside_the_engine_step_fp32_masters_under_bf16(got):
+    """Finding 13: b86774b stepped bf16 weights directly, so 100 updates of -1e-4 (each below bf16's
+    spacing at 1.0) left the weight at 1.0. With fp32 masters they add up to -0.01, the weight is
+    the master rounded to bf16, and a checkpoint restores the master exactly."""
+    r = got["external_bf16_masters"]
+    assert isinstance(r, dict), r
+    assert r["dtype"] == "torch.bfloat16" and abs(r["master"] - 0.99) < 5e-5, r  # the bf16 gradient: 1e-4 to 3 digits
+    assert r["weight"] < 1.0 and abs(r["weight"] - 0.99) <= 2 ** -8, r
+    assert r["restored_master"] == r["master"] and r["restored_weight"] == r["weight"], r

@@ -1,5 +1,6 @@
 """dist_env reads each launcher's variables; nothing set means a single process."""
 
+import os
 import subprocess
 
 import pytest
@@ -94,3 +95,58 @@ def test_slurm_tasks_per_node(setenv, spec, node, count):
     setenv(SLURM_PROCID=0, SLURM_NTASKS=7, SLURM_TASKS_PER_NODE=spec, SLURM_NODEID=node,
            MASTER_ADDR="h")
     assert dist_env().local_world_size == count
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """torch sees `n` GPUs (no GPU is touched: set_device is recorded, not called)."""
+    import torch
+
+    from trinityx_ds.parallel import device
+
+    bound = []
+
+    def see(n):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+        monkeypatch.setattr(device, "_bound", None)
+        return bound
+    return see
+
+
+def test_local_job_refuses_two_ranks_on_one_gpu(gpus, capsys):
+    """GPU_READINESS finding 8: `--nproc 2` on a one-GPU box put both ranks on cuda:0 (NCCL:
+    duplicate GPU). Refused in one line; the demo falls back to the CPU with a notice; one rank
+    per GPU runs with the GPUs, and at TP > 1 with CUDA_DEVICE_MAX_CONNECTIONS=1 (finding 18)."""
+    from trinityx_ds.parallel.env import CPU_ENV, LaunchError, local_job_env
+
+    gpus(1)
+    with pytest.raises(LaunchError, match=r"^--nproc 2: this machine shows 1 GPU\(s\) and each process needs its own"):
+        local_job_env(2)
+    env = local_job_env(2, cpu_fallback=True)
+    assert all(env[k] == v for k, v in CPU_ENV.items())
+    assert "running on CPU" in capsys.readouterr().err
+    gpus(2)
+    assert local_job_env(2, tp=2) == {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert local_job_env(2, tp=1) == dict(os.environ)
+    gpus(0)
+    assert local_job_env(4)["DS_ACCELERATOR"] == "cpu"
+
+
+@pytest.mark.parametrize("visible,local_id,index", [(8, 3, 3), (1, 3, 0)])
+def test_local_rank_is_the_device_index_used(setenv, gpus, monkeypatch, visible, local_id, index):
+    """GPU_READINESS finding 9: DeepSpeed's engine binds cuda:LOCAL_RANK itself. Where srun shows each
+    task only its own GPU (one visible), b86774b exported LOCAL_RANK=SLURM_LOCALID (3: invalid
+    device ordinal); the rank's device index is exported instead, and it is the one bound."""
+    import deepspeed
+
+    from trinityx_ds.parallel import env as env_mod
+
+    setenv(SLURM_PROCID=3, SLURM_NTASKS=4, SLURM_LOCALID=local_id, SLURM_JOB_NODELIST="n1", MASTER_ADDR="n1",
+           MASTER_PORT=1234)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    bound = gpus(visible)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    env_mod.init_distributed()
+    assert os.environ["LOCAL_RANK"] == str(index) and bound == [index]

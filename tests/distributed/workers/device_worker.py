@@ -167,4 +167,34 @@ with on_meta() as log:
     check("universal_moments_on_param_device", moments)
     result["collectives"] = sorted({c for c, _ in log.calls})
 
+
+
+# finding 13 (on the CPU, values matter): experts held outside the engine keep fp32 masters under
+# bf16, so updates below bf16's resolution add up instead of vanishing; the masters round-trip
+def bf16_masters():
+    from types import SimpleNamespace
+
+    from trinityx_ds.train.external import ExternalExperts
+
+    def experts():
+        module = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+        torch.nn.init.ones_(module.weight)
+        ext = ExternalExperts([module], SimpleNamespace(ep=1, dp=1, ep_group_name=None))
+        ext.build_optimizer(SimpleNamespace(optimizer="sgd", lr=1.0, weight_decay=0.0, warmup_steps=0, steps=10 ** 6,
+                                            grad_clip=0.0))
+        return module, ext
+
+    module, ext = experts()
+    for _ in range(100):  # each update -1e-4: below bf16's spacing at 1.0 (2^-7)
+        module.weight.grad = torch.full_like(module.weight, 1e-4)
+        ext.step()
+    again, ext2 = experts()
+    ext2.load_state_dict(ext.state_dict())
+    master = ext.optimizer.fp32_masters[id(module.weight)]
+    return {"weight": module.weight.float().item(), "master": master.item(), "dtype": str(module.weight.dtype),
+            "restored_master": ext2.optimizer.fp32_masters[id(again.weight)].item(),
+            "restored_weight": again.weight.float().item()}
+
+
+check("external_bf16_masters", bf16_masters)
 write_result(result)
