@@ -44,6 +44,11 @@ def deepspeed_config(run, stage, dp: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     })
+    if run.model.dtype == "bf16":
+        # gradients accumulated over the micro-batches in fp32, as megatron's main_grad: bf16 sums
+        # of 8-16 micro-batches lose the small ones (ZeRO-1: DeepSpeed's BF16_Optimizer; ZeRO-2/3:
+        # their fp32 accumulation buffer). fp16 keeps its loss-scaled fp16 path.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if run.parallel.offload == "cpu":  # ZeRO-Offload needs DeepSpeed's own CPU Adam
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": stage.lr, "weight_decay": stage.weight_decay}}
     return cfg
