@@ -79,6 +79,8 @@ def test_recipe_reaches_deepspeed_as_planned(name):
     for stage in (cfg.train.stage1, cfg.train.stage2):
         ds = deepspeed_config(cfg, stage, cfg.parallel.dp)
         assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+        # micro-batch gradients summed in fp32 (GPU_READINESS finding 12: bf16 sums before)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
         assert ds["zero_optimization"]["stage"] == plan["zero"]
         assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
             (plan["micro_batch"], plan["grad_accum"])
