@@ -68,6 +68,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -207,16 +208,21 @@ def run_commands(cmds: list[tuple[list[str], dict | None, Path]], timeout: float
         raise
 
 
-def tail(path: Path, n: int = 1) -> str:
-    """The last `n` meaningful lines of a log (warnings and progress bars left out), one line."""
+def tail(path: Path) -> str:
+    """What a log says went wrong, in one line: its last exception or `trinityx ...:` error line (not
+    torchrun's ChildFailedError), else its last meaningful line (warnings, progress bars and rules
+    left out)."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
         return "(no log)"
-    skip = ("warn", "Warning", "it/s]", "s/it]", "FutureWarning", "[W ", "UserWarning")
-    lines = [x.strip() for x in text.replace("\r", "\n").splitlines()
-             if x.strip() and not any(s in x for s in skip)]
-    return " | ".join(lines[-n:])[:300] if lines else "(no output)"
+    skip = ("warn", "Warning", "it/s]", "s/it]", "[W ")
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", x.strip()) for x in text.replace("\r", "\n").splitlines()]
+    lines = [x for x in lines if x.strip("=-_ ") and not any(s in x for s in skip)]
+    errors = [x for x in lines if re.match(r"^([\w.]+(Error|Exception|Exit|Interrupt)\b|trinityx [\w-]+: )", x)
+              and "ChildFailedError" not in x]
+    line = (errors or lines or ["(no output)"])[-1]
+    return line[:300]
 
 
 # ------------------------------------------------------------------------------ comparisons
@@ -539,7 +545,8 @@ WARM = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "safe
         "trinityx_ds.eval.runner", "trinityx_ds.eval.lm", "trinityx_ds.convert.export", "trinityx_ds.model.build")
 
 
-def piece_imports(p: Piece) -> list[dict]:
+def piece_warm(p: Piece) -> list[dict]:
+    """Every module of WARM imported once (their bytecode written); versions and the GPU."""
     import importlib
 
     t0, failed = time.time(), []
@@ -558,22 +565,27 @@ def piece_imports(p: Piece) -> list[dict]:
     mc = getattr(megatron.core, "__version__", "?")
     fig = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), deepspeed {deepspeed.__version__}, "
            f"megatron-core {mc}, transformers {transformers.__version__}; imported in {time.time() - t0:.0f} s")
-    rows = []
     if p.cuda:
         x = torch.randn(256, 256, device="cuda")
-        fig += f"; {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB, " \
-               f"matmul {'ok' if torch.isfinite(x @ x).all().item() else 'NOT FINITE'}"
-    rows.append({"check": "imports", "ok": True, "figures": fig})
-    # the CPU side's DeepSpeed shm_comm op (JIT, once per machine): needs ninja and a C++ compiler
-    log, t1 = p.work / "shm_op.log", time.time()
-    code, = run_commands([([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; "
-                           "print('shm_comm op:', build_shm_op())"], p.env("cpu"), log)], p.left())
-    ok = code == 0
-    cxx = shutil.which("c++") or shutil.which("g++")
-    rows.append({"check": "cpu side (DeepSpeed shm_comm op)", "ok": ok,
-                 "figures": f"ready in {time.time() - t1:.0f} s" if ok else
-                 f"{'timed out' if code is None else f'exit {code}'}: {tail(log)} (ninja: {shutil.which('ninja')}, "
-                 f"C++ compiler: {cxx})"})
+        fig += (f"; {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
+                f", a matmul {'finite' if torch.isfinite(x @ x).all().item() else 'NOT FINITE'}")
+    return [{"check": "imports", "ok": True, "figures": fig}]
+
+
+def piece_imports(p: Piece) -> list[dict]:
+    """The warm-up (a process of its own, in the GPU side's environment) and, at the same time, the
+    CPU side's DeepSpeed shm_comm op, JIT-built once per machine (needs ninja and a C++ compiler)."""
+    out, logs = p.work / "warm.rows.json", {k: p.work / f"{k}.log" for k in ("warm", "shm_op")}
+    warm = [sys.executable, __file__, "--piece", "warm", "--device", p.device, "--work", str(p.work), "--out", str(out),
+            "--budget", f"{p.left():.0f}", "--gpu-name", p.gpu_name]
+    shm = [sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; print('shm_comm op:', build_shm_op())"]
+    t0 = time.time()
+    codes = run_commands([(warm, p.env("gpu"), logs["warm"]), (shm, p.env("cpu"), logs["shm_op"])], p.left())
+    why = lambda code, log: f"{'timed out' if code is None else f'exit {code}'}: {tail(log)}"
+    rows = json.loads(out.read_text()) if codes[0] == 0 and out.is_file() else _fail("imports", why(codes[0], logs["warm"]))
+    tools = f"ninja {shutil.which('ninja') or 'not on PATH'}, C++ compiler {shutil.which('c++') or shutil.which('g++')}"
+    rows.append({"check": "cpu side (DeepSpeed shm_comm op)", "ok": codes[1] == 0,
+                 "figures": f"ready in {time.time() - t0:.0f} s" if codes[1] == 0 else f"{why(codes[1], logs['shm_op'])} ({tools})"})
     return rows
 
 
@@ -671,8 +683,12 @@ def piece_model_worker(folder: str, device: str) -> list[dict]:
     return rows
 
 
-def _bench_env(p: Piece) -> dict:
-    return p.env("gpu") if p.cuda else p.env("cpu") | {"OMP_NUM_THREADS": "2"}
+def _bench_env(p: Piece, tf32_off: bool = False) -> dict:
+    """The benchmarks' environment: the plain one on CUDA (as a run has it; the parity piece turns
+    TF32 off too), the CPU one with 2 threads otherwise."""
+    if not p.cuda:
+        return p.env("cpu") | {"OMP_NUM_THREADS": "2"}
+    return p.env("gpu") if tf32_off else {k: v for k, v in p.env("gpu").items() if k != "NVIDIA_TF32_OVERRIDE"}
 
 
 def piece_model(p: Piece) -> list[dict]:
@@ -685,7 +701,7 @@ def piece_model(p: Piece) -> list[dict]:
     out, log = p.work / "model.json", p.work / "model.log"
     code, = run_commands([([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                             __file__, "--piece", "model-worker", "--device", p.device, "--folder", str(folder),
-                            "--out", str(out)], _bench_env(p), log)], p.left())
+                            "--out", str(out)], _bench_env(p, tf32_off=True), log)], p.left())
     if code != 0 or not out.is_file():
         return _fail("parity / sdpa=eager", f"{'timed out' if code is None else f'exit {code}'}: {tail(log)}")
     return json.loads(out.read_text())
@@ -728,7 +744,7 @@ def piece_bench_attention(p: Piece) -> list[dict]:
     return res
 
 
-PIECE_FNS = {"imports": piece_imports, "stage1": lambda p: piece_train(p, 1), "stage2": lambda p: piece_train(p, 2),
+PIECE_FNS = {"imports": piece_imports, "warm": piece_warm, "stage1": lambda p: piece_train(p, 1), "stage2": lambda p: piece_train(p, 2),
              "eval": piece_eval, "export": piece_export, "model": piece_model, "bench_gpu": piece_bench_gpu,
              "bench_attention": piece_bench_attention}
 

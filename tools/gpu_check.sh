@@ -36,7 +36,7 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
-SITE=${TRINITYX_SITE:-/tmp/trinityx-site}
+SITE=${TRINITYX_SITE:-/tmp/trinityx-site/site-packages}  # "site-packages" in the path: dill pickles its modules by reference (datasets hashes with dill)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$wheels" ]; then
   [ -d "$SITE" ] && export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"

@@ -148,3 +148,25 @@ def test_sh_without_cuda_exits_nonzero_with_one_line(extra, tmp_path):
     assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
     assert "sees no CUDA GPU" in lines[0] and "--device cpu" in lines[0]
     assert time.time() - t0 < 60 and not list(tmp_path.iterdir())  # quick, and no JSON or table written
+
+
+@pytest.mark.slow
+def test_equal_pieces_cpu_against_cpu(tmp_path):
+    """`--device cpu --only equal`: the comparisons end to end (trinityx train/eval/export-hf and
+    transformers on the export), the 'GPU' side a second CPU run; about 1.5 minutes on 2 cores."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--device", "cpu", "--only", "equal",
+                           "--json", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=400,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    import json
+
+    report = json.loads(out.read_text())
+    rows = {r["check"]: r for r in report["rows"]}
+    assert list(rows) == ["imports", "cpu side (DeepSpeed shm_comm op)", "stage 1 DPO gpu=cpu",
+                          "stage 2 router gpu=cpu", "eval trinityx gpu=cpu", "export-hf = ours (transformers)"]
+    assert report["ok"] and all(r["ok"] for r in rows.values())
+    for check in ("stage 1 DPO gpu=cpu", "stage 2 router gpu=cpu", "eval trinityx gpu=cpu"):
+        assert rows[check]["figures"].endswith("(bit-identical)")  # the same device, the same bits
+    assert "TrinityXForCausalLM fp32 on cpu: 84 held-out log-likelihoods" in rows["export-hf = ours (transformers)"]["figures"]
+    assert proc.stdout.splitlines()[0].startswith("gpu_check on cpu")
