@@ -170,3 +170,23 @@ def test_equal_pieces_cpu_against_cpu(tmp_path):
         assert rows[check]["figures"].endswith("(bit-identical)")  # the same device, the same bits
     assert "TrinityXForCausalLM fp32 on cpu: 84 held-out log-likelihoods" in rows["export-hf = ours (transformers)"]["figures"]
     assert proc.stdout.splitlines()[0].startswith("gpu_check on cpu")
+
+
+def test_orphans_of_a_finished_piece_are_killed_by_the_driver(tmp_path):
+    """A piece that exits normally but leaves an orphan in a session of its own (a torchrun worker
+    whose agent died): the driver, a subreaper, finds it among its children and kills it."""
+    pidfile = tmp_path / "orphan.pid"
+    piece = ("import subprocess, sys\n"
+             "p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+             f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n")
+    driver = ("import sys, time\n"
+              f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+              "import gpu_check as gc\n"
+              "gc.become_subreaper()\n"
+              f"codes = gc.run_commands([([sys.executable, '-c', {piece!r}], None, {str(tmp_path / 'p.log')!r})], 30)\n"
+              "time.sleep(0.5)\n"
+              "print(codes, gc.kill_leftovers(), gc.kill_leftovers())\n")
+    proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[0] 1 0", proc.stdout + proc.stderr
+    with pytest.raises(psutil.NoSuchProcess):
+        psutil.Process(int(pidfile.read_text()))
