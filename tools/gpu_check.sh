@@ -8,8 +8,10 @@
 # 2. Wheelhouse (--wheelhouse DIR, else .whl/ in the checkout when it exists; made by
 #    tools/wheelhouse.sh): when a module the check needs is missing, its wheels (not trinityx-ds's:
 #    the checkout is what is checked) are installed with no network into $TRINITYX_SITE
-#    [/tmp/trinityx-site], put on PYTHONPATH after the checkout and its bin/ on PATH (ninja).
-#    A site from an earlier call on the same machine is reused.
+#    [/tmp/trinityx-site/site-packages: "site-packages" in the path, or dill, which datasets hashes
+#    with, pickles those modules by value and fails], put on PYTHONPATH after the checkout, its
+#    bin/ on PATH (ninja). A site from an earlier call on the same machine is reused. The first
+#    piece (imports) then imports everything once, so the pieces do not each compile the bytecode.
 # 3. gpu_check.py's gates, one line each and a non-zero exit: modules still missing (all named;
 #    exit 2), torch without CUDA (exit 3) unless --device cpu (the whole check CPU against CPU).
 # 4. The pieces, each with its budget, in sessions of their own; the whole call is capped at
@@ -36,7 +38,7 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
-SITE=${TRINITYX_SITE:-/tmp/trinityx-site/site-packages}  # "site-packages" in the path: dill pickles its modules by reference (datasets hashes with dill)
+SITE=${TRINITYX_SITE:-/tmp/trinityx-site/site-packages}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$wheels" ]; then
   [ -d "$SITE" ] && export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"
