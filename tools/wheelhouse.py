@@ -65,6 +65,8 @@ INSTALL = """\
 Install on the node, with no network (DIR: the wheelhouse, copied to the node):
   python3 -m pip install --no-index --find-links DIR trinityx-ds
 Read-only image (site-packages cannot be written): install beside it and put it on the path
+(SITE's path must contain "site-packages", e.g. /tmp/trinityx/site-packages: dill, which datasets
+hashes with, pickles modules from elsewhere by value, and fails on pyarrow's)
   python3 -m pip install --no-index --no-deps --target SITE DIR/*.whl
   export PYTHONPATH=SITE:$PYTHONPATH PATH=SITE/bin:$PATH"""
 
