@@ -145,7 +145,9 @@ def test_local_rank_is_the_device_index_used(setenv, gpus, monkeypatch, visible,
 
     setenv(SLURM_PROCID=3, SLURM_NTASKS=4, SLURM_LOCALID=local_id, SLURM_JOB_NODELIST="n1", MASTER_ADDR="n1",
            MASTER_PORT=1234)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # absent, and recorded as such (a delenv of an
+        monkeypatch.setenv(name, "")                     # absent name is not), so what init_distributed
+        monkeypatch.delenv(name)                         # exports is undone after the test
     bound = gpus(visible)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
     env_mod.init_distributed()
