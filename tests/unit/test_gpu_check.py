@@ -151,6 +151,10 @@ def test_sh_without_cuda_exits_nonzero_with_one_line(extra, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TRINITYX_SLOW_TOOLS"),
+                    reason="gpu_check --device cpu end to end takes 90 s, the suite's longest test; its "
+                           "comparisons are tested above and its table is in docs/RESULTS.md: "
+                           "TRINITYX_SLOW_TOOLS=1 runs it")
 def test_equal_pieces_cpu_against_cpu(tmp_path):
     """`--device cpu --only equal`: the comparisons end to end (trinityx train/eval/export-hf and
     transformers on the export), the 'GPU' side a second CPU run; about 1.5 minutes on 2 cores."""
