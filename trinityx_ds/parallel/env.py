@@ -32,6 +32,8 @@ CPU_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "PYTHONFAULTHANDLER": "1",
+    # no CUDA here: megatron's advice to set it (for overlapping TP communication on GPUs) is noise
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
 }
 
 
