@@ -29,6 +29,10 @@ def tiny_models(tmp_path_factory):
         # Gemma: GeGLU, (1 + w) norms (folded), sqrt(hidden) embedding scale, head_dim 16 != 48 / 6,
         # tied, 3 KV groups (TP=2 pads one), vocab 1001
         str(make_tiny_model(root / "gemma", **TINY_GEMMA)),
+        # Gemma untied. Both Gemmas' inputs hold the pad id (0): transformers' embedding gives its
+        # row no gradient (padding_idx), megatron's has none; that row is left out of the gradient
+        # check (b86774b compared it, and failed on every Gemma whose inputs held token 0)
+        str(make_tiny_model(root / "gemma_untied", **{**TINY_GEMMA, "tie_word_embeddings": False})),
         # Qwen3: per-head q/k RMSNorm, head_dim 24 != 64 / 6, 3 KV groups, vocab 1003, untied
         str(make_tiny_model(root / "qwen3", **TINY_QWEN3)),
     ]
