@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from route_agreement import TokenLevel, run_heldout  # noqa: E402
 
-from trinityx_ds.eval.heldout import bootstrap  # noqa: E402
+from trinityx_ds.eval.metrics import bootstrap  # noqa: E402
 from trinityx_ds.eval.metrics import mc2_question  # noqa: E402
 from trinityx_ds.eval.suites import mc_answers  # noqa: E402
 

@@ -21,7 +21,7 @@ reference response):
     test_peft_export.py) minus with token-level routing (the TrinityX model as trained), summed
     over items and divided by their tokens; negative = request-level routing is worse.
 
-Each figure with a 95% percentile-bootstrap interval over items (eval/heldout.bootstrap).
+Each figure with a 95% percentile-bootstrap interval over items (eval/metrics.bootstrap).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trinityx_ds.eval.heldout import bootstrap  # noqa: E402
+from trinityx_ds.eval.metrics import bootstrap  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -218,7 +218,7 @@ def test_calibration_intervals_resample_calibration_ece():
     """The bincount ECE of each resample equals calibration.ece on the resampled examples (the
     oracle, 100x slower), and the interval is the benchmark's percentile bootstrap."""
     from trinityx_ds.calibration.metrics import ece
-    from trinityx_ds.eval.heldout import bootstrap
+    from trinityx_ds.eval.metrics import bootstrap
 
     g = torch.Generator().manual_seed(3)
     probs = (torch.randn(97, 3, generator=g) * 2).softmax(-1)

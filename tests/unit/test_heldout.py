@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from trinityx_ds.data.formats import hh_rlhf_pairs
-from trinityx_ds.eval.heldout import (bootstrap, figures, fixture_samples, hh_opening, per_item, side_by_side, significantly_negative,
+from trinityx_ds.eval.metrics import bootstrap
+from trinityx_ds.eval.heldout import (figures, fixture_samples, hh_opening, per_item, side_by_side, significantly_negative,
                                       split_samples)
 
 FIX = Path(__file__).resolve().parents[2] / "trinityx_ds" / "fixtures" / "data"

@@ -143,11 +143,8 @@ def test_room_imports_only_rooms_below_it(src):
     assert not bad, _report(f"{src}/ may import only {', '.join(below) or 'no other room'}; it imports", bad)
 
 
-def test_rooms_form_no_cycle():
-    """The room graph is acyclic (Tarjan's strongly connected components)."""
-    graph: dict[str, set[str]] = defaultdict(set)
-    for a, b in _importing(lambda a, b: room(a) != room(b) and ROOT not in (room(a), room(b))):
-        graph[room(a)].add(room(b))
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one node (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -156,7 +153,7 @@ def test_rooms_form_no_cycle():
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
-        for w in graph[v]:
+        for w in graph.get(v, ()):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -175,5 +172,34 @@ def test_rooms_form_no_cycle():
     for v in sorted(set(graph)):
         if v not in index:
             visit(v)
+    return cycles
+
+
+def test_rooms_form_no_cycle():
+    """The room graph is acyclic."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in _importing(lambda a, b: room(a) != room(b) and ROOT not in (room(a), room(b))):
+        graph[room(a)].add(room(b))
+    cycles = _cycles(graph)
     bad = _importing(lambda a, b: any(room(a) in c and room(b) in c and room(a) != room(b) for c in cycles))
     assert not cycles, _report(f"import cycles among rooms {[sorted(c) for c in cycles]}", bad)
+
+
+def _package_of(module: str) -> str:
+    """A module's own package: where `from . import x` would look (a package __init__ is its own)."""
+    return module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def test_modules_of_a_room_form_no_cycle():
+    """Inside each room the modules import one way too: every import counts (function-local and
+    type-checking ones included), except a package's __init__ re-exporting its own modules. Found
+    by this test on b86774b: eval/heldout <-> eval/suites (bootstrap), convert/formats <->
+    convert/inputs (ExportSource)."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in _importing(lambda a, b: a != b and room(a) == room(b) != ROOT
+                           and not (MODULES[a].name == "__init__.py" and _package_of(b) == a)
+                           and not (MODULES.get(b) and MODULES[b].name == "__init__.py" and _package_of(a) == b)):
+        graph[a].add(b)
+    cycles = _cycles(graph)
+    bad = [(a, b) for a, bs in graph.items() for b in bs if any(a in c and b in c for c in cycles)]
+    assert not cycles, _report(f"import cycles among modules {[sorted(c) for c in cycles]}", bad)

@@ -12,7 +12,7 @@ import torch
 Binning = Literal["width", "mass"]
 
 
-def _as_tables(probs_NC, labels_N) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tables(probs_NC, labels_N) -> tuple[torch.Tensor, torch.Tensor]:
     probs_NC = torch.as_tensor(probs_NC, dtype=torch.float64)
     labels_N = torch.as_tensor(labels_N, dtype=torch.long)
     if probs_NC.ndim != 2 or labels_N.shape != probs_NC.shape[:1] or probs_NC.shape[0] == 0:
@@ -26,7 +26,7 @@ def _as_tables(probs_NC, labels_N) -> tuple[torch.Tensor, torch.Tensor]:
     return probs_NC, labels_N
 
 
-def _bin_ids(conf_N: torch.Tensor, n_bins: int, binning: Binning) -> tuple[torch.Tensor, torch.Tensor]:
+def bin_ids(conf_N: torch.Tensor, n_bins: int, binning: Binning) -> tuple[torch.Tensor, torch.Tensor]:
     """Bin index of each example, and the bins' [lower, upper] edges [B, 2]."""
     if n_bins < 1:
         raise ValueError(f"n_bins={n_bins} must be >= 1")
@@ -52,10 +52,10 @@ def _bin_ids(conf_N: torch.Tensor, n_bins: int, binning: Binning) -> tuple[torch
 
 def reliability_table(probs_NC, labels_N, n_bins: int = 10, binning: Binning = "width") -> list[dict]:
     """Per bin: lower, upper, count, accuracy, confidence (None for an empty bin)."""
-    probs_NC, labels_N = _as_tables(probs_NC, labels_N)
+    probs_NC, labels_N = as_tables(probs_NC, labels_N)
     conf_N, pred_N = probs_NC.max(1)
     correct_N = (pred_N == labels_N).double()
-    ids_N, edges_B2 = _bin_ids(conf_N, n_bins, binning)
+    ids_N, edges_B2 = bin_ids(conf_N, n_bins, binning)
     count_B = torch.bincount(ids_N, minlength=n_bins).double()
     acc_B = torch.bincount(ids_N, correct_N, minlength=n_bins) / count_B.clamp(min=1)
     conf_B = torch.bincount(ids_N, conf_N, minlength=n_bins) / count_B.clamp(min=1)
@@ -81,7 +81,7 @@ def mce(probs_NC, labels_N, n_bins: int = 10, binning: Binning = "width") -> flo
 
 def brier(probs_NC, labels_N) -> float:
     """Multi-class Brier score: mean over examples of sum_c (p_c - y_c)^2 (range 0..2)."""
-    probs_NC, labels_N = _as_tables(probs_NC, labels_N)
+    probs_NC, labels_N = as_tables(probs_NC, labels_N)
     onehot_NC = torch.nn.functional.one_hot(labels_N, probs_NC.shape[1]).double()
     return float(((probs_NC - onehot_NC) ** 2).sum(1).mean())
 
@@ -89,14 +89,14 @@ def brier(probs_NC, labels_N) -> float:
 def nll(probs_NC, labels_N) -> float:
     """Mean -log p(label). A zero probability costs -log(float64 tiny) ~ 708, not inf, so reports
     stay valid JSON."""
-    probs_NC, labels_N = _as_tables(probs_NC, labels_N)
+    probs_NC, labels_N = as_tables(probs_NC, labels_N)
     p_N = probs_NC.gather(1, labels_N[:, None]).squeeze(1)
     return float(-p_N.clamp(min=torch.finfo(torch.float64).tiny).log().mean())
 
 
 def calibration_report(probs_NC, labels_N, n_bins: int = 10) -> dict:
     """All metrics as plain floats (JSON-ready); ECE in both binnings, equal-width table."""
-    probs_NC, labels_N = _as_tables(probs_NC, labels_N)
+    probs_NC, labels_N = as_tables(probs_NC, labels_N)
     return {
         "n": int(labels_N.numel()),
         "accuracy": float((probs_NC.argmax(1) == labels_N).double().mean()),

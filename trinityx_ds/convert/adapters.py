@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from trinityx_ds.model.mocae_spec import EXPERTS, ROUTER, mocae_role
 
 if TYPE_CHECKING:
-    from trinityx_ds.convert.inputs import ExportSource
+    from trinityx_ds.convert.source import ExportSource
 
 ADAPTERS = "adapters"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

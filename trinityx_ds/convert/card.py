@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trinityx_ds.convert.inputs import ExportSource
+    from trinityx_ds.convert.source import ExportSource
 
 
 def _router_summary(s: ExportSource) -> list[str]:

@@ -24,7 +24,8 @@ from trinityx_ds.convert.adapters import ADAPTERS, write_adapters
 from trinityx_ds.convert.backbone_ckpt import copy_tokenizer
 from trinityx_ds.convert.card import model_card
 from trinityx_ds.convert.formats import AUTO_MAP, FORMATS, ExportRefused, _plan
-from trinityx_ds.convert.inputs import ExportSource, open_export_source
+from trinityx_ds.convert.inputs import open_export_source
+from trinityx_ds.convert.source import ExportSource
 from trinityx_ds.storage.atomic import staged_dir
 from trinityx_ds.storage.layout import VALIDATION, CheckpointError
 from trinityx_ds.storage.shards import DEFAULT_SHARD_BYTES, ShardWriter, parse_bytes

@@ -7,7 +7,7 @@
     peft       the plain backbone; its LoRA experts as PEFT adapters and the router beside it
                (convert/adapters.py writes those: the stream here is the backbone alone)
 
-A stream reads one tensor at a time from an `ExportSource` (convert/inputs.py), so the writer
+A stream reads one tensor at a time from an `ExportSource` (convert/source.py), so the writer
 holds one shard in memory. `_plan` also names the MoCaE tensors the stream must consume: the
 export fails rather than silently leave one out. transformers is imported inside the functions
 that need it: `trinityx` commands that never export should not pay for it.
@@ -21,7 +21,7 @@ import torch
 from trinityx_ds.model.mocae_spec import expert_tensors
 
 if TYPE_CHECKING:
-    from trinityx_ds.convert.inputs import ExportSource
+    from trinityx_ds.convert.source import ExportSource
 
 FORMATS = ("trinityx", "dense", "mixtral", "peft")
 # the remote code an exported TrinityX folder ships (export.MODEL_FILES), for AutoConfig / AutoModel

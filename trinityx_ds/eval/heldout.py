@@ -239,15 +239,6 @@ def launch(opts: dict, nproc: int, timeout: float = 6 * 3600, cpu_fallback: bool
 
 # ---------------------------------------------------------------- figures with bootstrap intervals
 
-def bootstrap(stat, n: int, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of stat(index array) over `resamples` resamples of n items."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    draws = np.sort([stat(rng.integers(0, n, n)) for _ in range(resamples)])
-    return float(draws[int(0.025 * resamples)]), float(draws[int(0.975 * resamples) - 1])
-
-
 def per_item(result: dict, base: dict) -> dict:
     """Each column's per-item values for one variant's result (`base`: the reference variant's)."""
     import numpy as np
@@ -269,6 +260,8 @@ def per_item(result: dict, base: dict) -> dict:
 def figures(results: dict[str, dict], baseline: str = "backbone", resamples: int = 2000) -> dict:
     """{variant: {"n": {column: items}, "rows": {column: {value, ci[, diff, diff_ci]}}, "routing"}}:
     each figure with its interval; every variant but `baseline` also with its paired difference."""
+    from trinityx_ds.eval.metrics import bootstrap
+
     base_items = per_item(results[baseline], results[baseline])
     table = {}
     for v, res in results.items():

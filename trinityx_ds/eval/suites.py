@@ -155,7 +155,7 @@ def routing_report(lm, stats: list[dict], labels: list[int], val: list[bool], ou
 
 def calibration_intervals(probs_NC, labels_N, resamples: int = 2000, seed: int = 0, n_bins: int = 10) -> dict:
     """{"accuracy": [lo, hi], "ece": [lo, hi]}: 95% percentile-bootstrap intervals over the examples
-    (eval/heldout.bootstrap, the same resampling as the benchmark's other figures). ECE is a biased
+    (eval/metrics.bootstrap, the same resampling as the benchmark's other figures). ECE is a biased
     estimator, and its bootstrap says how far it moves with the sample, not where the true ECE is.
 
     An example keeps its equal-width bin in every resample (the bin depends on its confidence
@@ -163,14 +163,14 @@ def calibration_intervals(probs_NC, labels_N, resamples: int = 2000, seed: int =
     as bincounts, 2000 times in well under a second."""
     import numpy as np
 
-    from trinityx_ds.calibration.metrics import _as_tables, _bin_ids
-    from trinityx_ds.eval.heldout import bootstrap
+    from trinityx_ds.calibration.metrics import as_tables, bin_ids
+    from trinityx_ds.eval.metrics import bootstrap
 
-    probs_NC, labels_N = _as_tables(probs_NC, labels_N)
+    probs_NC, labels_N = as_tables(probs_NC, labels_N)
     conf_N, pred_N = probs_NC.max(1)
     correct_N = (pred_N == labels_N).double().numpy()
     gap_N = correct_N - conf_N.numpy()
-    bin_N = _bin_ids(conf_N, n_bins, "width")[0].numpy()
+    bin_N = bin_ids(conf_N, n_bins, "width")[0].numpy()
 
     def ece_of(i):
         return float(np.abs(np.bincount(bin_N[i], gap_N[i], minlength=n_bins)).sum() / len(i))
