@@ -79,7 +79,7 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) 
     # transformers builds the input embedding with padding_idx = pad_token_id (Gemma's config says
     # 0), and torch's embedding gives that row no gradient from the input; megatron's embedding has
     # no padding row. So that row is left out of the comparison: the other rows must agree.
-    keep = torch.ones(hi - lo, dtype=torch.bool)
+    keep = torch.ones(hi - lo, dtype=torch.bool, device=emb_grad.device)
     padding_idx = ref.get_input_embeddings().padding_idx
     if padding_idx is not None and lo <= padding_idx < hi:
         keep[padding_idx - lo] = False

@@ -16,7 +16,7 @@ are moved to CPU by the sender (train/gather.py), so rank 0 never unpickles a pe
 
 Tests run the whole suite on CPU. `placed_on(torch.device("meta"))` makes `rank_device()` answer
 a device that is not the host's, so a CPU tensor meeting the model's tensors raises there as it
-would on a GPU (tests/unit/test_devices.py).
+would on a GPU (tests/devices.py, tests/distributed/test_devices.py).
 """
 from __future__ import annotations
 
@@ -29,20 +29,15 @@ _bound: int | None = None  # the CUDA device index this process bound
 _placed: torch.device | None = None  # tests: the device rank_device() answers instead
 
 
-def cuda_device_index(local_rank: int) -> int:
-    """The GPU of local rank `local_rank`: its index among the GPUs this process sees. Where a
-    launcher shows each task only its own GPU (srun --gpus-per-task, per-task
-    CUDA_VISIBLE_DEVICES), that is 0 for every task."""
-    return local_rank % torch.cuda.device_count()
-
-
 def bind(local_rank: int) -> torch.device:
-    """Binds this process to its device (once; later calls return the bound one)."""
+    """Binds this process to its device (once; later calls return the bound one): the GPU of local
+    rank `local_rank` among the GPUs this process sees. Where a launcher shows each task only its
+    own GPU (srun --gpus-per-task, per-task CUDA_VISIBLE_DEVICES), that is index 0 for every task."""
     global _bound
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if _bound is None:
-        _bound = cuda_device_index(local_rank)
+        _bound = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(_bound)
     return torch.device("cuda", _bound)
 
@@ -71,11 +66,3 @@ def placed_on(device: torch.device | str) -> Iterator[torch.device]:
         yield _placed
     finally:
         _placed = before
-
-
-def cpu_fp16_supported() -> bool:
-    """Whether this CPU computes fp16 natively, as DeepSpeed's CPU accelerator asks it (its engine
-    refuses fp16 where this is False: AMD EPYC with AVX-512 and bf16 has no fp16 units)."""
-    from trinityx_ds.parallel.torch_compat import mkldnn_fp16_supported
-
-    return mkldnn_fp16_supported()

@@ -137,9 +137,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     may call torch.distributed.init_process_group("gloo") themselves.
     """
     import deepspeed
-    import torch
 
-    from trinityx_ds.parallel.device import bind, cuda_device_index
+    from trinityx_ds.parallel.device import bind
 
     denv = dist_env()
     os.environ.update(
@@ -148,11 +147,11 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         MASTER_ADDR=denv.master_addr,
         MASTER_PORT=str(denv.master_port),
     )
+    device = bind(denv.local_rank)  # one GPU per local rank, before NCCL picks cuda:0 for everyone
     # LOCAL_RANK is the device index this rank uses: DeepSpeed's engine binds cuda:LOCAL_RANK
     # itself, which must be ours also where each srun task sees only its own GPU (index 0)
-    cuda = torch.cuda.is_available()
-    os.environ["LOCAL_RANK"] = str(cuda_device_index(denv.local_rank) if cuda else denv.local_rank)
-    bind(denv.local_rank)  # one GPU per local rank, before NCCL picks cuda:0 for everyone
+    cuda = device.type == "cuda"
+    os.environ["LOCAL_RANK"] = str(device.index if cuda else denv.local_rank)
     backend = backend or ("nccl" if cuda else "gloo")
     deepspeed.init_distributed(dist_backend=backend)
     return denv

@@ -76,9 +76,9 @@ def device_problems(cfg) -> list[str]:
     refuse in a traceback per rank ("Type fp16 is not supported on your device")."""
     import torch
 
-    from trinityx_ds.parallel.device import cpu_fp16_supported
+    from trinityx_ds.parallel import torch_compat
 
-    if cfg.model.dtype == "fp16" and not torch.cuda.is_available() and not cpu_fp16_supported():
+    if cfg.model.dtype == "fp16" and not torch.cuda.is_available() and not torch_compat.mkldnn_fp16_supported():
         return ["model.dtype: 'fp16' — this CPU has no fp16 units (torch.ops.mkldnn._is_mkldnn_fp16_supported() "
                 "is False) and DeepSpeed's CPU engine refuses fp16 here; use bf16 or fp32, or train on GPUs"]
     return []
