@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trinityx_ds.launch.local import cpu_env, launch_torchrun
+from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -162,7 +162,7 @@ def main() -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print("BENCH " + json.dumps(row))
         return 0
-    from trinityx_ds.launch.local import cpu_env
+    from trinityx_ds.launch.torchrun import cpu_env
 
     seqs = [int(s) for s in args.seqs.split(",")]
     env = cpu_env({"OMP_NUM_THREADS": str(args.threads)}) if args.device == "cpu" else dict(os.environ)

@@ -151,7 +151,7 @@ def main() -> int:
     keys = [k for k in VARIANTS if k in args.variants]
     if not keys or set(args.variants) - set(VARIANTS):
         ap.error(f"--variants {args.variants!r}: letters among {''.join(VARIANTS)}")
-    from trinityx_ds.launch.local import cpu_env
+    from trinityx_ds.launch.torchrun import cpu_env
 
     env = cpu_env({"OMP_NUM_THREADS": "2"}) if args.device == "cpu" else None
     rows = {}

@@ -85,7 +85,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.model, args.batch, args.seq, args.iters)))
         return
-    from trinityx_ds.launch.local import cpu_env
+    from trinityx_ds.launch.torchrun import cpu_env
 
     runs: dict[str, list[dict]] = {key: [] for key in VARIANTS}
     # glibc returns every large freed tensor to the OS and faults it back in on the next forward,

@@ -389,7 +389,7 @@ class Piece:
     def env(self, side: str) -> dict:
         """`cpu`: the package's CPU environment; `gpu`: the plain one with TF32 off (`cpu` again
         with --device cpu)."""
-        from trinityx_ds.parallel.env import cpu_env
+        from trinityx_ds.launch.torchrun import cpu_env
 
         base = {**os.environ, **OFFLINE}
         if side == "gpu" and self.cuda:

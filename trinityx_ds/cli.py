@@ -59,7 +59,7 @@ def _train(args) -> int:
     from trinityx_ds.train.preflight import problems, report
 
     if args.nproc:  # a laptop: become N local processes under torchrun
-        from trinityx_ds.launch.local import relaunch
+        from trinityx_ds.launch.torchrun import relaunch
 
         argv = ["-m", "trinityx_ds.cli", "train", args.stage, "--config", args.config]
         argv += ["--only", args.only] if args.only else []
@@ -99,7 +99,7 @@ def _lm_eval(argv: list[str]) -> int:
             raise ValueError("--nproc: a number of processes")
         nproc, argv = int(argv[1]), argv[2:]
     if nproc:
-        from trinityx_ds.parallel.env import relaunch
+        from trinityx_ds.launch.torchrun import relaunch
 
         return relaunch(["-m", "trinityx_ds.eval.harness", *argv], nproc)
     try:

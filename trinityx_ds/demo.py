@@ -79,7 +79,7 @@ def write_run_config(out: Path, checkpoint: Path, tp: int, steps: int | None,
 
 def _train(config: Path, stage: str, nproc: int) -> None:
     """`trinityx train <stage>` in `nproc` local processes (run_demo has validated `config` for them)."""
-    from trinityx_ds.launch.local import relaunch
+    from trinityx_ds.launch.torchrun import relaunch
 
     if relaunch(["-m", "trinityx_ds.cli", "train", stage, "--config", str(config)], nproc, tp=nproc,
                 cpu_fallback=True) != 0:

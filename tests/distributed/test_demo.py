@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.dist import ROOT
-from trinityx_ds.launch.local import cpu_env
+from trinityx_ds.launch.torchrun import cpu_env
 
 pytestmark = pytest.mark.distributed
 

@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from tests.dist import ROOT
-from trinityx_ds.launch.local import cpu_env, launch_torchrun
+from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
 
 pytestmark = pytest.mark.distributed
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.dist import ROOT
 from tests.train_setup import write_config
-from trinityx_ds.launch.local import cpu_env
+from trinityx_ds.launch.torchrun import cpu_env
 from trinityx_ds.storage.layout import CheckpointDir
 
 pytestmark = pytest.mark.distributed

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.dist import ROOT
 from tests.train_setup import metrics, write_config, write_random_experts
-from trinityx_ds.launch.local import cpu_env, launch_torchrun
+from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
 from trinityx_ds.storage.layout import CheckpointDir
 from trinityx_ds.train.lock import RunLock
 

@@ -119,7 +119,7 @@ def test_local_job_refuses_two_ranks_on_one_gpu(gpus, capsys):
     """GPU_READINESS finding 8: `--nproc 2` on a one-GPU box put both ranks on cuda:0 (NCCL:
     duplicate GPU). Refused in one line; the demo falls back to the CPU with a notice; one rank
     per GPU runs with the GPUs, and at TP > 1 with CUDA_DEVICE_MAX_CONNECTIONS=1 (finding 18)."""
-    from trinityx_ds.parallel.env import CPU_ENV, LaunchError, local_job_env
+    from trinityx_ds.launch.torchrun import CPU_ENV, LaunchError, local_job_env
 
     gpus(1)
     with pytest.raises(LaunchError, match=r"^--nproc 2: this machine shows 1 GPU\(s\) and each process needs its own"):

@@ -4,8 +4,8 @@ Every `import x` and `from x import y` of every module of trinityx_ds counts, at
 inside a function, relative imports resolved; `from pkg import name` means the module pkg.name
 when there is one. The rooms (trinityx_ds.<room>) form layers, lowest first:
 
-    storage, errors < config < parallel < model, data, calibration < plan < train < convert, eval
-    < launch < demo < cli
+    storage, errors < config < parallel < model, data, calibration, launch < plan < train
+    < convert, eval < demo < cli
 
 A room imports only rooms strictly below it (rooms of one level not each other); eval does not
 import train either; nothing imports trinityx_ds.cli; the package's own __init__ imports only
@@ -28,11 +28,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("storage", "errors"),  # pathlib and json / nothing of the package
     ("config",),
     ("parallel",),
-    ("model", "data", "calibration"),
+    ("model", "data", "calibration", "launch"),  # launch: starting processes (local, Slurm)
     ("plan",),
     ("train",),
     ("convert", "eval"),
-    ("launch",),
     ("demo",),
     ("cli",),
 ]

@@ -229,7 +229,7 @@ def _hh_pairs(path: str):
 
 def launch(opts: dict, nproc: int, timeout: float = 6 * 3600, cpu_fallback: bool = False) -> int:
     """`evaluate(opts)` in `nproc` local processes (torchrun); their output on this terminal."""
-    from trinityx_ds.parallel.env import launch_torchrun, local_job_env
+    from trinityx_ds.launch.torchrun import launch_torchrun, local_job_env
 
     env = local_job_env(nproc, opts.get("tp") or 1, cpu_fallback)
     proc = launch_torchrun(["-m", "trinityx_ds.eval.heldout", "--worker", json.dumps(opts)], nproc, timeout,

@@ -114,7 +114,7 @@ def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
     A model it cannot check is refused here, in one line, before torchrun starts."""
     from trinityx_ds.model.weights import check_model_folders
 
-    from trinityx_ds.parallel.env import cpu_env, launch_torchrun
+    from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
 
     check_model_folders(models, tp, SEQ_LEN, key="parity sequence length")
     with tempfile.TemporaryDirectory() as tmp:

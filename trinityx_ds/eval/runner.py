@@ -180,7 +180,7 @@ def cmd_eval(args) -> int:
         return 0
     _check(args)
     if args.nproc:
-        from trinityx_ds.parallel.env import relaunch  # launch.local's: eval sits below launch/
+        from trinityx_ds.launch.torchrun import relaunch
 
         opts = {k: v for k, v in vars(args).items() if k not in ("fn", "nproc")}
         return relaunch(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc,

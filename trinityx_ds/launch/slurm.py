@@ -119,7 +119,7 @@ def render_text(text: str, values: dict[str, str]) -> str:
 
 
 def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log_dir: Path) -> dict[str, str]:
-    from trinityx_ds.launch.local import CPU_ENV
+    from trinityx_ds.launch.torchrun import CPU_ENV
 
     run_dir = Path(run_cfg.output.dir).resolve()
     gpus = str(slurm.gpus_per_node) if slurm.gpus_per_node else ""
