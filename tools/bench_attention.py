@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 SMOLLM2_4L = dict(model_type="llama", hidden_act="silu", hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
                   num_attention_heads=9, num_key_value_heads=3, vocab_size=1024, max_position_embeddings=8192,
                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)

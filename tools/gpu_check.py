@@ -84,9 +84,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: gpu_check.sh puts it on PYTHONPATH
 
 # what any piece imports (the gate names every one missing; hjson, pydantic and psutil: DeepSpeed's)
 REQUIRED = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "safetensors", "hjson",
@@ -145,40 +143,12 @@ def become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL process `pid`, its process group and every descendant, wherever their sessions are
-    (torchrun starts each worker in a session of its own, so the group alone would miss them).
-    The tree is frozen first (SIGSTOP, twice: what was forked meanwhile too), so nothing forks
-    between the listing and the kill."""
-    import psutil
-
-    procs: dict[int, psutil.Process] = {}
-    for _ in range(2):
-        try:
-            root = psutil.Process(pid)
-            found = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            found = [p for q in procs.values() for p in _children(q)]
-        for p in found:
-            if p.pid not in procs:
-                procs[p.pid] = p
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(signal.SIGSTOP)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    for p in procs.values():
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    for p in procs.values():  # reap what became ours (subreaper); `pid` is its Popen's to wait for
-        if p.pid != pid:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(p.pid, os.WNOHANG)
-
-
 def kill_leftovers() -> int:
     """Kills every process still descending from this one (the driver, between pieces: a torchrun
     worker orphaned by its agent was handed to it, the subreaper); returns how many there were."""
     import psutil
+
+    from trinityx_ds.launch.torchrun import kill_tree
 
     count = 0
     for c in psutil.Process().children():
@@ -194,20 +164,13 @@ def kill_leftovers() -> int:
     return count
 
 
-def _children(p) -> list:
-    import psutil
-
-    try:
-        return p.children(recursive=True)
-    except psutil.Error:
-        return []
-
-
 def run_commands(cmds: list[tuple[list[str], dict | None, Path]], timeout: float, cwd=ROOT) -> list[int | None]:
     """Runs every (argv, env, log file) at once, each in a session of its own, output to its log;
     returns their exit codes, None for one still running after `timeout` s (its whole tree killed).
     Ctrl-C or SIGTERM here kills every tree too. After each one ends its process group is killed,
     so nothing it started outlives it in its session."""
+    from trinityx_ds.launch.torchrun import kill_tree  # the stack is installed by now (the gates passed)
+
     deadline = time.time() + timeout
     procs = []
     try:
@@ -435,8 +398,8 @@ def _metrics(path: Path) -> list[dict]:
 def setup_equal(work: Path) -> None:
     """One tiny model; per side a run config (the same but for output.dir) and random help and
     honest experts (stage 1 trains harm)."""
-    from tests.train_setup import write_config, write_random_experts
     from trinityx_ds.model.tiny import make_tiny_model
+    from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
     model = make_tiny_model(work / "model")
     for side in SIDES:
@@ -638,11 +601,11 @@ def piece_model_worker(folder: str, device: str) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.mocae_weights import mocae_source
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.backbone import build_backbone
     from trinityx_ds.model.build import build_model
     from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_router_loss_scale, set_routing_context
+    from trinityx_ds.model.tiny import mocae_source
     from trinityx_ds.model.weights import load_weights, open_source
     from trinityx_ds.parallel.groups import init_parallel
 

@@ -23,7 +23,7 @@ and the experts are scored on the dev files, with paired intervals against the f
 Caveat, printed with the table: the experts trained on the full training side, dev rows included,
 so dev figures of anything that applies an expert are optimistic; the comparison between routers
 over the same experts is what the table is for.
-    python tools/hhh_dev.py --choose router [--experts runs/hhh_efficacy/run/stage1]
+    python tools/hhh_dev.py --choose router [--experts runs/hhh_efficacy/run]
         [--router-candidates example:response token:response token:all token:all::4,1,1]
 A fourth field sets the router's importance weights (log-priors, per expert) written into a copy of
 the trained router (calibration/fit.py's write_importance), as T is fitted after training.
@@ -31,73 +31,30 @@ the trained router (calibration/fit.py's write_importance), as T is fitted after
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hhh_efficacy as eff  # noqa: E402  (the same split and run config)
+from trinityx_ds.calibration.fit import write_importance
+from trinityx_ds.experiments import efficacy as eff  # the same split and run config
+from trinityx_ds.experiments.dev import COLUMNS, ROUTER_COLUMNS, dev_cut, length_contest, training_side
+from trinityx_ds.experiments.heldout import figures, launch, result_file
+from trinityx_ds.experiments.samples import split_samples
+from trinityx_ds.storage.layout import RunLayout
 
-from trinityx_ds.calibration.fit import write_importance  # noqa: E402
-from trinityx_ds.eval.heldout import (  # noqa: E402
-    SAMPLE_FILES, figures, hh_opening, launch, result_file, split_samples, take_groups)
-
-COLUMNS = ["harmless acc", "harmless acc (len-norm)", "harmless acc (vs backbone)", "harmless margin"]
-
-
-def dev_cut(train: Path, out: Path, n: int, seed: int, exclude: frozenset) -> tuple[Path, Path]:
-    """(fit, dev) files: whole openings of the HH-RLHF training file, at least n rows on the dev side;
-    `exclude`: openings other training data holds (BeaverTails' prompts), kept on the fit side."""
-    lines = [line for line in train.read_text().splitlines(keepends=True) if line.strip()]
-    keys = [hh_opening(line) for line in lines]
-    held = take_groups(keys, n, seed, exclude=exclude)
-    fit, dev = out / "harmless_fit.jsonl", out / "harmless_dev.jsonl"
-    fit.write_text("".join(line for line, k in zip(lines, keys) if k not in held))
-    dev.write_text("".join(line for line, k in zip(lines, keys) if k in held))
-    return fit, dev
-
-
-def length_contest(result: dict) -> str:
-    """How much of the raw accuracy is response length: the correlation of the backbone's raw margin
-    log p(c) - log p(r) with the length difference (rejected - chosen tokens), and the share of pairs
-    ranked wrong by less than 10 nats (what an expert could flip without rewriting the model)."""
-    import numpy as np
-
-    margin = np.array([x["c"] - x["r"] for x in result["hh_items"]])
-    tokens = np.array(result["hh_tokens"], float)
-    r = float(np.corrcoef(margin, tokens[:, 1] - tokens[:, 0])[0, 1])
-    near = float(((margin < 0) & (margin > -10)).mean())
-    return (f"Backbone on these pairs: raw margin vs (rejected - chosen) length in tokens, Pearson r = {r:.3f}; "
-            f"pairs ranked wrong by less than 10 nats: {near:.3f}; median |margin| {np.median(np.abs(margin)):.1f} nats.")
-
-
-def training_side(split: dict[str, Path], root: Path) -> Path:
-    """A samples folder laid out as ../shared/data (SAMPLE_FILES) holding only the efficacy run's
-    training files, so the dev cut is made by the very code that made the efficacy split."""
-    for part, key in (("truthfulqa", "tqa_train"), ("alpaca", "alpaca_train")):
-        (root / SAMPLE_FILES[part]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(split[key], root / SAMPLE_FILES[part])
-    (root / SAMPLE_FILES["hh"]).parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(root / SAMPLE_FILES["hh"], "wt", encoding="utf-8") as f:
-        f.write(Path(split["hh_train"]).read_text(encoding="utf-8"))
-    return root
-
-
-ROUTER_COLUMNS = ["MC1", "MC2", "harmless acc", "help ll/token"]
-
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[str, Path]) -> str:
     """Train one router per candidate "level:tokens[:steps[:importance]]" on the fit side, score on dev
     (module doc)."""
     from trinityx_ds.cli import main as trinityx
 
-    experts = Path(args.experts).resolve()
-    missing = [e for e in ("help", "harm", "honest") if not (experts / e / "expert.safetensors").is_file()]
+    experts = RunLayout(Path(args.experts).resolve())
+    missing = [e for e in ("help", "harm", "honest") if not experts.expert_file(e).is_file()]
     if missing:
-        sys.exit(f"{experts}: no {missing[0]}/expert.safetensors (run tools/hhh_efficacy.py first, or pass --experts)")
+        sys.exit(f"{experts.expert_file(missing[0])}: missing (run tools/hhh_efficacy.py first, or pass --experts)")
     root = training_side(split, out / "data" / "training_side")
     # the fit side trains the router (tqa_train, ...); the dev side (tqa_eval, ...) is its data.heldout
     dev = split_samples(root, out / "data" / "router_dev", args.dev_tqa, args.dev_hh, args.dev_help, args.seed + 2,
@@ -112,31 +69,32 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
         trained_cand = ":".join(x for x in parts[:3] if x)
         trained = out / "router" / trained_cand.replace(":", "_") if importance else None
         cdir = out / "router" / cand.replace(":", "_").replace(",", "-")
-        if trained is not None and not (cdir / "run" / "stage2" / "router.safetensors").is_file():
-            if not (trained / "run" / "stage2" / "router.safetensors").is_file():
+        run = RunLayout(cdir / "run")
+        if trained is not None and not run.router_file.is_file():
+            if not RunLayout(trained / "run").router_file.is_file():
                 sys.exit(f"{cand}: train {trained_cand} first (list it before {cand})")
             shutil.copytree(trained / "run", cdir / "run", dirs_exist_ok=True)
-            write_importance(cdir / "run" / "stage2" / "router.safetensors", importance)
+            write_importance(run.router_file, importance)
         for e in ("help", "harm", "honest"):
-            (cdir / "run" / "stage1" / e).mkdir(parents=True, exist_ok=True)
-            if not (cdir / "run" / "stage1" / e / "expert.safetensors").is_file():
-                shutil.copy(experts / e / "expert.safetensors", cdir / "run" / "stage1" / e / "expert.safetensors")
+            if not run.expert_file(e).is_file():
+                run.expert_file(e).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(experts.expert_file(e), run.expert_file(e))
         config = eff.write_config(cdir, hf_dir, data, dev, base)
-        if not (cdir / "run" / "stage2" / "router.safetensors").is_file():
-            eff._step(f"train router ({cand})", lambda: trinityx(
+        if not run.router_file.is_file():
+            eff.step(f"train router ({cand})", lambda: trinityx(
                 ["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
-        reports[cand] = json.loads((cdir / "run" / "stage2" / "validation.json").read_text())
+        reports[cand] = json.loads(run.validation_file.read_text())
         opts = {"out": str(cdir / "eval"), "run": str(cdir / "run"), "tp": 1, "max_seq_len": base.max_seq_len,
                 "batch": base.batch, "tqa": str(dev["tqa_eval"]), "hh": str(dev["hh_eval"]),
                 "alpaca": str(dev["alpaca_eval"]), "variants": ["trinityx"]}
         if not result_file(cdir / "eval", "trinityx").is_file():
-            eff._step(f"score {cand} on the dev files", lambda: launch(opts, args.nproc))
+            eff.step(f"score {cand} on the dev files", lambda: launch(opts, args.nproc))
         results[cand] = json.loads(result_file(cdir / "eval", "trinityx").read_text())
         eval_run = eval_run or opts
     # the experts alone on the same dev files (once: they do not depend on the router)
     opts = {**eval_run, "out": str(out / "router" / "experts_eval"), "variants": eff.EXPERTS}
     if any(not result_file(Path(opts["out"]), v).is_file() for v in eff.EXPERTS):
-        eff._step("score the experts on the dev files", lambda: launch(opts, args.nproc))
+        eff.step("score the experts on the dev files", lambda: launch(opts, args.nproc))
     for v in eff.EXPERTS:
         results[v] = json.loads(result_file(Path(opts["out"]), v).read_text())
     first = args.router_candidates[0]
@@ -144,7 +102,7 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
     n = table[first]["n"]
     lines = [f"Router candidates trained on the fit side, scored on a dev cut of the efficacy run's training "
              f"side ({n['MC1']} TruthfulQA questions, {n['harmless acc']} HH-RLHF pairs, {n['help ll/token']} "
-             f"Alpaca responses; stage-2 validation on the same dev prompts). Experts: {experts} (trained on the "
+             f"Alpaca responses; stage-2 validation on the same dev prompts). Experts: {args.experts} (trained on the "
              "whole training side, dev rows included: dev figures of anything that applies an expert are "
              f"optimistic). Paired differences against {first} [95%].", "",
              "| candidate | routing acc help / harm / honest | top-1 token share help / harm / honest | ECE | "
@@ -170,7 +128,7 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/hhh_dev")
-    p.add_argument("--data", default=str(eff.ROOT.parent / "shared" / "data"))
+    p.add_argument("--data", default=str(DATA))
     p.add_argument("--candidates", nargs="+", default=["dpo", "cpo:0", "cpo:1"],
                    help="objective[:cpo_alpha] each [dpo cpo:0 cpo:1]")
     p.add_argument("--steps", type=int, default=30, help="DPO's steps; reference-free ones get --time-ratio x [30]")
@@ -178,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="DPO step time / reference-free step time [1.6: 10.9 s / 6.5 s, the 12-07 run's harm steps]")
     p.add_argument("--dev", type=int, default=250, help="HH-RLHF training rows cut off as dev, at least [250]")
     p.add_argument("--choose", default="harm", choices=["harm", "router"], help="what to choose [harm]")
-    p.add_argument("--experts", default="runs/hhh_efficacy/run/stage1",
-                   help="--choose router: the efficacy run's stage-1 folder, whose experts every candidate uses")
+    p.add_argument("--experts", default="runs/hhh_efficacy/run",
+                   help="--choose router: the efficacy run, whose stage-1 experts every candidate uses")
     p.add_argument("--router-candidates", nargs="+", default=["example:response", "token:response", "token:all"],
                    help="router.losses task_level:task_tokens[:stage-2 steps[:importance g,g,g written after "
                         "training]] each; the first is the reference of the paired differences "
@@ -214,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         cdir = out / cand.replace(":", "_")
         cdir.mkdir(parents=True, exist_ok=True)
         config = eff.write_config(cdir, hf_dir, data, split, base)
-        if not (cdir / "run" / "stage1" / "harm" / "expert.safetensors").is_file():
-            eff._step(f"train harm ({cand}, {steps} steps)", lambda: trinityx(
+        if not RunLayout(cdir / "run").expert_file("harm").is_file():
+            eff.step(f"train harm ({cand}, {steps} steps)", lambda: trinityx(
                 ["train", "experts", "--config", str(config), "--only", "harm", "--nproc", str(args.nproc)]))
         variants = ["backbone", "expert:harm"] if not results else ["expert:harm"]
         opts = {"out": str(cdir / "eval"), "run": str(cdir / "run"), "tp": 1, "max_seq_len": base.max_seq_len,
                 "batch": base.batch, "tqa": None, "hh": str(dev), "alpaca": None, "variants": variants}
         if any(not result_file(cdir / "eval", v).is_file() for v in variants):
-            eff._step(f"score {cand} on the dev pairs", lambda: launch(opts, args.nproc))
+            eff.step(f"score {cand} on the dev pairs", lambda: launch(opts, args.nproc))
         if not results:
             results["backbone"] = json.loads(result_file(cdir / "eval", "backbone").read_text())
         results[f"{cand} ({steps} steps)"] = json.loads(result_file(cdir / "eval", "expert:harm").read_text())

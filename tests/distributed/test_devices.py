@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_setup import write_config, write_random_experts
+from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).parent / "workers" / "device_worker.py"

@@ -10,9 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.dist import run_dist
-from tests.train_setup import write_config, write_random_experts
 from trinityx_ds.calibration.fit import read_temperatures, write_temperatures
 from trinityx_ds.eval.runner import main as eval_main
+from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
 WORKERS = Path(__file__).parent / "workers"
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests.dist import run_dist
-from tests.train_setup import FIXTURES, write_config, write_random_experts
 from trinityx_ds.model.tiny import make_tiny_model
+from trinityx_ds.train.tiny_run import FIXTURES, write_config, write_random_experts
 
 WORKER = Path(__file__).parent / "workers" / "eval_prefix_worker.py"
 VARIANTS = ["backbone", "expert:help", "uniform", "h3fusion", "trinityx"]

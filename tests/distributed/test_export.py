@@ -13,8 +13,8 @@ import torch
 from tests import dist
 from tests.dist import ROOT
 from trinityx_ds.convert.export import export_hf
-from trinityx_ds.storage.sources import SafetensorsSource
 from trinityx_ds.model.tiny import make_tiny_model
+from trinityx_ds.storage.sources import SafetensorsSource
 
 WORKER = Path(__file__).parent / "workers" / "export_worker.py"
 pytestmark = pytest.mark.distributed
@@ -71,7 +71,7 @@ def test_lora_tp2_export_and_dense(run_dist, tiny, tmp_path):
 
 def test_trained_run_export_end_to_end(run_dist, tiny, tmp_path):
     """`trinityx train router` (ZeRO-3, 2 processes) on the tiny recipe, exported from its output dir."""
-    from tests.train_setup import write_config, write_random_experts
+    from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
     cfg = write_config(tmp_path / "train", Path(tiny), **{"router": {"top_k": 2, "normalize_output": True},
                                                           "train.stage2": {"steps": 3, "micro_batch": 2}})
@@ -89,7 +89,7 @@ def _train_stage2(root: Path, tiny: str, steps: int) -> Path:
     """Stage 2 at TP=2 x EP=2 (4 processes, DP=2), ZeRO-3, four `full` experts trained with the
     router (SGD), a checkpoint every 2 steps; writes reference.pt from the live training model.
     warmup_steps 1 makes the first two steps' learning rates independent of `steps`."""
-    from tests.train_setup import FOUR_FULL_EXPERTS, write_config, write_random_experts
+    from trinityx_ds.train.tiny_run import FOUR_FULL_EXPERTS, write_config, write_random_experts
 
     cfg = write_config(root, Path(tiny), **FOUR_FULL_EXPERTS, **{
         "parallel": {"tp": 2, "ep": 2, "zero_stage": 3}, "router": {"top_k": 1, "normalize_output": True},
@@ -145,7 +145,7 @@ def test_stage1_tp2_checkpoint_exports_its_expert(tiny, tmp_path):
     as the one-expert model stage 1 trains, holding the expert stage 1 wrote, bit for bit."""
     from safetensors.torch import load_file
 
-    from tests.train_setup import write_config
+    from trinityx_ds.train.tiny_run import write_config
 
     cfg = write_config(tmp_path / "s1", Path(tiny), **{"parallel": {"tp": 2, "zero_stage": 1},
                                                       "train.stage1": {"steps": 2, "micro_batch": 2}})

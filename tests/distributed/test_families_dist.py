@@ -22,7 +22,7 @@ def test_gemma_tp2_stage1_stage2_export_reproduced_by_transformers(run_dist, tmp
     top-1 router over them; the live stage-2 model's logits are the reference. The export loaded
     with AutoModelForCausalLM (registered, then trust_remote_code without trinityx_ds) matches it
     for top-1, dense (every expert) and forced routing; the dense export is a plain Gemma."""
-    from tests.train_setup import write_config
+    from trinityx_ds.train.tiny_run import write_config
 
     model = make_tiny_model(tmp_path / "gemma", **TINY_GEMMA)
     cfg = write_config(tmp_path / "train", model, **{

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tests.dist import run_dist
-from tests.train_setup import write_config, write_random_experts
 from trinityx_ds.cli import main
 from trinityx_ds.convert.export import export_hf
 from trinityx_ds.model.tiny import make_tiny_model
+from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
 WORKERS = Path(__file__).parent / "workers"
 pytestmark = pytest.mark.distributed

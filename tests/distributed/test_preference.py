@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_setup import metrics, write_config
+from tests.train_setup import metrics
+from trinityx_ds.train.tiny_run import write_config
 
 WORKER = Path(__file__).parent / "workers" / "pref_worker.py"
 pytestmark = pytest.mark.distributed

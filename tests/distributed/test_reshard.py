@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_setup import FOUR_FULL_EXPERTS, metrics, write_config, write_random_experts
+from tests.train_setup import metrics
+from trinityx_ds.train.tiny_run import FOUR_FULL_EXPERTS, write_config, write_random_experts
 
 WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 pytestmark = pytest.mark.distributed

@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from tests.dist import ROOT
-from tests.train_setup import write_config
 from trinityx_ds.launch.torchrun import cpu_env
 from trinityx_ds.storage.layout import CheckpointDir
+from trinityx_ds.train.tiny_run import write_config
 
 pytestmark = pytest.mark.distributed
 

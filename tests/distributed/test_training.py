@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.dist import ROOT
-from tests.train_setup import metrics, write_config, write_random_experts
+from tests.train_setup import metrics
 from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
 from trinityx_ds.storage.layout import CheckpointDir
 from trinityx_ds.train.lock import RunLock
+from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
 WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 pytestmark = pytest.mark.distributed

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.slurm.lab import cli_commands
-from tests.train_setup import write_config
+from trinityx_ds.train.tiny_run import write_config
 
 pytestmark = pytest.mark.slurm
 

@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from tests.train_setup import write_config
 from trinityx_ds.launch.slurm import JOBS, load_slurm_config, render, render_text
+from trinityx_ds.train.tiny_run import write_config
 
 
 @pytest.fixture(scope="module")

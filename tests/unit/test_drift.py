@@ -4,9 +4,9 @@ import copy
 
 import pytest
 
-from tests.train_setup import write_config
 from trinityx_ds.config import load_config, save_config
 from trinityx_ds.train.drift import check_resume, config_drift
+from trinityx_ds.train.tiny_run import write_config
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,19 @@
-"""tools/hhh_efficacy.py's goal checks and tools/hhh_dev.py's dev cut: the benchmark's verdicts are
-only as good as these, so they are tested on tables whose answers are known."""
-import sys
+"""The efficacy benchmark's goal checks (experiments/efficacy.py), tools/hhh_dev.py's dev cut
+(experiments/dev.py) and tools/gap_attribution.py's arithmetic (experiments/gaps.py): the
+benchmark's verdicts are only as good as these, so they are tested on tables whose answers are known."""
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import hhh_dev  # noqa: E402
-import hhh_efficacy  # noqa: E402
+from trinityx_ds.experiments import dev as hhh_dev
+from trinityx_ds.experiments import efficacy as hhh_efficacy
+from trinityx_ds.experiments.samples import hh_opening
 
-from trinityx_ds.eval.heldout import hh_opening  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _table(figs: dict) -> dict:
-    """{variant: (help ll/token, harmless acc, MC2)} -> the shape eval/heldout.figures returns."""
+    """{variant: (help ll/token, harmless acc, MC2)} -> the shape experiments/heldout.figures returns."""
     out = {}
     for v, (help_ll, harm, mc2) in figs.items():
         base = figs["backbone"]
@@ -48,7 +47,7 @@ def test_goals_read_each_expert_against_its_other_dimensions():
 
 
 def _result(help_ll: list[float], mc2: list[float], c: list[float]) -> dict:
-    """An evaluation result in eval/heldout's per-item form (rejected log-prob 0, 10 tokens each)."""
+    """An evaluation result in experiments/heldout's per-item form (rejected log-prob 0, 10 tokens each)."""
     return {"tqa_items": [{"mc1": 0.0, "mc2": x} for x in mc2], "hh_items": [{"c": x, "r": 0.0} for x in c],
             "hh_tokens": [[10, 10] for _ in c], "help_items": [10 * x for x in help_ll],
             "help_tokens": [10 for _ in help_ll]}
@@ -109,7 +108,7 @@ def test_dev_cut_is_prompt_disjoint_and_keeps_excluded_openings_on_the_fit_side(
     assert len(dev.read_text().splitlines()) >= 2
     assert sorted(fit.read_text().splitlines() + dev.read_text().splitlines()) == sorted(train.read_text().splitlines())
     with pytest.raises(SystemExit):  # the candidates' syntax is hhh_efficacy's objectives
-        hhh_efficacy.parser().parse_args(["--harm-objective", "ipo"])
+        hhh_efficacy.parser(data="samples").parse_args(["--harm-objective", "ipo"])
 
 
 def test_length_contest_reports_the_margin_length_correlation():
@@ -128,7 +127,7 @@ def test_router_dev_cut_comes_from_the_training_side_only(tmp_path):
     import csv
     import json
 
-    from trinityx_ds.eval.heldout import fixture_samples, split_samples, text_key
+    from trinityx_ds.experiments.samples import fixture_samples, split_samples, text_key
 
     samples = fixture_samples(tmp_path / "samples", repeat_questions=2)
     split = split_samples(samples, tmp_path / "split", 3, 4, 3, seed=1)
@@ -156,7 +155,7 @@ def test_gap_attribution_splits_the_gap_by_routing_share():
     routed right in every layer, in some, in none; splicing the expert's log-probs in."""
     import numpy as np
 
-    import gap_attribution
+    from trinityx_ds.experiments import gaps as gap_attribution
 
     a = {"routed": np.array([-1.0, -2.0, -3.0]), "expert": np.array([-1.0, -1.5, -2.0]),
          "backbone": np.array([-1.2, -2.0, -2.5]), "s": np.array([1.0, 0.5, 0.0])}

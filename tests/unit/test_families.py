@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from tests.dist import ROOT
-from tests.train_setup import write_config
 from trinityx_ds.cli import main
 from trinityx_ds.config.families import SUPPORTED_MODEL_TYPES, hf_config_problems
 from trinityx_ds.model.arch import ArchError, ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter, fold_norm, unfold_norm
 from trinityx_ds.model.tiny import TINY, TINY_GEMMA, TINY_QWEN3, make_tiny_model
+from trinityx_ds.train.tiny_run import write_config
 
 
 @pytest.fixture(scope="module")

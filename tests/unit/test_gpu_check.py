@@ -113,9 +113,11 @@ def test_run_commands_kills_the_whole_tree_on_timeout(tmp_path):
 
 
 def test_kill_tree_of_a_finished_process_is_harmless():
+    from trinityx_ds.launch.torchrun import kill_tree
+
     p = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     p.wait()
-    gc.kill_tree(p.pid)
+    kill_tree(p.pid)
 
 
 def test_only_pieces_bring_what_they_read():

@@ -1,4 +1,4 @@
-"""eval/heldout.py: the prompt-disjoint cut of real samples, the per-item figures, and the paired
+"""experiments/samples.py and experiments/heldout.py: the prompt-disjoint cut of real samples, the per-item figures, and the paired
 bootstrap the demo's HHH report and tools/hhh_efficacy.py print."""
 import csv
 import json
@@ -9,8 +9,8 @@ import pytest
 
 from trinityx_ds.data.formats import hh_rlhf_pairs
 from trinityx_ds.eval.metrics import bootstrap
-from trinityx_ds.eval.heldout import (figures, fixture_samples, hh_opening, per_item, side_by_side, significantly_negative,
-                                      split_samples)
+from trinityx_ds.experiments.heldout import figures, per_item, side_by_side, significantly_negative
+from trinityx_ds.experiments.samples import fixture_samples, hh_opening, split_samples
 
 FIX = Path(__file__).resolve().parents[2] / "trinityx_ds" / "fixtures" / "data"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -108,7 +108,7 @@ def test_per_token_figures_divide_by_the_tokens_that_were_scored(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from trinityx_ds.eval.heldout import _n_scored
+    from trinityx_ds.experiments.heldout import _n_scored
     from trinityx_ds.eval.loglik import Request
     from trinityx_ds.model.tiny import make_tiny_tokenizer
 

@@ -4,13 +4,14 @@ Every `import x` and `from x import y` of every module of trinityx_ds counts, at
 inside a function, relative imports resolved; `from pkg import name` means the module pkg.name
 when there is one. The rooms (trinityx_ds.<room>) form layers, lowest first:
 
-    storage, errors < config < parallel < model, data, calibration, launch < plan < train
-    < convert, eval < demo < cli
+    errors < storage < config < parallel < model, data, calibration, launch < plan < train
+    < convert, eval < experiments < demo < cli
 
 A room imports only rooms strictly below it (rooms of one level not each other); eval does not
 import train either; nothing imports trinityx_ds.cli; the package's own __init__ imports only
 convert.register (the HF Auto-class registration). A failure lists every offending edge as
-`module -> imported module`.
+`module -> imported module`. Inside a room, modules import one way too (no circles). tools/*.py
+sit above it all: they import the package and libraries only, never each other nor tests/.
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ SOURCE = Path(__file__).resolve().parents[2] / PACKAGE
 ROOT = "<root>"  # trinityx_ds/__init__.py
 
 LAYERS: list[tuple[str, ...]] = [
-    ("storage", "errors"),  # pathlib and json / nothing of the package
+    ("errors",),  # nothing of the package: the one-line user errors, CheckpointError
+    ("storage",),  # pathlib and json; raises errors.CheckpointError
     ("config",),
     ("parallel",),
     ("model", "data", "calibration", "launch"),  # launch: starting processes (local, Slurm)
     ("plan",),
     ("train",),
     ("convert", "eval"),
+    ("experiments",),  # the project's own measurements, over the evaluation library
     ("demo",),
     ("cli",),
 ]
@@ -202,3 +205,58 @@ def test_modules_of_a_room_form_no_cycle():
     cycles = _cycles(graph)
     bad = [(a, b) for a, bs in graph.items() for b in bs if any(a in c and b in c for c in cycles)]
     assert not cycles, _report(f"import cycles among modules {[sorted(c) for c in cycles]}", bad)
+
+
+# ------------------------------------------------------------------------------ the tools layer
+TOOLS = SOURCE.parent / "tools"
+
+
+def _tool_problems(path: Path, tools: set[str]) -> list[str]:
+    """What tool `path` does against the contract: tools import the package (and libraries), never
+    each other, never tests/, never a private name of the package, and never edit sys.path (the
+    package is installed: `pip install -e .`, or gpu_check.sh's PYTHONPATH on a bare node)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        where = f"tools/{path.name}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Import):
+            names = [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [(node.module or "", a.name) for a in node.names] if not node.level else [(".", None)]
+        else:
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"):
+                out.append(f"{where}: sys.path")
+            continue
+        for module, name in names:
+            top = module.split(".")[0]
+            if module == ".":
+                out.append(f"{where}: a relative import")
+            elif top == "tests":
+                out.append(f"{where}: imports {module} (tests/)")
+            elif top in tools:
+                out.append(f"{where}: imports tools/{top}.py")
+            elif top == PACKAGE and ((name or "").startswith("_") or any(part.startswith("_")
+                                                                         for part in module.split(".")[1:])):
+                out.append(f"{where}: imports the private {module}{'.' + name if name else ''}")
+    return out
+
+
+def test_the_tools_walk_sees_the_tools(tmp_path):
+    """The walk itself, on a tool that breaks every rule once (and imports a library's private
+    module, which is the library's business, not the contract's)."""
+    assert (TOOLS / "gpu_check.py").is_file() and len(list(TOOLS.glob("*.py"))) >= 5
+    fake = tmp_path / "probe.py"
+    fake.write_text("import sys\nsys.path.insert(0, 'x')\nimport hhh_efficacy\nfrom tests.dist import run_dist\n"
+                    "from trinityx_ds.experiments.heldout import _n_scored\nfrom pip._vendor import tomli\n")
+    found = _tool_problems(fake, {"hhh_efficacy"})
+    assert sorted(f.split(": ", 1)[1] for f in found) == [
+        "imports tests.dist (tests/)", "imports the private trinityx_ds.experiments.heldout._n_scored",
+        "imports tools/hhh_efficacy.py", "sys.path"], found
+
+
+def test_tools_import_only_the_package():
+    """tools/ is a thin layer over the package (issue 29): on b7aec83 this found 8 sys.path edits in
+    6 tools, 2 tools importing tools (hhh_dev, gap_attribution) and 2 imports of tests/ (gpu_check)."""
+    tools = {p.stem for p in TOOLS.glob("*.py")}
+    bad = sorted({line for p in TOOLS.glob("*.py") for line in _tool_problems(p, tools)})
+    assert not bad, "tools breaking the tools contract:\n  " + "\n  ".join(bad)

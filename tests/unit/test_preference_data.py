@@ -18,8 +18,9 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data sample
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from trinityx_ds.model.tiny import make_tiny_tokenizer
     from transformers import AutoTokenizer
+
+    from trinityx_ds.model.tiny import make_tiny_tokenizer
 
     return AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
@@ -178,8 +179,8 @@ def test_a_heldout_prompt_in_training_data_is_refused_with_file_line_and_prompt(
 
 
 def test_leak_refused_before_launch_in_one_line(tmp_path, capsys):
-    from tests.train_setup import write_config
     from trinityx_ds.cli import main
+    from trinityx_ds.train.tiny_run import write_config
 
     lines = (FIX / "truthfulqa_tiny.jsonl").read_text().splitlines()
     held = tmp_path / "tqa_eval.jsonl"
@@ -214,8 +215,9 @@ def test_objective_config_rules():
 
 
 def test_dpo_and_simpo_losses_match_their_definitions():
-    from trinityx_ds.train.objectives import Objective, dpo_loss, simpo_loss
     import torch.nn.functional as F
+
+    from trinityx_ds.train.objectives import Objective, dpo_loss, simpo_loss
 
     c, r, rc, rr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0]), torch.tensor([-3.5, -4.0]), \
         torch.tensor([-3.5, -3.0])

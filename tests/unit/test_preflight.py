@@ -7,8 +7,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.train_setup import FIXTURES, write_config, write_random_experts
 from trinityx_ds.cli import main
+from trinityx_ds.train.tiny_run import FIXTURES, write_config, write_random_experts
 
 
 @pytest.fixture(scope="module")

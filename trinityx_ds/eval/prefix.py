@@ -3,7 +3,7 @@
 Every variant of a run (backbone, each expert alone, uniform, H3Fusion-style, TrinityX) runs the
 same frozen backbone layers below the first layer that carries experts. On SmolLM2-135M with
 experts in layers 20-29 that is two thirds of the layers, and the held-out benchmark
-(eval/heldout.evaluate) runs seven variants over identical batches: the suites batch
+(experiments/heldout.evaluate) runs seven variants over identical batches: the suites batch
 deterministically (eval/shard.dp_map: longest first, the same split over the data-parallel
 ranks), so the hidden states entering the first expert layer are the same tensor for every
 variant. `PrefixCache` keeps that tensor per batch the first time a batch is seen, and on every

@@ -46,3 +46,10 @@ def package_root() -> Path:
     The stock recipes name the fixtures as `../trinityx_ds/fixtures/...` from `configs/`, which
     resolves against this folder in both cases (see demo.write_run_config)."""
     return Path(str(importlib.resources.files("trinityx_ds"))).parent
+
+
+def fixtures_dir() -> Path:
+    """The project's own small data files (`trinityx_ds/fixtures/data`, shipped in the wheel): what
+    the demo, the tiny tokenizer, the smoke runs and the tests train and evaluate on where the real
+    samples are absent."""
+    return Path(str(importlib.resources.files("trinityx_ds"))) / "fixtures" / "data"

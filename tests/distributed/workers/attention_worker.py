@@ -18,10 +18,15 @@ worker_setup()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.mocae_weights import mocae_source  # noqa: E402
 from trinityx_ds.model.arch import ModelArch  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
-from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_router_loss_scale, set_routing_context  # noqa: E402
+from trinityx_ds.model.mocae import (  # noqa: E402
+    MoCaEConfig,
+    RoutingContext,
+    set_router_loss_scale,
+    set_routing_context,
+)
+from trinityx_ds.model.tiny import mocae_source  # noqa: E402
 from trinityx_ds.model.weights import load_weights  # noqa: E402
 from trinityx_ds.parallel.groups import init_parallel  # noqa: E402
 

@@ -68,9 +68,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from trinityx_ds.model.weights import load_weights  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import RoutingContext, set_routing_context  # noqa: E402
+from trinityx_ds.model.weights import load_weights  # noqa: E402
 from trinityx_ds.parallel.groups import destroy_parallel, init_parallel  # noqa: E402
 
 
@@ -97,11 +97,11 @@ def references(model, blocks, arch, force: int, forward=None) -> dict:
 def build(tiny: str, run: Path, opt: dict) -> None:
     from safetensors.torch import save_file
 
-    from tests.mocae_weights import mocae_source
-    from tests.train_setup import FIXTURES, write_config
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.mocae import MoCaEConfig
+    from trinityx_ds.model.tiny import mocae_source
     from trinityx_ds.train.gather import gather_mocae_tensors
+    from trinityx_ds.train.tiny_run import FIXTURES, write_config
 
     dims = init_parallel(tp=opt["tp"], ep=opt.get("ep", 1), seed=5)
     arch = ModelArch.from_hf_dir(tiny)
@@ -132,11 +132,10 @@ def build(tiny: str, run: Path, opt: dict) -> None:
 def rebuild(run: Path) -> None:
     """The trained run as StageRun loads it, with stage 2's router file on top."""
     from trinityx_ds.config import load_config
-    from trinityx_ds.model.weights import open_source
-    from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
     from trinityx_ds.model.mocae import MoCaEConfig
-    from trinityx_ds.storage.layout import latest_tag
-    from trinityx_ds.storage.layout import expert_file
+    from trinityx_ds.model.weights import open_source
+    from trinityx_ds.storage.layout import expert_file, latest_tag
+    from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
 
     ckpt = run / "stage2" / "checkpoints"
     cfg = load_config(str(ckpt / latest_tag(ckpt) / "config.yaml"), check_paths=False)

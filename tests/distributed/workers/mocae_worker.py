@@ -18,12 +18,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from tests.mocae_weights import mocae_source  # noqa: E402
-from trinityx_ds.model.weights import load_weights  # noqa: E402
-from trinityx_ds.model.mocae_adapter import MoCaEAdapter  # noqa: E402
 from trinityx_ds.model.arch import ModelArch  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context  # noqa: E402
+from trinityx_ds.model.mocae_adapter import MoCaEAdapter  # noqa: E402
+from trinityx_ds.model.tiny import mocae_source  # noqa: E402
+from trinityx_ds.model.weights import load_weights  # noqa: E402
 from trinityx_ds.parallel.groups import init_parallel  # noqa: E402
 
 mode, folder = sys.argv[1], sys.argv[2]
