@@ -36,7 +36,7 @@ def default_model(out_dir: Path, name: str | None) -> Path:
         return Path(name)
     if name is None and smollm2_gguf() is not None:
         return smollm2_hf_dir()
-    tiny = out_dir / "models" / "tiny-llama"
+    tiny = RunLayout(out_dir).tiny_model_dir
     return tiny if (tiny / "config.json").is_file() else make_tiny_model(tiny)
 
 
@@ -95,7 +95,7 @@ def hhh_report(out: Path, config: Path, tp: int) -> dict:
 
     cfg = yaml.safe_load(config.read_text())
     held = {task: srcs[0]["path"] for task, srcs in cfg["data"]["heldout"].items()}
-    evals = out / "hhh_heldout"
+    evals = RunLayout(out).heldout_dir
     shutil.rmtree(evals, ignore_errors=True)  # figures of this run's experts and router only
     opts = {"run": str(out), "out": str(evals), "variants": HHH_VARIANTS, "tqa": held["honest"], "hh": held["harm"],
             "alpaca": held["help"], "tp": tp, "max_seq_len": cfg["data"]["max_seq_len"], "batch": 8}
@@ -108,7 +108,7 @@ def hhh_report(out: Path, config: Path, tp: int) -> dict:
           "  no paired difference is significantly below 0 (every 95% interval reaches 0 or above)")
     report = {"files": held, "columns": HHH_COLUMNS, "significantly_negative": worse,
               "variants": {v: {"n": t["n"], "rows": t["rows"]} for v, t in table.items()}}
-    (out / "hhh_heldout.json").write_text(json.dumps(report, indent=1))
+    RunLayout(out).heldout_report_file.write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -121,7 +121,7 @@ def export_and_answer(out: Path, prompt: str, chat_template: str) -> Path:
     from trinityx_ds.convert.export import export_hf
     from trinityx_ds.data.render import encode, render_text
 
-    hf = export_hf(out, out / "hf", overwrite=True)
+    hf = export_hf(out, RunLayout(out).export_dir, overwrite=True)
     print(f"[6/6] exported {hf}; transformers loads it and answers:")
     tok = AutoTokenizer.from_pretrained(hf, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True, dtype=torch.float32).eval()
@@ -148,12 +148,12 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     if eval_data:  # before anything runs: a wrong folder is one line, not a failure after training
         from trinityx_ds.eval.heldout import split_samples
 
-        eval_files = split_samples(Path(eval_data), out / "eval_data", EVAL_SIZES["tqa"], EVAL_SIZES["hh"],
+        eval_files = split_samples(Path(eval_data), run.eval_data_dir, EVAL_SIZES["tqa"], EVAL_SIZES["hh"],
                                    EVAL_SIZES["help"], seed=yaml.safe_load(RECIPE.read_text())["seed"])
     print(f"[1/6] import {hf_dir} into {tp} TP shards; check it against transformers at TP={tp}")
-    ckpt = import_hf(hf_dir, out / "imported", tp=tp, overwrite=True)
+    ckpt = import_hf(hf_dir, run.imported_dir, tp=tp, overwrite=True)
     parity = run_parity([str(ckpt)], tp=tp)
-    (out / "parity.json").write_text(json.dumps(parity, indent=2))
+    run.parity_file.write_text(json.dumps(parity, indent=2))
     if not all(r["ok"] for r in parity):
         print("FAILED: the imported backbone does not match transformers")
         return 1
@@ -176,10 +176,12 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     hf = export_and_answer(out, "Give one tip for staying healthy.", yaml.safe_load(config.read_text())["data"].get(
         "chat_template", "auto"))
     print(f"\noutputs in {out}:\n  imported backbone   {ckpt}\n  experts             {run.expert_file('<name>')}"
-          f"\n  router              {run.router_file}\n  checkpoints         {out}/stage*/.../checkpoints"
-          f"\n  TensorBoard         {out}/stage*/**/tensorboard   (tensorboard --logdir {out})"
+          f"\n  router              {run.router_file}"
+          f"\n  checkpoints         {run.checkpoints(1, '<name>').path}, {run.checkpoints(2).path}"
+          f"\n  TensorBoard         {run.tensorboard_dir(1, '<name>')}, {run.tensorboard_dir(2)}"
+          f"   (tensorboard --logdir {out})"
           f"\n  routing report      {run.validation_file}"
-          f"\n  HHH report          {out / 'hhh_heldout.json'}"
+          f"\n  HHH report          {run.heldout_report_file}"
           f"\n  HF export           {hf}   (AutoModelForCausalLM.from_pretrained, after `import trinityx_ds`)"
           f"\ndone in {time.time() - t0:.0f} s")
     return 0

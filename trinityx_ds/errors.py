@@ -1,7 +1,8 @@
 """Bad input in one line: how every `trinityx` entry point (the CLI and the `python -m` entry
 points of eval/ and launch/) reports an error the user can fix, without a traceback.
 
-A leaf: it imports nothing of the package, so any room may use it.
+A leaf: it imports nothing of the package, so any room may use it (storage's CheckpointDir
+raises CheckpointError: errors sits below storage in tests/unit/test_imports.py's LAYERS).
 """
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from typing import Callable
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                                                 NotADirectoryError)
 EXIT_USER_ERROR = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run folder that cannot be read: names the file (and tensor). Here, with the
+    other user errors, because every room raises or catches it (storage reads the folders, model
+    and convert the tensors, train checks a resume before it starts); a ValueError, so every entry
+    point reports it in one line."""
 
 
 def one_line_errors(command: str, fn: Callable[[], int],

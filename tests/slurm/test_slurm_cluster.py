@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.slurm.lab import cli_commands
+from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.train.tiny_run import write_config
 
 pytestmark = pytest.mark.slurm
@@ -64,23 +65,24 @@ def pipeline(slurm_lab, tmp_path_factory, model_dir):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = _job_ids(proc.stdout)
     assert list(ids) == jobs, proc.stdout
-    logs = root / "out" / "slurm" / "logs"
+    logs = RunLayout(root / "out").slurm_dir.log_dir
     states = {job: slurm_lab.wait(ids[job], timeout=300, logs=logs) for job in reversed(jobs)}
     return {"root": root, "ids": ids, "logs": logs, "stdout": proc.stdout, "states": states}
 
 
 def test_whole_chain_with_router_across_both_nodes(pipeline):
-    ids, logs, out, states = pipeline["ids"], pipeline["logs"], pipeline["root"] / "out", pipeline["states"]
+    ids, logs, states = pipeline["ids"], pipeline["logs"], pipeline["states"]
+    run = RunLayout(pipeline["root"] / "out")
     assert f"router: job {ids['router']} (afterok {ids['experts']})" in pipeline["stdout"]
     assert f"export: job {ids['export']} (afterok {ids['router']})" in pipeline["stdout"]
     assert [j["JobState"] for j in states.pop("experts")] == ["COMPLETED"] * 3
     assert {job: s[0]["JobState"] for job, s in states.items()} == dict.fromkeys(states, "COMPLETED")
-    assert (out / "hf" / "model.safetensors.index.json").is_file()  # export-hf RUN_DIR OUT
-    if "eval" in ids:
-        assert (out / "eval" / "report.json").is_file()
+    assert (run.export_dir / "model.safetensors.index.json").is_file()  # export-hf RUN_DIR OUT
+    if "eval" in ids:  # no --out: where `trinityx eval` writes the run's default variant
+        assert (run.eval_dir("trinityx") / "report.json").is_file()
     for name in ("help", "harm", "honest"):
-        assert (out / "stage1" / name / "expert.safetensors").is_file(), name
-    assert (out / "stage2" / "router.safetensors").is_file()
+        assert run.expert_file(name).is_file(), name
+    assert run.router_file.is_file()
     for task in range(3):  # one log per array task, where submit said
         assert "finished:" in (logs / f"test-experts-{ids['experts']}_{task}.out").read_text()
     router_log = (logs / f"test-router-{ids['router']}.out").read_text()
@@ -90,12 +92,14 @@ def test_whole_chain_with_router_across_both_nodes(pipeline):
 
 def test_preempted_router_requeues_and_matches_uninterrupted(slurm_lab, pipeline, tmp_path, model_dir):
     cfg = write_config(tmp_path, model_dir, **TRAIN)  # the same run, its own output folder
-    shutil.copytree(pipeline["root"] / "out" / "stage1", tmp_path / "out" / "stage1")
+    done, run = RunLayout(pipeline["root"] / "out"), RunLayout(tmp_path / "out")
+    for name in ("help", "harm", "honest"):
+        shutil.copytree(done.stage_dir(1, name), run.stage_dir(1, name))
     proc = slurm_lab.submit("--config", str(cfg), "--slurm", str(_slurm_yaml(tmp_path)), "--jobs", "router",
                             "--launcher", "srun", cwd=tmp_path)  # one task per rank (env://) this time
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    job, logs = _job_ids(proc.stdout)["router"], tmp_path / "out" / "slurm" / "logs"
-    metrics = tmp_path / "out" / "stage2" / "metrics.jsonl"
+    job, logs = _job_ids(proc.stdout)["router"], run.slurm_dir.log_dir
+    metrics = run.metrics_file(2)
     deadline = time.time() + 180
     while not (metrics.is_file() and metrics.read_text().strip()):  # training has started
         assert time.time() < deadline, f"router job {job} never started training"
@@ -107,8 +111,7 @@ def test_preempted_router_requeues_and_matches_uninterrupted(slurm_lab, pipeline
     assert final[0]["JobState"] == "COMPLETED" and final[0]["Restarts"] == "1", (final, log)
     assert re.search(r"preempted at step0000\d{4}: requeueing job", log), log
     assert "resumed from" in log and "restart 1" in log, log
-    done = load_file(pipeline["root"] / "out" / "stage2" / "router.safetensors")
-    resumed = load_file(tmp_path / "out" / "stage2" / "router.safetensors")
-    assert done.keys() == resumed.keys() and done
-    for name in done:
-        assert torch.equal(done[name], resumed[name]), name
+    finished, resumed = load_file(done.router_file), load_file(run.router_file)
+    assert finished.keys() == resumed.keys() and finished
+    for name in finished:
+        assert torch.equal(finished[name], resumed[name]), name

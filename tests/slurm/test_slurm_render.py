@@ -1,10 +1,12 @@
 """Rendering the sbatch templates (no cluster needed): resources, both launch modes, CPU
 fallback, commented-out empty settings, valid bash, and early refusal of bad settings."""
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from trinityx_ds.launch.slurm import JOBS, load_slurm_config, render, render_text
+from trinityx_ds.storage.layout import RunLayout, SlurmDir
 from trinityx_ds.train.tiny_run import write_config
 
 
@@ -99,3 +101,29 @@ def test_gpu_job_on_a_node_without_gpus_stops_with_one_line(run_config, tmp_path
             assert "CPU=cpu CONN=1 SRUN=16" in proc.stdout, proc.stdout  # CONN: CPU_ENV's, megatron's advice silenced
     launch = (tmp_path / "g8" / "launch.sh").read_text()
     assert '[ "2" -gt 1 ] && export CUDA_DEVICE_MAX_CONNECTIONS=1' in launch
+
+
+def test_run_paths_are_rendered_from_the_run_layout(run_config, tmp_path):
+    """The templates spell no path of the run (tests/unit/test_layout_spellings.py): render fills
+    them in from RunLayout, each expert's as a bash array that the array task indexes like EXPERTS.
+    The eval job passes --out only when the settings name eval_dir: otherwise its report lands
+    where `trinityx eval` puts it from the command line, RunLayout.eval_dir(variant)."""
+    import yaml
+
+    run = RunLayout(Path(yaml.safe_load(run_config.read_text())["output"]["dir"]).resolve())
+    out = render(run_config, load_slurm_config(None, procs_per_node=2, export_dir=str(tmp_path / "x")), tmp_path / "r")
+    arrays = "\n".join(line for line in out.scripts["experts"].read_text().splitlines()
+                       if line.startswith(("EXPERTS=", "EXPERT_FILES=", "EXPERT_CHECKPOINTS=")))
+    for task, name in enumerate(("help", "harm", "honest")):
+        probe = f'{arrays}\necho "${{EXPERTS[{task}]}}|${{EXPERT_FILES[{task}]}}|${{EXPERT_CHECKPOINTS[{task}]}}"'
+        shown = subprocess.run(["bash", "-c", probe], check=False, capture_output=True, text=True).stdout.strip()
+        assert shown == f"{name}|{run.expert_file(name)}|{run.checkpoints(1, name).path}", shown
+    router = out.scripts["router"].read_text()
+    assert f"ROUTER_FILE={run.router_file} " in router and f"ROUTER_CHECKPOINTS={run.checkpoints(2).path}" in router
+    assert f"EXPORT_DIR={tmp_path / 'x'}\n" in out.scripts["export"].read_text()
+    assert "EVAL_OUT=()\n" in out.scripts["eval"].read_text()
+    assert out.log_dir == SlurmDir(tmp_path / "r").log_dir
+    out = render(run_config, load_slurm_config(None, procs_per_node=2, eval_dir=str(tmp_path / "reports")), None)
+    assert out.dir == run.slurm_dir.path and out.log_dir == run.slurm_dir.log_dir
+    assert f"EXPORT_DIR={run.export_dir}\n" in out.scripts["export"].read_text()
+    assert f"EVAL_OUT=(--out {tmp_path / 'reports'})\n" in out.scripts["eval"].read_text()

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from trinityx_ds.storage.layout import CheckpointDir, CheckpointError
+from trinityx_ds.errors import CheckpointError
+from trinityx_ds.storage.layout import CheckpointDir
 from trinityx_ds.train.guard import DivergenceGuard
 
 

@@ -569,8 +569,8 @@ def test_checkpoints_load_weights_only_and_refuse_code(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    from trinityx_ds.errors import CheckpointError
     from trinityx_ds.parallel.deepspeed_compat import load_weights_only
-    from trinityx_ds.storage.layout import CheckpointError
 
     engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace())
     load_weights_only(engine)

@@ -22,7 +22,8 @@ from trinityx_ds.convert import export
 from trinityx_ds.convert.export import ExportRefused, export_hf
 from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
-from trinityx_ds.storage.sources import CheckpointError, SafetensorsSource
+from trinityx_ds.errors import CheckpointError
+from trinityx_ds.storage.sources import SafetensorsSource
 from trinityx_ds.model.mocae import MoCaEConfig
 from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from trinityx_ds.calibration.metrics import calibration_report, ece
 from trinityx_ds.calibration.temperature import calibrated_probs, fit_per_layer, fit_temperature
-from trinityx_ds.storage.sources import CheckpointError
+from trinityx_ds.errors import CheckpointError
 
 
 def fit_routing(logits_LNE, labels_N, val_N, temperature_L, log_prior_LE,

@@ -26,8 +26,9 @@ from trinityx_ds.convert.card import model_card
 from trinityx_ds.convert.formats import AUTO_MAP, FORMATS, ExportRefused, _plan
 from trinityx_ds.convert.inputs import open_export_source
 from trinityx_ds.convert.source import ExportSource
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.storage.atomic import staged_dir
-from trinityx_ds.storage.layout import VALIDATION, CheckpointError
+from trinityx_ds.storage.layout import CHECKPOINTS, VALIDATION
 from trinityx_ds.storage.shards import DEFAULT_SHARD_BYTES, ShardWriter, parse_bytes
 
 # AUTO_MAP and ExportRefused are formats.py's, named here too for the callers of the export
@@ -82,7 +83,7 @@ def _write_side_files(tmp: Path, s: ExportSource, config, fmt: str, expert: str 
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_export_arguments(p) -> None:
-    p.add_argument("run", help="training output dir (output.dir), training checkpoint (a run's checkpoints/ folder "
+    p.add_argument("run", help=f"training output dir (output.dir), training checkpoint (a run's {CHECKPOINTS}/ folder "
                               "= its latest complete tag, or a step%%08d tag dir; any TP/EP/ZeRO layout), "
                               "TrinityX HF folder, or import-hf checkpoint")
     p.add_argument("out", help="HF folder to write")

@@ -17,10 +17,11 @@ from trinityx_ds.config import config_from_dict, save_config
 from trinityx_ds.convert.backbone_ckpt import copy_tokenizer, import_hf
 from trinityx_ds.convert.formats import _base_config, _dtype
 from trinityx_ds.convert.inputs import ExportSource, open_export_source
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.mocae_spec import EXPERTS, expert_tensors, mocae_role
 from trinityx_ds.model.weights import META
 from trinityx_ds.storage.atomic import save_safetensors, staged_dir
-from trinityx_ds.storage.layout import CheckpointError, RunLayout
+from trinityx_ds.storage.layout import RunLayout
 
 BACKBONE = "backbone"  # OUT/backbone: the run config's model.checkpoint
 

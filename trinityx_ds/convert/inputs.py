@@ -22,10 +22,11 @@ from pathlib import Path
 from trinityx_ds.config import load_config
 from trinityx_ds.convert.formats import TRINITYX_KEYS, model_layout
 from trinityx_ds.convert.source import MODEL_ROLES, ExportSource
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, MoCaEConfig, expert_of, mocae_role
 from trinityx_ds.model.weights import META, open_source
-from trinityx_ds.storage.layout import VALIDATION, CheckpointDir, CheckpointError, RunLayout, import_origin
+from trinityx_ds.storage.layout import VALIDATION, CheckpointDir, RunLayout, import_origin
 from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
 from trinityx_ds.storage.universal_copy import OPTIMIZER_PREFIX, open_universal
 

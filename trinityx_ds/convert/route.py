@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from trinityx_ds.convert.adapters import router_files
-from trinityx_ds.storage.layout import CheckpointError
+from trinityx_ds.errors import CheckpointError
 
 
 class _Stop(Exception):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, MoCaEConfig, expert_of, mocae_role
-from trinityx_ds.storage.layout import CheckpointError
 from trinityx_ds.storage.sources import MissingTensor, SafetensorsSource
 
 # the MoCaE roles a model holds (routing_ema is training state: checkpoints keep it, exports never)

@@ -13,19 +13,22 @@ import time
 from pathlib import Path
 
 from trinityx_ds.eval.suites import SUITES
-from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.storage.layout import RunLayout, model_eval_dir
+
+_RUN = RunLayout("RUN")  # the help texts name a run's paths as RunLayout lays them out
 
 
 def add_eval_arguments(subparsers) -> argparse.ArgumentParser:
     """Adds `eval` (and its `compare` subcommand) to the CLI's subparsers; both call `cmd_eval`."""
     ev = subparsers.add_parser("eval", help="evaluate a run's variants on the HHH suites; `eval compare` tabulates",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--checkpoint", help="run output folder (stage1/, stage2/) or a plain HF / imported model folder")
+    ev.add_argument("--checkpoint", help="run output folder (a run's output.dir) or a plain HF / imported model folder")
     ev.add_argument("--variant", help="backbone | expert:<name> | uniform | h3fusion | trinityx "
                                       "[trinityx; backbone for a plain model]")
     ev.add_argument("--suite", default="truthfulqa_mc,hh_preference,routing",
                     help=f"comma-separated among {', '.join(SUITES)} [truthfulqa_mc,hh_preference,routing]")
-    ev.add_argument("--out", help="report folder [RUN/eval/<variant>; runs/eval/<model>-<variant> for a plain model]")
+    ev.add_argument("--out", help=f"report folder [{_RUN.eval_dir('<variant>')}; "
+                                  f"{model_eval_dir('<model>', '<variant>')} for a plain model]")
     ev.add_argument("--config", help="run config to use [the one saved with the run's latest checkpoint]")
     ev.add_argument("--truthfulqa", help="TruthfulQA CSV/JSONL (or hub:truthfulqa/truthful_qa) for truthfulqa_mc")
     ev.add_argument("--hh", action="append", default=[], metavar="[NAME=]PATH",
@@ -42,7 +45,7 @@ def add_eval_arguments(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--calib-fraction", type=float, default=0.5,
                     help="routing: share of held-out examples T is fitted on; metrics on the rest [0.5]")
     ev.add_argument("--write-temperature", nargs="?", const="global", choices=("global", "per_layer"),
-                    help="routing, trinityx: write the fitted T into stage2/router.safetensors (backup kept)")
+                    help=f"routing, trinityx: write the fitted T into {_RUN.router_file} (backup kept)")
     ev.add_argument("--tp", type=int, help="tensor-parallel size [the run's parallel.tp; 1 for a plain model]")
     ev.add_argument("--nproc", type=int, default=0, help="launch N local processes")
     ev.set_defaults(fn=cmd_eval, eval_command=None)
@@ -111,7 +114,7 @@ def default_out(args) -> Path:
     run = RunLayout(args.checkpoint)
     if run.is_run():
         return run.eval_dir(args.variant)
-    return Path("runs") / "eval" / f"{Path(args.checkpoint).name}-{args.variant.replace(':', '-')}"
+    return model_eval_dir(args.checkpoint, args.variant)
 
 
 def run_eval(args) -> dict:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from trinityx_ds.storage.layout import RunLayout, SlurmDir
+
 JOBS = ("experts", "router", "export", "eval")  # pipeline order; each depends on the one it needs
 NEEDS = {"router": "experts", "export": "router", "eval": "router"}
 _VAR = re.compile(r"\{\{(\w+)(\|q)?\}\}")
@@ -42,15 +44,15 @@ class SlurmConfig:
     python: str = sys.executable
     port: int | None = None  # rendezvous port; default derived from the job id
     signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint, then requeue
-    log_dir: str | None = None  # default <output.dir>/slurm/logs
+    log_dir: str | None = None  # default SlurmDir(render folder).log_dir: beside the scripts
     container_image: str | None = None  # enroot/pyxis image for srun --container-image
     container_mounts: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # exported in every job
     sbatch_args: list[str] = field(default_factory=list)  # extra options, one #SBATCH line each
-    export_dir: str | None = None  # default <output.dir>/hf
+    export_dir: str | None = None  # default the run's RunLayout.export_dir
     export_args: list[str] = field(default_factory=list)  # more `trinityx export-hf` options
     eval_suite: str = "routing"  # the others need data files: pass them in eval_args
-    eval_dir: str | None = None  # default <output.dir>/eval
+    eval_dir: str | None = None  # --out of `trinityx eval`; default its own, the run's RunLayout.eval_dir(variant)
     eval_args: list[str] = field(default_factory=list)  # e.g. [--truthfulqa, F.csv, --limit, "100"]
 
     @property
@@ -118,6 +120,26 @@ def render_text(text: str, values: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _words(paths) -> str:
+    """Paths as the words of a bash array, each quoted."""
+    return " ".join(shlex.quote(str(p)) for p in paths)
+
+
+def _paths(run: RunLayout, experts: list[str], slurm: SlurmConfig) -> dict[str, str]:
+    """The run's paths the templates use, from RunLayout (the templates spell none). The expert
+    array's task picks its expert at run time, so each per-expert path is a bash array in the
+    order of EXPERTS, indexed by the task id like EXPERTS itself."""
+    return {
+        "EXPERT_FILES": _words(run.expert_file(e) for e in experts),
+        "EXPERT_CHECKPOINTS": _words(run.checkpoints(1, e).path for e in experts),
+        "ROUTER_FILE": str(run.router_file), "ROUTER_CHECKPOINTS": str(run.checkpoints(2).path),
+        "EXPORT_DIR": str(Path(slurm.export_dir or run.export_dir).resolve()),
+        # without eval_dir, `trinityx eval` writes where it always does: the run's eval_dir(variant),
+        # whatever --variant eval_args name (one folder per variant, as on the command line)
+        "EVAL_OUT": f"--out {shlex.quote(str(Path(slurm.eval_dir).resolve()))}" if slurm.eval_dir else "",
+    }
+
+
 def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log_dir: Path) -> dict[str, str]:
     from trinityx_ds.launch.torchrun import CPU_ENV
 
@@ -140,8 +162,7 @@ def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log
         "CPU_ENV": " ".join(f"{k}={shlex.quote(v)}" for k, v in CPU_ENV.items()),
         "EXTRA_SBATCH": "\n".join(f"#SBATCH {a}" for a in slurm.sbatch_args),
         "EXPERTS": " ".join(run_cfg.experts.names), "LAST_EXPERT": str(len(run_cfg.experts.names) - 1),
-        "EXPORT_DIR": str(Path(slurm.export_dir or run_dir / "hf").resolve()),
-        "EVAL_SUITE": slurm.eval_suite, "EVAL_DIR": str(Path(slurm.eval_dir or run_dir / "eval").resolve()),
+        **_paths(RunLayout(run_dir), run_cfg.experts.names, slurm), "EVAL_SUITE": slurm.eval_suite,
         "EXPORT_ARGS": " ".join(map(shlex.quote, map(str, slurm.export_args))),
         "EVAL_ARGS": " ".join(map(shlex.quote, map(str, slurm.eval_args))),
     }
@@ -160,9 +181,10 @@ class Rendered:
 
 def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | None = None,
            templates: Path | None = None) -> Rendered:
-    """Writes launch.sh, one .sbatch per job and submit.sh into `out_dir` (default
-    <output.dir>/slurm). Checks the run config against each job's world size first, so a
-    layout that cannot tile the job fails here, not on the cluster."""
+    """Writes launch.sh, one .sbatch per job and submit.sh into `out_dir` (default the run's
+    RunLayout.slurm_dir); the jobs log into that folder's SlurmDir.log_dir unless `slurm.log_dir`
+    says otherwise. Checks the run config against each job's world size first, so a layout that
+    cannot tile the job fails here, not on the cluster."""
     from trinityx_ds.config import load_config
     from trinityx_ds.storage.resources import data_dir
 
@@ -172,8 +194,8 @@ def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | Non
     run_config = Path(run_config).resolve()
     load_config(str(run_config), world_size=slurm.expert_nodes * slurm.procs)
     run_cfg = load_config(str(run_config), world_size=slurm.nodes * slurm.procs)
-    render_dir = Path(out_dir or Path(run_cfg.output.dir) / "slurm").resolve()
-    log_dir = Path(slurm.log_dir or render_dir / "logs").resolve()
+    render_dir = Path(out_dir or RunLayout(run_cfg.output.dir).slurm_dir).resolve()
+    log_dir = Path(slurm.log_dir or SlurmDir(render_dir).log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not make the folders of --output
     values = _values(run_cfg, run_config, slurm, render_dir, log_dir)
     scripts = {}
@@ -252,7 +274,8 @@ def add_slurm_arguments(subparsers) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("--config", required=True, help="the run config (YAML)")
         s.add_argument("--slurm", default=None, help="Slurm settings (YAML; see slurm/README.md); flags override")
-        s.add_argument("--out", default=None, help="folder for the scripts [<output.dir>/slurm]")
+        s.add_argument("--out", default=None,
+                       help=f"folder for the scripts [{RunLayout('<output.dir>').slurm_dir.path}]")
         for flag, kind in (("partition", str), ("account", str), ("qos", str), ("time", str), ("nodes", int),
                            ("expert-nodes", int), ("gpus-per-node", int), ("procs-per-node", int),
                            ("cpus-per-task", int), ("python", str), ("log-dir", str), ("signal-seconds", int),

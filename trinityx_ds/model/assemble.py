@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, expert_shapes, mocae_role
 from trinityx_ds.parallel.device import rank_device
-from trinityx_ds.storage.layout import CheckpointError, RunLayout
+from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
 
 

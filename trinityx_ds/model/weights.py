@@ -16,13 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, mocae_role
 from trinityx_ds.storage.layout import IMPORT_META as META
-from trinityx_ds.storage.sources import (ChainSource, CheckpointError, DictSource, MissingTensor, SafetensorsSource,
-                                         UnshardedSource)
+from trinityx_ds.storage.sources import ChainSource, DictSource, MissingTensor, SafetensorsSource, UnshardedSource
 
 FORMAT = "trinityx-backbone"
 # the HF tensors the adapter's fold changes (Gemma's (1 + w) norms), as the HF folder held them

@@ -151,7 +151,7 @@ def load_weights_only(engine) -> None:
     holds anything else is refused as a CheckpointError naming it."""
     import pickle
 
-    from trinityx_ds.storage.layout import CheckpointError
+    from trinityx_ds.errors import CheckpointError
 
     def load(path, map_location=None):
         try:

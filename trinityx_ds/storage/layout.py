@@ -1,5 +1,7 @@
 """Where a run keeps its files. This module alone knows the on-disk layout of a run; training,
-export, evaluation, launch and the demo ask it (pathlib and json only: no torch, no config).
+export, evaluation, launch and the demo ask it (pathlib and json only: no torch, no config), and
+the Slurm templates get their paths rendered from it (launch/slurm.py). tests/unit/
+test_layout_spellings.py fails on a run's sub-path spelled anywhere else.
 
     <root>/config.yaml                                  the run config (the demo, import of a TrinityX folder)
     <root>/stage1/<expert>/expert.safetensors           stage 1's output: one expert, HF-named
@@ -9,7 +11,11 @@ export, evaluation, launch and the demo ask it (pathlib and json only: no torch,
     <root>/stage2/validation.json                       stage 2's held-out routing report
     <root>/stage2/checkpoints/
     <root>/stage*/metrics.jsonl, tensorboard/           what the stage logged
-    <root>/eval/<variant>/                              `trinityx eval` reports
+    <root>/eval/<variant>/                              `trinityx eval` reports, one folder per variant
+    <root>/hf/                                          the HF export of the Slurm pipeline and the demo
+    <root>/slurm/, slurm/logs/                          `trinityx slurm render`'s scripts, their jobs' logs (SlurmDir)
+    <root>/imported/, parity.json, models/tiny-llama/,  the demo's own: its backbone in TP shards and its
+      eval_data/, hhh_heldout/, hhh_heldout.json          check, its generated model, its held-out files and figures
 
 A checkpoint folder (`CheckpointDir`) holds one folder per tag (step%08d: DeepSpeed's files, the
 layout-free `universal/` copy, the run state, `config.yaml`, `tokenizer/`, a COMPLETE marker) and
@@ -22,6 +28,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.storage.atomic import write_text
 
 CONFIG = "config.yaml"
@@ -31,10 +38,9 @@ ROUTER = "router.safetensors"
 VALIDATION = "validation.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or run folder that cannot be read: names the file (and tensor)."""
+STAGE1, STAGE2 = "stage1", "stage2"
+CHECKPOINTS = "checkpoints"
+EVAL = "eval"
 
 
 class CheckpointDir:
@@ -198,6 +204,28 @@ class CheckpointDir:
         return None
 
 
+class SlurmDir:
+    """A folder of rendered sbatch scripts (`trinityx slurm render`): the run's `slurm/` unless
+    `--out` puts them elsewhere. Its jobs log into `logs/` inside it (unless the Slurm settings name
+    a log_dir), next to the scripts that wrote them: Slurm does not make the folder of --output, so
+    render makes it."""
+
+    LOGS = "logs"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"SlurmDir({str(self.path)!r})"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / self.LOGS
+
+
 class RunLayout:
     """The files of one run under `root` (a run's `output.dir`, wherever it has moved since)."""
 
@@ -215,11 +243,18 @@ class RunLayout:
         if stage == 1:
             if expert is None:
                 raise ValueError("stage 1 keeps one folder per expert: name the expert")
-            return self.root / "stage1" / expert
-        return self.root / "stage2"
+            return self.root / STAGE1 / expert
+        return self.root / STAGE2
 
     def checkpoints(self, stage: int, expert: str | None = None) -> CheckpointDir:
-        return CheckpointDir(self.stage_dir(stage, expert) / "checkpoints")
+        return CheckpointDir(self.stage_dir(stage, expert) / CHECKPOINTS)
+
+    def metrics_file(self, stage: int, expert: str | None = None) -> Path:
+        """What a stage logged, one JSON line per step (train/metrics.py's MetricsLogger)."""
+        return self.stage_dir(stage, expert) / METRICS
+
+    def tensorboard_dir(self, stage: int, expert: str | None = None) -> Path:
+        return self.stage_dir(stage, expert) / TENSORBOARD
 
     def expert_file(self, name: str) -> Path:
         """Expert `name` as stage 1 trained it."""
@@ -246,15 +281,66 @@ class RunLayout:
         when stage 2 trains experts and has finished, else stage 1's."""
         return self.stage2_expert_file(name) if trained_in_stage2 and self.stage2_done() else self.expert_file(name)
 
-    def eval_dir(self, variant: str) -> Path:
-        return self.root / "eval" / variant.replace(":", "-")
+    def eval_dir(self, variant: str | None = None) -> Path:
+        """`eval_dir()`: the folder of the run's evaluation reports; `eval_dir(variant)`: the one
+        variant's reports (report.json, report.md, per-suite details), where `trinityx eval` writes
+        without --out, and so the Slurm eval job, which passes --out only when the Slurm settings
+        name an eval_dir. A folder per variant because one report folder holds one variant's
+        report: two variants in one folder would overwrite each other."""
+        folder = self.root / EVAL
+        return folder if variant is None else folder / variant_folder(variant)
+
+    @property
+    def export_dir(self) -> Path:
+        """The run exported as one HF folder (`trinityx export-hf RUN RUN/hf`), where the Slurm
+        pipeline's export job (unless the Slurm settings name an export_dir) and the demo write it:
+        inside the run, so the export travels with the weights it was made from."""
+        return self.root / "hf"
+
+    @property
+    def slurm_dir(self) -> SlurmDir:
+        """Where `trinityx slurm render` writes the run's sbatch scripts without --out (and its
+        jobs' logs, `slurm_dir.log_dir`): inside the run, so a run's scripts and logs stay with it."""
+        return SlurmDir(self.root / "slurm")
+
+    # -- the demo's own files (`trinityx demo`): everything of its pipeline inside its run folder,
+    #    so one folder holds (and one `rm -r` removes) the whole demonstration
+    @property
+    def imported_dir(self) -> Path:
+        """The backbone imported into TP shards (`trinityx import-hf`), when the run imports its own."""
+        return self.root / "imported"
+
+    @property
+    def parity_file(self) -> Path:
+        """The imported backbone checked against transformers (`trinityx parity`'s results)."""
+        return self.root / "parity.json"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        """A generated tiny Llama (model/tiny.py), when no real model is at hand."""
+        return self.root / "models" / "tiny-llama"
+
+    @property
+    def eval_data_dir(self) -> Path:
+        """Held-out files cut from real samples (`--eval-data`), prompt-disjoint from training."""
+        return self.root / "eval_data"
+
+    @property
+    def heldout_dir(self) -> Path:
+        """The held-out HHH figures, one result file per variant (backbone, trinityx)."""
+        return self.root / "hhh_heldout"
+
+    @property
+    def heldout_report_file(self) -> Path:
+        """The held-out HHH figures side by side, with the paired differences."""
+        return self.root / "hhh_heldout.json"
 
     def is_run(self) -> bool:
-        return (self.root / "stage1").is_dir() or (self.root / "stage2").is_dir()
+        return (self.root / STAGE1).is_dir() or (self.root / STAGE2).is_dir()
 
     def stage_checkpoints(self) -> list[CheckpointDir]:
         """Every stage's checkpoint folder, stage 2's first (the run's latest config lives there)."""
-        stage1 = sorted((self.root / "stage1").glob("*/checkpoints"))
+        stage1 = sorted((self.root / STAGE1).glob(f"*/{CHECKPOINTS}"))
         return [self.checkpoints(2)] + [CheckpointDir(p) for p in stage1]
 
     def run_config_file(self) -> Path:
@@ -275,6 +361,17 @@ class RunLayout:
         <root>/stage1/<expert>/checkpoints/<tag> (the run may have moved since it was trained)."""
         tag_dir = Path(tag_dir).resolve()
         return cls(tag_dir.parents[2] if stage == 2 else tag_dir.parents[3])
+
+
+def variant_folder(variant: str) -> str:
+    """A variant's folder name: `expert:help` -> `expert-help` (no colon in a path)."""
+    return variant.replace(":", "-")
+
+
+def model_eval_dir(model: str | Path, variant: str) -> Path:
+    """Where `trinityx eval` writes a plain model's reports without --out (a model folder is not a
+    run: its reports go under the working directory's runs/eval/, one folder per model and variant)."""
+    return Path("runs") / EVAL / f"{Path(model).name}-{variant_folder(variant)}"
 
 
 def import_origin(path: str | Path) -> Path:

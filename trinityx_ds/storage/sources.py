@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trinityx_ds.storage.layout import CheckpointError
+from trinityx_ds.errors import CheckpointError
 
 
 class MissingTensor(CheckpointError):

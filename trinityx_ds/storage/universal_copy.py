@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trinityx_ds.storage.layout import CheckpointDir, CheckpointError
+from trinityx_ds.errors import CheckpointError
+from trinityx_ds.storage.layout import CheckpointDir
 from trinityx_ds.storage.sources import SafetensorsSource
 
 INDEX = "model.safetensors.index.json"

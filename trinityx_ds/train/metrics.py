@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trinityx_ds.plan.params import MoCaEPlan
 from trinityx_ds.plan.throughput import flops_per_token, gpu_peak_tflops
+from trinityx_ds.storage.layout import METRICS, TENSORBOARD
 
 PROGRESS = ("train/loss", "train/tokens_per_s", "train/mfu", "train/lr")  # shown on the progress bar
 
@@ -55,12 +56,12 @@ class MetricsLogger:
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        self.jsonl = open(out_dir / METRICS, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(out_dir / TENSORBOARD))
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def log(self, step: int, scalars: dict[str, float], progress: bool = True) -> None:

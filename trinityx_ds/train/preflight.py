@@ -13,10 +13,11 @@ from pathlib import Path
 from trinityx_ds.config.schema import PREFERENCE_OBJECTIVES
 from trinityx_ds.data.dataset import split_tasks
 from trinityx_ds.data.formats import DataError, read_pairs, read_source
+from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
-from trinityx_ds.storage.layout import CheckpointError, RunLayout
+from trinityx_ds.storage.layout import RunLayout
 
 
 def data_problems(cfg) -> list[str]:
