@@ -84,6 +84,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trinityx_ds.storage.layout import RunLayout  # stdlib only: importable before the wheelhouse gate
+
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: gpu_check.sh puts it on PYTHONPATH
 
 # what any piece imports (the gate names every one missing; hjson, pydantic and psutil: DeepSpeed's)
@@ -405,7 +407,7 @@ def setup_equal(work: Path) -> None:
     for side in SIDES:
         cfg = write_config(work / side, model, **EQUAL_CONFIG)
         write_random_experts(cfg)
-        shutil.rmtree(work / side / "out" / "stage1" / "harm")
+        shutil.rmtree(RunLayout(work / side / "out").stage_dir(1, "harm"))
 
 
 def _gpu_peak(rows: list[dict]) -> str:
@@ -425,11 +427,12 @@ def piece_train(p: Piece, stage: int) -> list[dict]:
         return _fail(check, "; ".join(failed))
     from safetensors.torch import load_file
 
-    rel = Path("out/stage1/harm") if stage == 1 else Path("out/stage2")
-    weights = "expert.safetensors" if stage == 1 else "router.safetensors"
-    rows = {s: _metrics(p.work / s / rel / "metrics.jsonl") for s in SIDES}
+    runs = {s: RunLayout(p.work / s / "out") for s in SIDES}
+    expert = "harm" if stage == 1 else None
+    weights = {s: r.expert_file("harm") if stage == 1 else r.router_file for s, r in runs.items()}
+    rows = {s: _metrics(r.metrics_file(stage, expert)) for s, r in runs.items()}
     m = compare_metrics(rows["cpu"], rows["gpu"], steps=EQUAL_STEPS)
-    t = compare_tensors(load_file(p.work / "cpu" / rel / weights), load_file(p.work / "gpu" / rel / weights))
+    t = compare_tensors(load_file(weights["cpu"]), load_file(weights["gpu"]))
     if p.cuda and not any("memory/peak_allocated_gib" in r for r in rows["gpu"]):
         m["problems"].append("the gpu side's metrics have no memory/peak_allocated_gib: its worker saw no CUDA")
     losses = [r["train/loss"] for r in rows["cpu"] if "train/loss" in r]
@@ -516,12 +519,13 @@ def hf_logprobs(folder: Path, run_config: Path, eval_folder: Path, device: str) 
 
 def _export_command(p: Piece) -> tuple[list[str], dict, Path]:
     """`trinityx export-hf` of the GPU-trained run (CPU work: it reads and writes files)."""
-    return p.cli("export-hf", p.work / "gpu" / "out", p.work / "hf", "--overwrite"), p.env("cpu"), p.work / "export.log"
+    gpu_run = RunLayout(p.work / "gpu" / "out")
+    return p.cli("export-hf", gpu_run.root, gpu_run.export_dir, "--overwrite"), p.env("cpu"), p.work / "export.log"
 
 
 def piece_export(p: Piece) -> list[dict]:
     check = "export-hf = ours (transformers)"
-    hf, (argv, env, log) = p.work / "hf", _export_command(p)
+    hf, (argv, env, log) = RunLayout(p.work / "gpu" / "out").export_dir, _export_command(p)
     rc = log.with_suffix(".rc")
     code = int(rc.read_text()) if rc.is_file() and rc.read_text() != "None" else None
     if code != 0:  # not exported while the eval ran (or it failed there): once more, here

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from trinityx_ds.storage.layout import RunLayout
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["backbone", "expert:help", "expert:harm", "expert:honest", "uniform", "h3fusion"]
 
@@ -128,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
               ("trinityx", ["--variant", "trinityx"])]
     folders = []
     for name, opts in evals:
-        folder = out / "eval" / name.replace(":", "-")
+        folder = RunLayout(run).eval_dir(name)
         folders.append(str(folder))
         if not (folder / "report.json").is_file():
             _step(f"eval {name}", lambda: trinityx_eval([*common, *opts, "--out", str(folder)]))
     print()
     trinityx_eval(["compare", *folders, "--out", str(out / "compare")])
-    print(f"\nall in {time.time() - t0:.0f} s; reports under {out / 'eval'}")
+    print(f"\nall in {time.time() - t0:.0f} s; reports under {RunLayout(run).eval_dir()}")
     return 0
 
 

@@ -84,12 +84,12 @@ def choose_router(args, base, hf_dir: Path, data: Path, out: Path, split: dict[s
             eff.step(f"train router ({cand})", lambda: trinityx(
                 ["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
         reports[cand] = json.loads(run.validation_file.read_text())
-        opts = {"out": str(cdir / "eval"), "run": str(cdir / "run"), "tp": 1, "max_seq_len": base.max_seq_len,
+        opts = {"out": str(run.eval_dir()), "run": str(run.root), "tp": 1, "max_seq_len": base.max_seq_len,
                 "batch": base.batch, "tqa": str(dev["tqa_eval"]), "hh": str(dev["hh_eval"]),
                 "alpaca": str(dev["alpaca_eval"]), "variants": ["trinityx"]}
-        if not result_file(cdir / "eval", "trinityx").is_file():
+        if not result_file(run.eval_dir(), "trinityx").is_file():
             eff.step(f"score {cand} on the dev files", lambda: launch(opts, args.nproc))
-        results[cand] = json.loads(result_file(cdir / "eval", "trinityx").read_text())
+        results[cand] = json.loads(result_file(run.eval_dir(), "trinityx").read_text())
         eval_run = eval_run or opts
     # the experts alone on the same dev files (once: they do not depend on the router)
     opts = {**eval_run, "out": str(out / "router" / "experts_eval"), "variants": eff.EXPERTS}
@@ -172,17 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         cdir = out / cand.replace(":", "_")
         cdir.mkdir(parents=True, exist_ok=True)
         config = eff.write_config(cdir, hf_dir, data, split, base)
-        if not RunLayout(cdir / "run").expert_file("harm").is_file():
+        run = RunLayout(cdir / "run")
+        if not run.expert_file("harm").is_file():
             eff.step(f"train harm ({cand}, {steps} steps)", lambda: trinityx(
                 ["train", "experts", "--config", str(config), "--only", "harm", "--nproc", str(args.nproc)]))
         variants = ["backbone", "expert:harm"] if not results else ["expert:harm"]
-        opts = {"out": str(cdir / "eval"), "run": str(cdir / "run"), "tp": 1, "max_seq_len": base.max_seq_len,
+        opts = {"out": str(run.eval_dir()), "run": str(run.root), "tp": 1, "max_seq_len": base.max_seq_len,
                 "batch": base.batch, "tqa": None, "hh": str(dev), "alpaca": None, "variants": variants}
-        if any(not result_file(cdir / "eval", v).is_file() for v in variants):
+        if any(not result_file(run.eval_dir(), v).is_file() for v in variants):
             eff.step(f"score {cand} on the dev pairs", lambda: launch(opts, args.nproc))
         if not results:
-            results["backbone"] = json.loads(result_file(cdir / "eval", "backbone").read_text())
-        results[f"{cand} ({steps} steps)"] = json.loads(result_file(cdir / "eval", "expert:harm").read_text())
+            results["backbone"] = json.loads(result_file(run.eval_dir(), "backbone").read_text())
+        results[f"{cand} ({steps} steps)"] = json.loads(result_file(run.eval_dir(), "expert:harm").read_text())
     table = figures(results)
     lines = [f"`python tools/hhh_dev.py {' '.join(argv or sys.argv[1:])}` ({time.time() - t0:.0f} s): harm expert "
              f"candidates on {table['backbone']['n']['harmless acc']} dev pairs cut from the HH-RLHF training side "

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "--nproc", str(args.nproc)]))
     if not layout.router_file.is_file():
         step("train router", lambda: trinityx(["train", "router", "--config", str(config), "--nproc", str(args.nproc)]))
-    evals = out / "eval"
+    evals = layout.eval_dir()
     set_importance(layout.router_file, args.importance, evals)
     opts = {"out": str(evals), "run": str(run), "tp": args.tp, "max_seq_len": args.max_seq_len, "batch": args.batch,
             "tqa": str(split["tqa_eval"]), "hh": str(split["hh_eval"]), "alpaca": str(split["alpaca_eval"]),

@@ -6,7 +6,7 @@
 3. stage 2: the calibrated router on the mixture, with the held-out routing report;
 4. the held-out HHH report: TruthfulQA MC1/MC2, harmless preference accuracy and margin, and the
    per-token log-likelihood of reference responses, for the backbone and the fused model side by
-   side, with each paired difference and its 95% bootstrap interval (eval/heldout.py). On the
+   side, with each paired difference and its 95% bootstrap interval (experiments/heldout.py). On the
    embedded held-out fixtures (12 items per dimension) the intervals are wide; `--eval-data DIR`
    (a folder laid out like the project's real samples) evaluates on prompt-disjoint files cut
    from it instead;
@@ -91,7 +91,7 @@ def hhh_report(out: Path, config: Path, tp: int) -> dict:
     processes), printed side by side with the paired differences; written to OUT/hhh_heldout.json."""
     import shutil
 
-    from trinityx_ds.eval.heldout import figures, launch, result_file, side_by_side, significantly_negative
+    from trinityx_ds.experiments.heldout import figures, launch, result_file, side_by_side, significantly_negative
 
     cfg = yaml.safe_load(config.read_text())
     held = {task: srcs[0]["path"] for task, srcs in cfg["data"]["heldout"].items()}
@@ -146,7 +146,7 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     hf_dir = default_model(out, model)
     eval_files = None
     if eval_data:  # before anything runs: a wrong folder is one line, not a failure after training
-        from trinityx_ds.eval.heldout import split_samples
+        from trinityx_ds.experiments.samples import split_samples
 
         eval_files = split_samples(Path(eval_data), run.eval_data_dir, EVAL_SIZES["tqa"], EVAL_SIZES["hh"],
                                    EVAL_SIZES["help"], seed=yaml.safe_load(RECIPE.read_text())["seed"])

@@ -16,16 +16,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.dist import ROOT
-from tests.mocae_weights import mocae_source
-from tests.train_setup import write_config
 from trinityx_ds.convert import export
 from trinityx_ds.convert.export import ExportRefused, export_hf
-from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
+from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.errors import CheckpointError
-from trinityx_ds.storage.sources import SafetensorsSource
 from trinityx_ds.model.mocae import MoCaEConfig
-from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model
+from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model, mocae_source
+from trinityx_ds.storage.sources import SafetensorsSource
+from trinityx_ds.train.tiny_run import write_config
 
 TOL = 1e-4
 IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -15,9 +15,7 @@ What counts as spelling a path (patterns meant to catch path use, not the words)
 A word alone is not a path: the CLI's `eval` subcommand, the config's `train.stage1` section, the
 Slurm job `experts`, a module named eval/judge.py.
 
-A failure names file:line and the spelling for each. PENDING: tools/ files another change is
-rewriting right now (file names only); the test fails once one of them spells nothing any more,
-so the list only shrinks.
+A failure names file:line and the spelling for each.
 """
 from __future__ import annotations
 
@@ -29,8 +27,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = ROOT / "trinityx_ds" / "storage" / "layout.py"
-
-PENDING = {"gpu_check.py", "hhh_compare.py", "hhh_dev.py", "hhh_efficacy.py"}
 
 # The names of a run's folders and files: RunLayout's (test_names_are_layouts checks that
 # storage/layout.py spells each). Distinctive ones are a path on either side of a slash.
@@ -122,22 +118,11 @@ def spellings(path: Path) -> list[tuple[int, str]]:
     return python_spellings(text, str(path)) if path.suffix == ".py" else shell_spellings(text)
 
 
-def _pending(path: Path) -> bool:
-    return path.parent == ROOT / "tools" and path.name in PENDING
-
-
 def test_no_run_path_is_spelled_outside_the_layout():
-    bad = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in _files() if not _pending(path)
+    bad = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in _files()
            for line, what in spellings(path)]
     assert not bad, (f"{len(bad)} spelling(s) of a run's paths outside storage/layout.py "
                      "(ask RunLayout, or render the path into the template):\n  " + "\n  ".join(bad))
-
-
-def test_pending_tools_still_spell_paths():
-    """PENDING only shrinks: a tool that no longer spells a run's paths leaves the list."""
-    clean = sorted(name for name in PENDING
-                   if not (ROOT / "tools" / name).is_file() or not spellings(ROOT / "tools" / name))
-    assert not clean, f"tools/ files in PENDING that spell no run path (remove them from PENDING): {clean}"
 
 
 def test_names_are_layouts():

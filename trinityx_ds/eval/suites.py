@@ -15,7 +15,6 @@ from trinityx_ds.data import formats
 from trinityx_ds.eval import metrics
 from trinityx_ds.eval.loglik import Request
 
-SUITES = ("truthfulqa_mc", "hh_preference", "routing", "generate")
 SAFE_LABELS = {"safe", "benign", "harmless", "ok", "neutral", "non-toxic", "non_toxic", "not_toxic", "not toxic"}
 
 
