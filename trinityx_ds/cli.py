@@ -75,17 +75,20 @@ def _train(args) -> int:
     if report(problems(cfg, args.stage, args.only)):  # every rank stops before its process group; rank 0 says why
         return 2
     names = [args.only] if args.only else list(cfg.experts.names)
+    summaries = []
     try:
-        if args.stage == "experts":
-            summaries = [run_stage(cfg, 1, name) for name in names]
-        else:
-            summaries = [run_stage(cfg, 2)]
+        for stage, expert in [(1, n) for n in names] if args.stage == "experts" else [(2, None)]:
+            summaries.append(run_stage(cfg, stage, expert))
+            if summaries[-1]["preempted"]:  # the job stops: no later expert starts
+                break
     finally:
         destroy_parallel()  # gloo aborts at exit when a group is left open (torch 2.13)
     if int(os.environ.get("RANK", "0")) == 0:
         for s in summaries:
-            print(f"stage {s['stage']}{' ' + s['expert'] if s['expert'] else ''}: step {s['step']}"
-                  + (" (preempted: checkpoint saved, resubmit to resume)" if s["preempted"] else ""))
+            print(f"stage {s['stage']}{' ' + s['expert'] if s['expert'] else ''}: " + (
+                f"preempted before its first step (nothing new to save), resubmit to resume at step {s['step']}"
+                if s["preempted"] == "before" else f"step {s['step']}" + (
+                    " (preempted: checkpoint saved, resubmit to resume)" if s["preempted"] else "")))
     return 0
 
 
@@ -191,10 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _launches(argv: list[str]) -> bool:
+    """Whether `trinityx train ...` is the `--nproc N` launcher (else it is a rank of a job)."""
+    for i, a in enumerate(argv):
+        value = a.partition("=")[2] if a.startswith("--nproc=") else argv[i + 1] if a == "--nproc" and i + 1 < len(argv) \
+            else None
+        if value is not None:
+            return value.strip() not in ("", "0")
+    return False
+
+
+def _training_rank_starts() -> None:
+    """First thing a training rank does, before the parser (whose imports take a second or more):
+    a preemption signal from here on is recorded and stops the whole job, not the process
+    (train/preemption.py), and the rank does not outlive the agent that started it."""
+    from trinityx_ds.parallel.env import stay_with_launcher
+    from trinityx_ds.train.preemption import install
+
+    install()
+    stay_with_launcher()
+
+
 def main(argv: list[str] | None = None) -> int:
     from trinityx_ds.errors import one_line_errors
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"] and not _launches(argv):
+        _training_rank_starts()
     if argv[:1] == ["lm-eval"]:
         return one_line_errors("lm-eval", lambda: _lm_eval(argv[1:]), errors=(ValueError, FileNotFoundError))
     args = build_parser().parse_args(argv)

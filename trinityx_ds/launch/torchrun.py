@@ -16,7 +16,9 @@ from pathlib import Path
 
 import psutil  # a DeepSpeed dependency
 
-from trinityx_ds.parallel.env import free_port
+from trinityx_ds.parallel.env import die_with_parent, free_port
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the terminal closing is SIGHUP
 
 RELAUNCH_TIMEOUT = 7 * 24 * 3600  # a local training or evaluation job: no practical limit
 
@@ -52,10 +54,13 @@ def launch_torchrun(
 
     Output (stdout and stderr merged) is captured unless `capture` is False. The job runs in its
     own session; on timeout the agent and all its workers are killed together, then
-    TimeoutError carries the tail of the output. With `forward_signals`, SIGINT and SIGTERM to
-    this process reach every worker as SIGTERM (a training worker finishes its step, saves and
+    TimeoutError carries the tail of the output. With `forward_signals`, SIGINT, SIGTERM and SIGHUP
+    to this process reach every worker as SIGTERM (a training worker finishes its step, saves and
     exits), this process waits for the job to end and returns 128 + the signal's number; a second
-    signal kills the job at once. Nothing of the job outlives this process.
+    signal kills the job at once. Nothing of the job outlives this process, however it ends: the
+    agent gets SIGTERM from the kernel when this process dies (even by SIGKILL), and stops its
+    workers, which get the same from the kernel should the agent die first (`die_with_parent`,
+    parallel/env.stay_with_launcher).
     """
     cmd = [
         sys.executable,
@@ -67,6 +72,7 @@ def launch_torchrun(
         *map(str, argv),
     ]
     out = subprocess.PIPE if capture else None
+    launcher = os.getpid()
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -75,6 +81,7 @@ def launch_torchrun(
         stderr=subprocess.STDOUT if capture else None,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent=launcher),  # in the child, before exec
     )
     received: list[int] = []
     signalled: list = []  # the workers a forwarded signal reached
@@ -86,7 +93,7 @@ def launch_torchrun(
         received.append(signum)
         signalled.extend(_signal_workers(proc.pid, signal.SIGTERM))
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if forward_signals else {}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED} if forward_signals else {}
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except BaseException as exc:  # a timeout, or Ctrl-C: leave no process behind

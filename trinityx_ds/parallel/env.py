@@ -5,8 +5,11 @@ launcher, srun), and joining it: the rank's side of a launch. Starting processes
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -120,6 +123,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         MASTER_ADDR=denv.master_addr,
         MASTER_PORT=str(denv.master_port),
     )
+    stay_with_launcher(denv)
     device = bind(denv.local_rank)  # one GPU per local rank, before NCCL picks cuda:0 for everyone
     # LOCAL_RANK is the device index this rank uses: DeepSpeed's engine binds cuda:LOCAL_RANK
     # itself, which must be ours also where each srun task sees only its own GPU (index 0)
@@ -128,3 +132,35 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     backend = backend or ("nccl" if cuda else "gloo")
     deepspeed.init_distributed(dist_backend=backend)
     return denv
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+try:  # resolved at import, not after a fork (dlopen in a forked child of a threaded parent can hang)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def stay_with_launcher(denv: DistEnv | None = None) -> None:
+    """A rank that a local agent started (torchrun's, DeepSpeed's launcher) does not outlive it:
+    the agent's death sends it SIGTERM (`die_with_parent`). Called as early as a worker can (the
+    training CLI, before any heavy import) and again by `init_distributed`; idempotent. Under srun
+    the parent is Slurm's step daemon, which kills its tasks itself."""
+    if (denv or dist_env()).launcher in ("torchrun", "deepspeed"):
+        die_with_parent()
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux prctl
+    PR_SET_PDEATHSIG): a torchrun worker whose agent is killed, an agent whose launcher is killed,
+    gets SIGTERM (a training rank then saves and stops) instead of running on as an orphan. Not
+    polling: the kernel delivers it however the parent dies, SIGKILL included. `parent`: the pid
+    the caller expects as its parent; if it is already gone (it died before this call), `sig` is
+    sent at once. Returns False where the platform has no such request (not Linux). Safe between
+    fork and exec (launch_torchrun's preexec_fn): nothing is loaded or allocated but a call."""
+    if _PRCTL is None or _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if parent is not None and os.getppid() != parent:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(os.getpid(), sig)
+    return True

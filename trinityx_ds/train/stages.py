@@ -37,7 +37,7 @@ from trinityx_ds.train.guard import DivergenceGuard, Diverged
 from trinityx_ds.train.lock import FolderLocked, RunLock
 from trinityx_ds.train.metrics import MetricsLogger, step_flops
 from trinityx_ds.train.objectives import Objective
-from trinityx_ds.train.preemption import Preemption
+from trinityx_ds.train import preemption
 from trinityx_ds.train.state import ResumePoint, TrainState
 from trinityx_ds.train.step import train_step
 from trinityx_ds.train.validate import routing_report
@@ -75,6 +75,13 @@ class StageRun:
         self.dir = self.layout.stage_dir(stage, expert)
         ep = cfg.parallel.ep if stage == 2 else 1  # stage 1 trains one expert: nothing to place
         self.dims = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=ep, seed=cfg.seed)
+        self.preempt = preemption.install()
+        # asked to stop before this stage built anything (during start-up, or during an earlier
+        # stage of the job): every rank learns it here, and run() returns at once
+        self.stop_before = self.preempt.agreed()
+        if self.stop_before:  # nothing built, nothing locked: run() reports where a resume starts
+            self.ckpt = self.layout.checkpoints(stage, expert)
+            return
         model_path = cfg.model.checkpoint or cfg.model.hf_path
         self.arch, backbone = open_source(model_path)
         self.arch.check_seq_len(cfg.data.max_seq_len)
@@ -146,6 +153,10 @@ class StageRun:
 
     def run(self) -> dict:
         cfg, sc, dims = self.cfg, self.stage_cfg, self.dims
+        if self.stop_before:
+            latest = self.ckpt.latest()
+            return {"stage": self.stage, "expert": self.expert, "step": latest[1]["step"] if latest else 0,
+                    "preempted": "before"}
         train, self.task_sets = self._datasets()
         engine = self.engine = initialize(self.model, self.trainable, cfg, sc, dims.dp)
         self.external.build_optimizer(sc)
@@ -165,7 +176,7 @@ class StageRun:
             log.bar.write(f"resumed from {self.ckpt.tag_dir(self.resume.tag)} at step {start}"
                           + (f" (resharded from {self.resume.state.get('layout')} to {self.resume.layout})"
                              if self.resume.resharded else ""))
-        preempt = Preemption()
+        preempt = self.preempt
         guard = DivergenceGuard(cfg.train.stop_on_nonfinite, cfg.train.max_skipped_steps,
                                 f"train.stage{self.stage}" + (f" (expert {self.expert})" if self.expert else ""),
                                 engine_counters(engine)["skipped_steps"])
