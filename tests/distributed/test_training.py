@@ -236,3 +236,12 @@ def test_damaged_latest_resumes_from_the_previous_tag_and_divergence_stops(tmp_p
     assert not (out / "expert.safetensors").exists()  # no stage output from a diverged state
     kept = CheckpointDir(out / "checkpoints")
     assert kept.complete_tags() and kept.complete_tags()[-1] == kept.tag_for(step - 1)  # not pruned, not saved
+
+    # issue 28: collapse passed as success (lr 1e4: loss fixed at ln(vocab), gradient norm exactly 0, exit 0)
+    collapse = write_config(tmp_path / "collapse", model_dir, **{"train.stage1": {"steps": 12, "lr": 1e4}})
+    collapsed = _launch(collapse)
+    lines = re.findall(r"^trinityx train: (.*collapsed:.*)$", collapsed.stdout, re.M)
+    assert collapsed.returncode != 0 and lines and all(line == lines[0] for line in lines), collapsed.stdout[-3000:]
+    assert lines[0].startswith("train.stage1 (expert harm): collapsed: gradient norm exactly 0 for 5 steps in a row "
+                               "up to step "), lines[0]
+    assert not (tmp_path / "collapse/out/stage1/harm/expert.safetensors").exists()

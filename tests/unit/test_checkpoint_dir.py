@@ -93,12 +93,27 @@ def test_prune_keeps_the_newest_verified_and_everything_damaged(ckpt):
 def test_divergence_guard():
     g = DivergenceGuard(True, 3, "train.stage1", skipped_now=0)
     assert g.problem(1, 2.5, 1.0, 0) is None
-    assert g.problem(2, float("nan"), 1.0, 0) == "loss nan at step 2"
+    assert g.problem(2, float("nan"), 1.0, 0) == "diverged: loss nan at step 2"
     assert "gradient norm inf at step 3" in g.problem(3, 2.5, float("inf"), 0)
-    assert [g.problem(s, 2.5, None, s - 3) for s in (4, 5, 6)][-1].startswith("3 optimizer steps skipped in a row")
+    assert [g.problem(s, 2.5, None, s - 3) for s in (4, 5, 6)][-1].startswith("diverged: 3 optimizer steps skipped")
     assert DivergenceGuard(False, 0, "x", 0).problem(1, float("nan"), float("inf"), 5) is None
     h = DivergenceGuard(True, 3, "x", skipped_now=0)
     assert [h.problem(s, 1.0, 1.0, k) for s, k in ((1, 1), (2, 2), (3, 2), (4, 3), (5, 4))] == [None] * 5  # not in a row
+
+
+def test_collapse_guard_stops_on_a_zero_gradient_norm_in_a_row():
+    """Issue 28: `lr: 1e4` on the tiny recipe left the loss at ln(vocab) and the gradient norm at
+    exactly 0.0 from step 3, and the run wrote its expert with exit 0. Five zero norms in a row now
+    stop it; a zero broken by any other norm, or an unknown one (None), starts the count again."""
+    g = DivergenceGuard(True, 0, "x", 0, collapse_steps=5)
+    norms = [0.1, 2.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    got = [g.problem(s, 6.909, n, 0) for s, n in enumerate(norms, 1)]
+    assert got[:-1] == [None] * 6
+    assert got[-1] == ("collapsed: gradient norm exactly 0 for 5 steps in a row up to step 7 (loss 6.909; "
+                       "train.stop_on_collapse, train.collapse_steps: 5)")
+    h = DivergenceGuard(True, 0, "x", 0, collapse_steps=3)
+    assert [h.problem(s, 1.0, n, 0) for s, n in enumerate([0.0, 0.0, 1e-9, 0.0, 0.0, None, 0.0, 0.0], 1)] == [None] * 8
+    assert all(DivergenceGuard(True, 0, "x", 0).problem(s, 1.0, 0.0, 0) is None for s in range(1, 20))  # off
 
 
 def test_run_lock_refuses_a_second_owner_and_takes_over_from_a_dead_one(tmp_path):

@@ -166,6 +166,10 @@ CASES = [
      "train.stage1.steps_per_expert.hram", "not an expert; experts.names is help, harm, honest", 1),
     ("steps-per-expert-value", edit({"train.stage1.steps_per_expert": {"harm": 0}}), None,
      "train.stage1.steps_per_expert.harm", "0 — an int >= 1", 1),
+    # issue 28: b86774b reported `harm: dpoo` as "experts.objective: ... missing: harm"
+    ("objective-value", edit({"experts.objective": {"help": "sft", "harm": "dpoo", "honest": "sft"}}), None,
+     "experts.objective.harm", "'dpoo' — one of \"sft\", \"dpo\", \"simpo\", \"cpo\"", 1),
+    ("collapse-steps", edit({"train.collapse_steps": 0}), None, "train.collapse_steps", "0 — an int >= 1", 1),
 ]
 
 

@@ -44,6 +44,19 @@ def test_bad_rows_refused_before_launch_and_by_validate(tmp_path, model_dir, cap
     assert main(["config", "validate", str(cfg), "--skip-data"]) == 0  # the files exist: that is all it checks
 
 
+def test_a_wrong_format_on_a_long_file_prints_twenty_lines_and_a_count(tmp_path, model_dir, capsys):
+    """Issue 28: `format: alpaca` on a 20,000-row chat file printed 20,000 lines (b86774b)."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": "a"}]}) + "\n"
+                            for i in range(20000)))
+    cfg = write_config(tmp_path, model_dir, **{"data.tasks.help": [{"path": str(chat), "format": "alpaca"}]})
+    assert main(["config", "validate", str(cfg)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 21 and all(f"{chat}:" in line for line in lines[:20]), lines[:3]
+    assert lines[-1] == "trinityx config validate: ... and 19,980 more problems like these", lines[-1]
+
+
 def test_non_utf8_file_named(tmp_path, model_dir, capsys):
     latin = tmp_path / "latin1.jsonl"
     latin.write_bytes((FIXTURES / "alpaca_tiny.jsonl").read_bytes() + b'{"instruction": "caf\xe9", "output": "x"}\n')

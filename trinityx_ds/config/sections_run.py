@@ -182,6 +182,9 @@ class TrainConfig:
     peak_tflops: float | None = None  # per GPU, bf16 dense, for train/mfu; None: from the GPU's name
     stop_on_nonfinite: bool = True  # a NaN/inf loss or gradient norm stops the run (train/guard.py)
     max_skipped_steps: int = 20  # this many optimizer steps skipped in a row (fp16 overflow) stop it; 0: never
+    # a gradient norm of exactly 0 for this many optimizer steps in a row stops it (train/guard.py)
+    stop_on_collapse: bool = True
+    collapse_steps: int = 5
 
     def problems(self, at: str) -> list[str]:
         out = self.stage1.problems(f"{at}.stage1") + self.stage2.problems(f"{at}.stage2")
@@ -191,6 +194,8 @@ class TrainConfig:
              "the GPU's peak TFLOP/s (> 0, bf16 dense), or null to take it from the GPU's name")
         need(out, self.max_skipped_steps >= 0, f"{at}.max_skipped_steps", self.max_skipped_steps,
              "an int >= 0 (0: never stop on skipped steps)")
+        need(out, self.collapse_steps >= 1, f"{at}.collapse_steps", self.collapse_steps,
+             "an int >= 1 (steps in a row with a gradient norm of exactly 0; train.stop_on_collapse: false to never stop)")
         return out
 
 

@@ -42,10 +42,18 @@ def convert(value: Any, tp, key: str, out: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, out)
     if origin in (Union, types.UnionType):
+        partial = None  # an arg that took the value's shape but not all of its entries (a dict, a list)
         for arg in args:
-            converted = convert(value, arg, key, [])
-            if converted is not BAD:
+            problems: list[str] = []
+            converted = convert(value, arg, key, problems)
+            if converted is not BAD and not problems:
                 return converted
+            if partial is None and (converted is not BAD or problems and typing.get_origin(arg) in (dict, list)
+                                    and isinstance(value, typing.get_origin(arg))):
+                partial = (converted, problems)
+        if partial is not None:  # name the bad entries (`harm: dpoo`), not the whole value
+            out.extend(partial[1])
+            return partial[0]
     elif origin is Literal:
         if isinstance(value, str) and value in args:
             return value

@@ -96,9 +96,15 @@ def problems(cfg, stage: str, only: str | None = None) -> list[str]:
     return out
 
 
+REPORTED = 20  # problems printed in full; the rest are counted (a wrong format on a 20,000-row file)
+
+
 def report(lines: list[str], command: str = "trinityx train") -> int:
-    """Prints the problems once (rank 0 of a launched job; the process itself otherwise); 2 if any."""
+    """Prints the problems once (rank 0 of a launched job; the process itself otherwise), the first
+    REPORTED in full and then how many more there are; 2 if any."""
     if lines and os.environ.get("RANK", "0") == "0":
-        for line in lines:
+        for line in lines[:REPORTED]:
             print(f"{command}: {line}", file=sys.stderr)
+        if len(lines) > REPORTED:
+            print(f"{command}: ... and {len(lines) - REPORTED:,} more problems like these", file=sys.stderr)
     return 2 if lines else 0

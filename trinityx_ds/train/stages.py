@@ -179,7 +179,8 @@ class StageRun:
         preempt = self.preempt
         guard = DivergenceGuard(cfg.train.stop_on_nonfinite, cfg.train.max_skipped_steps,
                                 f"train.stage{self.stage}" + (f" (expert {self.expert})" if self.expert else ""),
-                                engine_counters(engine)["skipped_steps"])
+                                engine_counters(engine)["skipped_steps"],
+                                cfg.train.collapse_steps if cfg.train.stop_on_collapse else None)
         step, saved_at, stopped = start, None, False
         self.model.train()
         while step < sc.steps:
