@@ -184,6 +184,8 @@ def test_resume_after_sigkill_and_crash_during_save(tmp_path, model_dir, whole):
     la = {m["step"]: m["train/loss"] for m in metrics(whole / "out/stage1/harm/metrics.jsonl")}
     lb = {m["step"]: m["train/loss"] for m in metrics(tmp_path / "broken/out/stage1/harm/metrics.jsonl")}
     assert all(la[s] == lb[s] for s in range(7, 13))
+    # issue 28: steps 7-9, logged by the attempt killed while saving step 9, are not there twice
+    assert [m["step"] for m in metrics(tmp_path / "broken/out/stage1/harm/metrics.jsonl")] == list(range(1, 13))
     kept = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
     assert kept[-2:] == ["step00000009", "step00000012"]  # keep_last: 2 complete checkpoints
 

@@ -143,3 +143,22 @@ def test_run_lock_refuses_a_second_owner_and_takes_over_from_a_dead_one(tmp_path
     assert note is not None and f"pid {child.pid}" in note and "taken over" in note
     lock.release()
     assert RunLock(tmp_path).acquire() is None  # released cleanly: nothing to take over
+
+
+def test_metrics_are_cut_back_to_the_step_a_run_resumes_from(tmp_path):
+    """Issue 28: after a resume from step 2, the rows of steps 3-4 that the dead attempt had logged
+    stayed, and the resumed run logged them again. Cut back, with a row torn by the crash."""
+    import json
+
+    from trinityx_ds.train.metrics import keep_until
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)]
+    path.write_text("".join(rows) + '{"step": 5, "tra')
+    keep_until(path, 2)
+    assert path.read_text() == "".join(rows[:2])
+    keep_until(path, 9)
+    assert path.read_text() == "".join(rows[:2])
+    keep_until(tmp_path / "absent.jsonl", 3)
+    assert not (tmp_path / "absent.jsonl").exists()
+

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trinityx_ds.plan.params import MoCaEPlan
 from trinityx_ds.plan.throughput import flops_per_token, gpu_peak_tflops
+from trinityx_ds.storage.atomic import write_text
 from trinityx_ds.storage.layout import METRICS, TENSORBOARD
 
 PROGRESS = ("train/loss", "train/tokens_per_s", "train/mfu", "train/lr")  # shown on the progress bar
@@ -46,6 +47,27 @@ def step_flops(cfg, arch, moe_cfg, stage: int, tokens_per_s: float, seq_len: int
     return {"train/tflops_per_gpu": tflops} | ({"train/mfu": tflops / peak} if peak else {})
 
 
+def keep_until(path: Path, step: int) -> None:
+    """Cut a metrics file back to the rows of steps <= `step` (the step a run resumes from): the
+    steps logged after the last checkpoint by an attempt that then died are trained again, and
+    their rows would otherwise appear twice. A row cut short by a crash ends what is kept."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not line.endswith("\n"):
+            break
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    text = "".join(kept)
+    if text != path.read_text(encoding="utf-8"):
+        write_text(path, text)
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, total_steps: int, start_step: int, enabled: bool,
                  tensorboard: bool = True, desc: str = "train"):
@@ -56,12 +78,14 @@ class MetricsLogger:
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        keep_until(out_dir / METRICS, start_step)
         self.jsonl = open(out_dir / METRICS, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / TENSORBOARD))
+            # events after the step resumed from are the lost attempt's: TensorBoard drops them
+            self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def log(self, step: int, scalars: dict[str, float], progress: bool = True) -> None:
