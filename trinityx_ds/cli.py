@@ -7,15 +7,15 @@ import sys
 
 def _config_validate(args) -> int:
     from trinityx_ds.config import ConfigError, cmd_validate, load_config
+    from trinityx_ds.train.preflight import data_problems, layout_problems, report
 
-    if not (args.skip_paths or args.skip_data):  # every data row, read as training will read it
-        from trinityx_ds.train.preflight import data_problems, report
-
-        try:
-            cfg = load_config(args.file, world_size=args.world_size)
-        except ConfigError:
-            cfg = None  # cmd_validate prints the config's own problems
-        if cfg is not None and report(data_problems(cfg), "trinityx config validate"):
+    try:  # what training refuses beyond the config's own rules: its layout, every data row as read
+        cfg = load_config(args.file, world_size=args.world_size, check_paths=not args.skip_paths)
+    except ConfigError:
+        cfg = None  # cmd_validate prints the config's own problems
+    if cfg is not None:
+        found = layout_problems(cfg) + ([] if args.skip_paths or args.skip_data else data_problems(cfg))
+        if report(found, "trinityx config validate"):
             return 2
     return cmd_validate(args.file, world_size=args.world_size, check_paths=not args.skip_paths)
 
@@ -71,8 +71,10 @@ def _train(args) -> int:
     from trinityx_ds.parallel.groups import destroy_parallel
     from trinityx_ds.train.stages import run_stage
 
-    cfg = load_config(args.config, world_size=dist_env().world_size)
-    if report(problems(cfg, args.stage, args.only)):  # every rank stops before its process group; rank 0 says why
+    world = dist_env().world_size
+    cfg = load_config(args.config, world_size=world)
+    # every rank stops before its process group; rank 0 says why
+    if report(problems(cfg, args.stage, args.only, locks=world == 1)):
         return 2
     names = [args.only] if args.only else list(cfg.experts.names)
     summaries = []

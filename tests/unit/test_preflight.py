@@ -2,6 +2,7 @@
 read every data row, check stage 2's expert files and the output folder, and say what is wrong in
 one line each (file:line, file and tensor), exit 2, before any worker starts."""
 import json
+import os
 import shutil
 
 import pytest
@@ -125,3 +126,43 @@ def test_fp16_on_a_cpu_without_fp16_refused_before_launch(tmp_path, model_dir, c
     line = _one_error(capsys.readouterr().err, "trinityx train")
     assert line.startswith("trinityx train: model.dtype: 'fp16' — this CPU has no fp16 units"), line
     assert not (tmp_path / "out" / "stage1").exists()  # nothing launched
+
+
+def test_what_the_stage_folders_say_is_refused_before_launch(tmp_path, model_dir, capsys):
+    """Issue 28: a folder another job owns, a resume at another DP size and parallel.pp > 1 were
+    refused only after the workers started (44, 45 lines and a refusal per rank on b86774b); now
+    the launcher says each in one line and starts nothing."""
+    import json as _json
+
+    from trinityx_ds.storage.layout import RunLayout
+    from trinityx_ds.train.lock import RunLock
+
+    cfg = write_config(tmp_path, model_dir)
+    run = RunLayout(tmp_path / "out")
+    owner = RunLock(run.stage_dir(1, "help"))
+    owner.acquire()  # another job (this test process) owns stage 1's help folder
+    try:
+        assert main(["train", "experts", "--only", "help", "--config", str(cfg), "--nproc", "2"]) == 2
+        line = _one_error(capsys.readouterr().err, "trinityx train")
+        assert f"{run.stage_dir(1, 'help')}: another training job owns this folder (host " in line, line
+        assert f"pid {os.getpid()} " in line
+    finally:
+        owner.release()
+    assert not run.metrics_file(1, "help").exists()  # no worker ever started
+
+    ckpt = run.checkpoints(1, "honest")  # a checkpoint trained data-parallel over one rank
+    ckpt.tag_dir("step00000003").mkdir(parents=True)
+    ckpt.state_file("step00000003").write_text(_json.dumps({"step": 3, "data": {"step": 3, "world": 1}}))
+    ckpt.marker("step00000003").write_text("")
+    assert main(["train", "experts", "--only", "honest", "--config", str(cfg), "--nproc", "2"]) == 2
+    line = _one_error(capsys.readouterr().err, "trinityx train")
+    assert line == (f"trinityx train: {ckpt.tag_dir('step00000003')}: resume refused: trained data-parallel over 1 "
+                    "rank(s), this launch gives 2 (world 2 / tp 1 x pp 1); a run resumes at the same DP size (TP, EP "
+                    "and ZeRO may change): launch 1 processes, or train into another output.dir"), line
+
+    pp = write_config(tmp_path / "pp", model_dir, parallel={"pp": 2, "zero_stage": 1})
+    assert main(["train", "experts", "--config", str(pp), "--nproc", "2"]) == 2
+    assert "parallel.pp: 2 — training runs at PP=1 in this release" in _one_error(capsys.readouterr().err,
+                                                                                     "trinityx train")
+    assert main(["config", "validate", str(pp), "--world-size", "2"]) == 2
+    assert "parallel.pp: 2 — training runs at PP=1" in _one_error(capsys.readouterr().err, "trinityx config validate")

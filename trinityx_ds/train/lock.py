@@ -33,14 +33,33 @@ class RunLock:
         except BlockingIOError:
             owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
-            raise FolderLocked(f"{self.path.parent}: another training job owns this folder ({owner}); wait for it, "
-                               "stop it, or train into another output.dir") from None
+            raise FolderLocked(self.refusal(self.path.parent, owner)) from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                       .encode(), 0)
         self._fd = fd
         return f"{self.path}: taken over from a job that is gone ({previous})" if previous else None
+
+    def holder(self) -> str | None:
+        """Who holds the lock now (its owner line), or None when no live job does; takes nothing
+        (the pre-launch check: a second job is refused before its workers start, and rank 0 still
+        takes the lock itself when the run begins)."""
+        if not self.path.is_file():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+        finally:
+            os.close(fd)  # closing the descriptor drops the shared lock, if it was taken
+        return None
+
+    @staticmethod
+    def refusal(folder: str | Path, owner: str) -> str:
+        return (f"{folder}: another training job owns this folder ({owner}); wait for it, stop it, or train into "
+                "another output.dir")
 
     def release(self) -> None:
         if self._fd is not None:

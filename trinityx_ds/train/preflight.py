@@ -18,6 +18,7 @@ from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
 from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.train.lock import RunLock
 
 
 def data_problems(cfg) -> list[str]:
@@ -85,9 +86,53 @@ def device_problems(cfg) -> list[str]:
     return []
 
 
-def problems(cfg, stage: str, only: str | None = None) -> list[str]:
-    """Everything `trinityx train <stage>` would fail on later, found now (`stage`: experts | router)."""
-    out = device_problems(cfg) + output_problems(cfg) + data_problems(cfg)
+def layout_problems(cfg) -> list[str]:
+    """A layout config validate accepts (it is what `trinityx plan` models) but training does not run."""
+    if cfg.parallel.pp > 1:
+        return [f"parallel.pp: {cfg.parallel.pp} — training runs at PP=1 in this release (TP x EP x DP); "
+                "`trinityx plan` models PP layouts"]
+    return []
+
+
+def _stage_folders(cfg, stage: str, only: str | None) -> list[tuple[int, str | None]]:
+    names = [only] if only else list(cfg.experts.names)
+    return [(1, n) for n in names if n in cfg.experts.names] if stage == "experts" else [(2, None)]
+
+
+def resume_problems(cfg, stage: str, only: str | None = None, locks: bool = True) -> list[str]:
+    """What the job's stage folders say before any worker starts: another live job owns one (its
+    lock; `locks`), or the newest checkpoint was trained data-parallel over another number of ranks
+    than this launch gives (its saved data position cannot be split anew: TP, EP and ZeRO may
+    change, DP may not). Needs the launch's world size (`parallel.dp` filled) for the second.
+
+    `locks` only where no rank of this job can hold the lock yet: the `--nproc` launcher, or a job
+    of one process. A rank of a multi-rank job must not look: its own rank 0 may already hold it
+    (NCCL creates communicators lazily, so rank 0 can reach the lock before this rank is past its
+    check), and rank 0 refuses a second job itself, in one line, when it takes the lock."""
+    out, layout = [], RunLayout(cfg.output.dir)
+    for st, expert in _stage_folders(cfg, stage, only):
+        folder = layout.stage_dir(st, expert)
+        owner = RunLock(folder).holder() if locks else None
+        if owner is not None:
+            out.append(RunLock.refusal(folder, owner))
+            continue
+        latest = layout.checkpoints(st, expert).latest()
+        saved = (latest[1].get("data") or {}).get("world") if latest else None
+        if saved is not None and cfg.parallel.dp is not None and saved != cfg.parallel.dp:
+            tag = layout.checkpoints(st, expert).tag_dir(latest[0])
+            mp = cfg.parallel.tp * cfg.parallel.pp
+            out.append(f"{tag}: resume refused: trained data-parallel over {saved} rank(s), this launch gives "
+                       f"{cfg.parallel.dp} (world {cfg.parallel.world_size} / tp {cfg.parallel.tp} x pp "
+                       f"{cfg.parallel.pp}); a run resumes at the same DP size (TP, EP and ZeRO may change): "
+                       f"launch {saved * mp} processes, or train into another output.dir")
+    return out
+
+
+def problems(cfg, stage: str, only: str | None = None, locks: bool = True) -> list[str]:
+    """Everything `trinityx train <stage>` would fail on later, found now (`stage`: experts | router;
+    `locks`: see resume_problems)."""
+    out = layout_problems(cfg) + device_problems(cfg) + output_problems(cfg) + data_problems(cfg)
+    out += resume_problems(cfg, stage, only, locks)
     if stage == "router":
         arch, _ = open_source(cfg.model.checkpoint or cfg.model.hf_path)
         out += expert_problems(cfg, arch, list(cfg.experts.names))
