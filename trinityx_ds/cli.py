@@ -63,9 +63,10 @@ def _train(args) -> int:
 
         argv = ["-m", "trinityx_ds.cli", "train", args.stage, "--config", args.config]
         argv += ["--only", args.only] if args.only else []
+        argv += ["--allow-data-change"] if args.allow_data_change else []
         cfg = load_config(args.config, world_size=args.nproc)  # fail here, before any process starts
-        if report(problems(cfg, args.stage, args.only)):
-            return 2
+        if report(problems(cfg, args.stage, args.only, allow_data_change=args.allow_data_change)):
+            return 2  # (what --allow-data-change lets through, rank 0 of the job reports)
         return relaunch(argv, args.nproc, tp=cfg.parallel.tp)
     from trinityx_ds.parallel.env import dist_env
     from trinityx_ds.parallel.groups import destroy_parallel
@@ -74,8 +75,11 @@ def _train(args) -> int:
     world = dist_env().world_size
     cfg = load_config(args.config, world_size=world)
     # every rank stops before its process group; rank 0 says why
-    if report(problems(cfg, args.stage, args.only, locks=world == 1)):
+    notes: list[str] = []
+    if report(problems(cfg, args.stage, args.only, locks=world == 1, allow_data_change=args.allow_data_change,
+                       notes=notes)):
         return 2
+    report(notes, "trinityx train: note")  # rank 0
     names = [args.only] if args.only else list(cfg.experts.names)
     summaries = []
     try:
@@ -154,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         st = tr_sub.add_parser(stage, help=text)
         st.add_argument("--config", required=True)
         st.add_argument("--nproc", type=int, default=0, help="launch N local processes (laptop)")
+        st.add_argument("--allow-data-change", action="store_true",
+                        help="resume although the data or backbone differ, by content, from what the checkpoint was "
+                             "trained on (the change is reported)")
         if stage == "experts":
             st.add_argument("--only", default=None, help="train this expert only (one job per expert on a cluster)")
         else:

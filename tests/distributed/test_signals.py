@@ -166,7 +166,14 @@ def test_preemption_stops_the_whole_job_and_the_resumed_job_equals_an_uninterrup
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    saved = CheckpointDir(out_dir / "stage1/harm/checkpoints").latest()[1]["step"]
+    latest = CheckpointDir(out_dir / "stage1/harm/checkpoints").latest()[1]
+    saved = latest["step"]
+    # the checkpoint records what harm trained on, by content (issue 28: drift by content)
+    from trinityx_ds.config import load_config
+    from trinityx_ds.storage.fingerprint import file_digest
+
+    harm_data = load_config(str(cfg), check_paths=False).data.tasks["harm"][0].path
+    assert latest["inputs"]["data"]["data.tasks.harm[0]"]["sha256"] == file_digest(harm_data)["sha256"]
     assert 2 <= saved < 40 and "stage 1 harm: step" in out and "preempted: checkpoint saved" in out, out[-3000:]
     assert not (out_dir / "stage1/honest").exists(), "the third expert started after the preemption"
 
@@ -175,6 +182,14 @@ def test_preemption_stops_the_whole_job_and_the_resumed_job_equals_an_uninterrup
                            text=True, timeout=600)
     assert again.returncode == 0 and f"at step {saved}" in again.stdout + again.stderr, \
         (again.stdout + again.stderr)[-3000:]
+    from safetensors import safe_open
+
+    from trinityx_ds.storage.fingerprint import model_fingerprint
+
+    with safe_open(out_dir / "stage1/harm/expert.safetensors", framework="pt") as f:  # issue 28: what it is
+        meta = f.metadata()
+    assert meta["backbone"] == model_fingerprint(model) and meta["objective"] == "dpo" and meta["expert"] == "harm"
+    assert meta["steps"] == "40" and meta["lora_rank"] == "4" and meta["kind"] == "lora", meta
     for name in ("help", "harm", "honest"):
         got = load_file(out_dir / f"stage1/{name}/expert.safetensors")
         want = load_file(tmp_path / f"ref/out/stage1/{name}/expert.safetensors")

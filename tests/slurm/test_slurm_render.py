@@ -1,5 +1,6 @@
 """Rendering the sbatch templates (no cluster needed): resources, both launch modes, CPU
 fallback, commented-out empty settings, valid bash, and early refusal of bad settings."""
+import os
 import subprocess
 from pathlib import Path
 
@@ -127,3 +128,19 @@ def test_run_paths_are_rendered_from_the_run_layout(run_config, tmp_path):
     assert out.dir == run.slurm_dir.path and out.log_dir == run.slurm_dir.log_dir
     assert f"EXPORT_DIR={run.export_dir}\n" in out.scripts["export"].read_text()
     assert f"EVAL_OUT=(--out {tmp_path / 'reports'})\n" in out.scripts["eval"].read_text()
+
+
+def test_log_dir_on_a_fresh_run_and_paths_with_spaces(run_config, tmp_path):
+    """Issue 28: `trinityx slurm render --log-dir DIR` failed on every fresh run (its render folder was
+    never made) and the #SBATCH paths were unquoted: a log folder with a space split the option.
+    sbatch reads a double-quoted #SBATCH value as one word."""
+    logs = tmp_path / "my logs"
+    out = render(run_config, load_slurm_config(None, procs_per_node=2, log_dir=str(logs)),
+                 tmp_path / "fresh" / "slurm")
+    assert logs.is_dir() and out.log_dir == logs.resolve()
+    for script in out.scripts.values():
+        text = script.read_text()
+        assert f'#SBATCH --output="{logs.resolve()}/' in text and f'#SBATCH --error="{logs.resolve()}/' in text
+        assert f'#SBATCH --chdir="{os.getcwd()}"' in text
+    with pytest.raises(ValueError, match=r'^--log-dir: .* — a path without double quotes or newlines$'):
+        render(run_config, load_slurm_config(None, procs_per_node=2, log_dir=str(tmp_path / 'say "hi"')), tmp_path / "r2")

@@ -86,6 +86,48 @@ def test_router_inputs_checked_by_file_and_tensor(tmp_path, model_dir, capsys):
     assert f"{harm}: tensor {key!r} has shape (2, " in line and "lora rank 4" in line
 
 
+
+def test_expert_files_are_checked_for_dtype_values_and_backbone_before_launch(tmp_path, model_dir, capsys):
+    """Issue 28: a NaN in a stage-1 expert reached stage 2 (which then blamed the learning rate),
+    int64 and fp16 expert files were accepted, and an expert said nothing of the backbone it was
+    trained on. Each is refused before launch, naming the file and the tensor."""
+    import torch
+
+    from trinityx_ds.config import load_config
+    from trinityx_ds.storage.fingerprint import model_fingerprint
+    from trinityx_ds.train.preflight import problems
+
+    cfg = write_config(tmp_path, model_dir)
+    write_random_experts(cfg)
+    harm = tmp_path / "out/stage1/harm/expert.safetensors"
+    good = load_file(harm)
+    key = sorted(k for k in good if k.endswith("lora_B.weight"))[0]
+    notes: list[str] = []
+    run = load_config(str(cfg), world_size=2)
+    assert problems(run, "router", notes=notes) == []  # files from before the metadata: noted, not refused
+    assert len(notes) == 3 and all("written before expert files recorded their backbone" in n for n in notes), notes
+
+    for label, tensors, fragment in (
+            ("nan", {**good, key: good[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))},
+             f"tensor {key!r} holds {good[key].shape[1]} NaN or inf value(s)"),
+            ("int64", {**good, key: good[key].long()}, f"tensor {key!r} is I64; the run (model.dtype fp32) reads F32"),
+            ("fp16", {**good, key: good[key].half()}, f"tensor {key!r} is F16; the run (model.dtype fp32) reads F32")):
+        save_file(tensors, harm)
+        assert main(["train", "router", "--config", str(cfg), "--nproc", "2"]) == 2, label
+        line = _one_error(capsys.readouterr().err, "trinityx train")
+        assert line.startswith(f"trinityx train: {harm}: ") and fragment in line, (label, line)
+
+    save_file(good, harm, metadata={"backbone": "0" * 64})  # trained on another backbone
+    assert main(["train", "router", "--config", str(cfg), "--nproc", "2"]) == 2
+    line = _one_error(capsys.readouterr().err, "trinityx train")
+    mine = model_fingerprint(model_dir)
+    assert f"{harm}: expert 'harm' was trained on another backbone (fingerprint 000000000000, this run's {mine[:12]})" \
+        in line, line
+    save_file(good, harm, metadata={"backbone": mine})
+    notes = []
+    assert problems(run, "router", notes=notes) == [] and len(notes) == 2  # help and honest: still old files
+
+
 def test_unwritable_output_dir(tmp_path, model_dir, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the output folder's parent should be")

@@ -196,6 +196,10 @@ def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | Non
     run_cfg = load_config(str(run_config), world_size=slurm.nodes * slurm.procs)
     render_dir = Path(out_dir or RunLayout(run_cfg.output.dir).slurm_dir).resolve()
     log_dir = Path(slurm.log_dir or SlurmDir(render_dir).log_dir).resolve()
+    for what, path in (("--log-dir", log_dir), ("the working folder", Path(os.getcwd()))):
+        if '"' in str(path) or "\n" in str(path):  # #SBATCH lines quote these paths in double quotes
+            raise ValueError(f"{what}: {str(path)!r} — a path without double quotes or newlines")
+    render_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not make the folders of --output
     values = _values(run_cfg, run_config, slurm, render_dir, log_dir)
     scripts = {}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, expert_shapes, mocae_role
 from trinityx_ds.parallel.device import rank_device
@@ -26,10 +28,16 @@ def may_be_absent(name: str, upcycled_experts: bool = False) -> bool:
     return role in (ROUTER, POST_NORM) or (upcycled_experts and role == EXPERTS and ".experts.local." in name)
 
 
-def open_expert(path: Path, arch, moe, name: str) -> SafetensorsSource:
+DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # model.dtype -> safetensors' name
+
+
+def open_expert(path: Path, arch, moe, name: str, dtype: str | None = None, backbone: str | None = None,
+                values: bool = False) -> SafetensorsSource:
     """Expert `name`'s file at `path` as a tensor source, once it is known to serve MoCaE config
-    `moe`; else CheckpointError naming the file (missing, unreadable) and the tensor (missing, or
-    of another shape)."""
+    `moe`; else CheckpointError naming the file (missing, unreadable) and the tensor (missing, of
+    another shape; with `dtype`, the run's model.dtype: neither fp32 nor that dtype; with `values`,
+    holding a NaN or inf, read whole) or the backbone (`backbone`: the run's fingerprint, against
+    the one the file's metadata records; files written before it was recorded are not checked)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: expert {name!r} not trained yet "
                               f"(run `trinityx train experts --only {name}` first)")
@@ -44,6 +52,19 @@ def open_expert(path: Path, arch, moe, name: str) -> SafetensorsSource:
         if src.shape(key) != shape:
             raise CheckpointError(f"{path}: tensor {key!r} has shape {src.shape(key)}, the run config needs {shape} "
                                   f"(experts.kind {moe.kind}, lora rank {moe.lora_rank})")
+        allowed = {"F32", DTYPES.get(dtype, "F32")} if dtype else None
+        if allowed and src.dtype(key) not in allowed:
+            raise CheckpointError(f"{path}: tensor {key!r} is {src.dtype(key)}; the run (model.dtype {dtype}) reads "
+                                  f"{' or '.join(sorted(allowed))} expert tensors")
+        if values:
+            bad = int((~torch.isfinite(src.read(key))).sum())
+            if bad:
+                raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or inf value(s): a diverged or "
+                                      "damaged expert; retrain it (a lower learning rate) or restore the file")
+    recorded = src.metadata().get("backbone")
+    if backbone and recorded and recorded != backbone:
+        raise CheckpointError(f"{path}: expert {name!r} was trained on another backbone (fingerprint {recorded[:12]}, "
+                              f"this run's {backbone[:12]}): train it on this run's model")
     return src
 
 

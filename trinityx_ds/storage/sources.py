@@ -79,6 +79,17 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The tensor's dtype as safetensors names it ("F32", "BF16", "F16", "I64", ...), unread."""
+        return self._file(name).get_slice(name).get_dtype()
+
+    def metadata(self) -> dict[str, str]:
+        """The header metadata of the file(s) (a single file's, or the first shard's), {} if none."""
+        first = next(iter(self.weight_map.values()), None)
+        if first is None:
+            return {}
+        return dict(self._file(next(k for k, v in self.weight_map.items() if v == first)).metadata() or {})
+
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         sl = self._file(name).get_slice(name)
         index = [slice(None)] * len(sl.get_shape())

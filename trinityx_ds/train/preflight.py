@@ -17,7 +17,9 @@ from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
+from trinityx_ds.storage.fingerprint import model_fingerprint
 from trinityx_ds.storage.layout import RunLayout
+from trinityx_ds.train.drift import input_drift, inputs_of
 from trinityx_ds.train.lock import RunLock
 
 
@@ -49,15 +51,23 @@ def data_problems(cfg) -> list[str]:
     return out
 
 
-def expert_problems(cfg, arch, names: list[str]) -> list[str]:
+def expert_problems(cfg, arch, names: list[str], notes: list[str] | None = None) -> list[str]:
     """Stage 2's inputs: each expert's stage-1 file readable and holding exactly the tensors, of
-    the shapes, that the run config asks for."""
+    the shapes, that the run config asks for, in fp32 or the run's dtype, trained on this run's
+    backbone (the file's metadata), and (the launcher, or rank 0: one reader is enough) finite.
+    A file from before experts recorded their backbone is noted in `notes`."""
     layout, moe, out = RunLayout(cfg.output.dir), MoCaEConfig.from_run_config(cfg), []
+    backbone = model_fingerprint(cfg.model.checkpoint or cfg.model.hf_path)
     for name in names:
+        path = layout.expert_file(name)
         try:
-            open_expert(layout.expert_file(name), arch, moe, name)
+            src = open_expert(path, arch, moe, name, dtype=cfg.model.dtype, backbone=backbone,
+                              values=os.environ.get("RANK", "0") == "0")
         except CheckpointError as e:
             out.append(str(e))
+            continue
+        if notes is not None and "backbone" not in src.metadata():
+            notes.append(f"{path}: written before expert files recorded their backbone: not checked against it")
     return out
 
 
@@ -99,7 +109,8 @@ def _stage_folders(cfg, stage: str, only: str | None) -> list[tuple[int, str | N
     return [(1, n) for n in names if n in cfg.experts.names] if stage == "experts" else [(2, None)]
 
 
-def resume_problems(cfg, stage: str, only: str | None = None, locks: bool = True) -> list[str]:
+def resume_problems(cfg, stage: str, only: str | None = None, locks: bool = True, allow_data_change: bool = False,
+                    notes: list[str] | None = None) -> list[str]:
     """What the job's stage folders say before any worker starts: another live job owns one (its
     lock; `locks`), or the newest checkpoint was trained data-parallel over another number of ranks
     than this launch gives (its saved data position cannot be split anew: TP, EP and ZeRO may
@@ -125,17 +136,28 @@ def resume_problems(cfg, stage: str, only: str | None = None, locks: bool = True
                        f"{cfg.parallel.dp} (world {cfg.parallel.world_size} / tp {cfg.parallel.tp} x pp "
                        f"{cfg.parallel.pp}); a run resumes at the same DP size (TP, EP and ZeRO may change): "
                        f"launch {saved * mp} processes, or train into another output.dir")
+        recorded = latest[1].get("inputs") if latest else None
+        changed = input_drift(recorded, inputs_of(cfg, st, expert)) if recorded else []
+        if changed and allow_data_change:
+            if notes is not None:
+                notes += [f"{layout.checkpoints(st, expert).tag_dir(latest[0])}: resuming anyway "
+                          f"(--allow-data-change): {c}" for c in changed]
+        elif changed:
+            out.append(f"{layout.checkpoints(st, expert).tag_dir(latest[0])}: resume refused: {'; '.join(changed)} — "
+                       "train on the inputs it was trained on, or pass --allow-data-change to resume anyway")
     return out
 
 
-def problems(cfg, stage: str, only: str | None = None, locks: bool = True) -> list[str]:
+def problems(cfg, stage: str, only: str | None = None, locks: bool = True, allow_data_change: bool = False,
+             notes: list[str] | None = None) -> list[str]:
     """Everything `trinityx train <stage>` would fail on later, found now (`stage`: experts | router;
-    `locks`: see resume_problems)."""
+    `locks`, `allow_data_change`, `notes` (what is allowed but said): see resume_problems)."""
     out = layout_problems(cfg) + device_problems(cfg) + output_problems(cfg) + data_problems(cfg)
-    out += resume_problems(cfg, stage, only, locks)
+    if not out:  # the inputs read: their content can be compared with what a checkpoint recorded
+        out += resume_problems(cfg, stage, only, locks, allow_data_change, notes)
     if stage == "router":
         arch, _ = open_source(cfg.model.checkpoint or cfg.model.hf_path)
-        out += expert_problems(cfg, arch, list(cfg.experts.names))
+        out += expert_problems(cfg, arch, list(cfg.experts.names), notes)
     elif only is not None and only not in cfg.experts.names:
         out.append(f"--only: {only!r} — one of {', '.join(cfg.experts.names)}")
     return out

@@ -27,17 +27,17 @@ from trinityx_ds.model.mocae_spec import MoCaEConfig, mocae_role
 from trinityx_ds.model.weights import open_source
 from trinityx_ds.parallel.deepspeed_compat import engine_counters
 from trinityx_ds.parallel.groups import init_parallel
+from trinityx_ds.storage.fingerprint import model_fingerprint
 from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.storage.sources import DictSource
-from trinityx_ds.train import checkpoint, outputs
-from trinityx_ds.train.drift import check_resume
+from trinityx_ds.train import checkpoint, outputs, preemption
+from trinityx_ds.train.drift import check_resume, inputs_of
 from trinityx_ds.train.engine import initialize
 from trinityx_ds.train.external import ExternalExperts
 from trinityx_ds.train.guard import DivergenceGuard, Diverged
 from trinityx_ds.train.lock import FolderLocked, RunLock
 from trinityx_ds.train.metrics import MetricsLogger, step_flops
 from trinityx_ds.train.objectives import Objective
-from trinityx_ds.train import preemption
 from trinityx_ds.train.state import ResumePoint, TrainState
 from trinityx_ds.train.step import train_step
 from trinityx_ds.train.validate import routing_report
@@ -166,7 +166,8 @@ class StageRun:
                           collate_fn=collate_pairs if pairs else collate)
         state = TrainState(self.ckpt, self.resume, engine, self.external, batches, self.model, self.moe, self.arch,
                            dims, self.stage, self.expert, cfg.train.train_experts_in_stage2, cfg.train.keep_last,
-                           self._write_run_files)
+                           self._write_run_files,
+                           inputs_of(cfg, self.stage, self.expert) if dims.rank == 0 else None)
         start = state.restore()
         log = MetricsLogger(self.dir, sc.steps, start, enabled=dims.rank == 0, tensorboard=cfg.output.tensorboard,
                             desc=f"stage {self.stage}{' ' + self.expert if self.expert else ''}")
@@ -227,8 +228,10 @@ class StageRun:
         return summary
 
     def _finish(self, log, step: int) -> dict:
+        backbone = model_fingerprint(self.cfg.model.checkpoint or self.cfg.model.hf_path) if self.dims.rank == 0 else ""
+        meta = outputs.file_metadata(self.cfg, self.moe, self.arch, step, backbone, self.expert)
         if self.stage == 1:
-            return outputs.write_stage1(self.layout, self.expert, self.model, self.moe, self.arch, self.dims)
+            return outputs.write_stage1(self.layout, self.expert, self.model, self.moe, self.arch, self.dims, meta)
         report = routing_report(self.engine, self.model, self.blocks, {n: s[1] for n, s in self.task_sets.items()},
                                 self.cfg.experts.names, self.stage_cfg.micro_batch, pad_id(self.tokenizer),
                                 self.layout.validation_file if self.dims.rank == 0 else None, self.pad_to_multiple)
@@ -236,7 +239,7 @@ class StageRun:
             log.log(step, {"val/routing_accuracy": report["accuracy"], "val/routing_ece": report["ece"],
                            "val/routing_brier": report["brier"]}, progress=False)
         return {**outputs.write_stage2(self.layout, self.model, self.moe, self.arch, self.dims,
-                                       self.cfg.train.train_experts_in_stage2), "validation": report}
+                                       self.cfg.train.train_experts_in_stage2, meta), "validation": report}
 
 
 def run_stage(cfg, stage: int, expert: str | None = None) -> dict:

@@ -77,6 +77,7 @@ class TrainState:
     train_experts_in_stage2: bool
     keep_last: int
     write_run_files: object = None  # (tag) -> None, rank 0: run config and tokenizer
+    inputs: dict | None = None  # drift.inputs_of: what this stage reads, by content (rank 0's, which writes it)
 
     def _opts(self) -> dict:
         return {"engine": (self.engine.optimizer, self.engine.lr_scheduler)} | self.external.optimizers()
@@ -107,6 +108,8 @@ class TrainState:
         opts = self._opts()
         state = {"step": step, "data": self.batches.state_dict(), "stage": self.stage, "expert": self.expert,
                  "layout": self.resume.layout, "universal": universal.meta(opts, self.engine)}
+        if self.inputs is not None:
+            state["inputs"] = self.inputs
 
         def write_more(tag: str) -> None:
             self.external.save(self.ckpt, tag)
