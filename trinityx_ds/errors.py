@@ -12,7 +12,8 @@ from typing import Callable
 # a folder the user named that cannot be written (read-only, a file in the way) is theirs to fix too
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                                                 NotADirectoryError)
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = 2  # bad input, found before or after launch
+# (train/guard.Diverged exits 3: training stopped itself; StorageError 4: the run's files could not be written)
 
 
 class CheckpointError(ValueError):
@@ -22,12 +23,20 @@ class CheckpointError(ValueError):
     point reports it in one line."""
 
 
+class StorageError(OSError):
+    """A run's files could not be written (a full disk, a quota, an I/O error): the message names
+    the path and the cause; exit code 4, so a scheduler's retry logic can tell it from bad input
+    (2) and a stopped run (3)."""
+
+    exit_code = 4
+
+
 def one_line_errors(command: str, fn: Callable[[], int],
                     errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
-    """`fn()`'s exit code; one of `errors` instead prints `trinityx <command>: <error>` on stderr
-    and returns 2."""
+    """`fn()`'s exit code; one of `errors` (or a StorageError) instead prints
+    `trinityx <command>: <error>` on stderr and returns the error's `exit_code` (2 for bad input)."""
     try:
         return fn()
-    except errors as e:  # bad input: one line, no traceback
+    except (*errors, StorageError) as e:  # one line, no traceback
         print(f"trinityx {command}: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(e, "exit_code", EXIT_USER_ERROR)

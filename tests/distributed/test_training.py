@@ -247,3 +247,13 @@ def test_damaged_latest_resumes_from_the_previous_tag_and_divergence_stops(tmp_p
     assert lines[0].startswith("train.stage1 (expert harm): collapsed: gradient norm exactly 0 for 5 steps in a row "
                                "up to step "), lines[0]
     assert not (tmp_path / "collapse/out/stage1/harm/expert.safetensors").exists()
+
+    # issue 28: a full disk during a save was 123 lines per rank, the cause at line 45; now one line
+    # naming the path and the cause, exit code 4 (storage), and the half-written tag is not trusted
+    full = write_config(tmp_path / "full", model_dir, **{"train.stage1": {"steps": 6}, "train.checkpoint_every": 3})
+    nospace = _launch(full, "nospace_during_save:3")
+    lines = re.findall(r"^trinityx train: (.*cannot write checkpoint.*)$", nospace.stdout, re.M)
+    assert nospace.returncode != 0 and lines and "exitcode  : 4" in nospace.stdout, nospace.stdout[-3000:]
+    assert lines[0].startswith(str(tmp_path / "full/out/stage1/harm/checkpoints/step00000003")), lines[0]
+    assert ": cannot write checkpoint step00000003: No space left on device — make room" in lines[0], lines[0]
+    assert CheckpointDir(tmp_path / "full/out/stage1/harm/checkpoints").latest_tag() is None

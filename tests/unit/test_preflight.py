@@ -58,6 +58,20 @@ def test_a_wrong_format_on_a_long_file_prints_twenty_lines_and_a_count(tmp_path,
     assert lines[-1] == "trinityx config validate: ... and 19,980 more problems like these", lines[-1]
 
 
+def test_an_empty_data_file_is_named_before_launch(tmp_path, model_dir, capsys):
+    """Issue 28: `config validate` said OK, then `train` printed `data.tasks.help: no usable example`
+    once per rank, naming no file, and torchrun's ChildFailedError."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = write_config(tmp_path, model_dir, **{"data.tasks.help": [{"path": str(empty), "format": "alpaca"}]})
+    capsys.readouterr()
+    assert main(["config", "validate", str(cfg)]) == 2
+    assert _one_error(capsys.readouterr().err, "trinityx config validate") == \
+        f"trinityx config validate: {empty}: no usable example (expert help: an empty file, or every row skipped)"
+    assert main(["train", "experts", "--config", str(cfg), "--nproc", "2"]) == 2
+    assert f"{empty}: no usable example" in _one_error(capsys.readouterr().err, "trinityx train")
+
+
 def test_non_utf8_file_named(tmp_path, model_dir, capsys):
     latin = tmp_path / "latin1.jsonl"
     latin.write_bytes((FIXTURES / "alpaca_tiny.jsonl").read_bytes() + b'{"instruction": "caf\xe9", "output": "x"}\n')
@@ -208,3 +222,23 @@ def test_what_the_stage_folders_say_is_refused_before_launch(tmp_path, model_dir
                                                                                      "trinityx train")
     assert main(["config", "validate", str(pp), "--world-size", "2"]) == 2
     assert "parallel.pp: 2 — training runs at PP=1" in _one_error(capsys.readouterr().err, "trinityx config validate")
+
+
+def test_a_huge_row_is_malformed_before_any_tokeniser_sees_it(tmp_path, model_dir, capsys):
+    """Issue 28: one valid 50 MB JSONL row cost 5-7 GB RSS per rank and 169 s (every rank tokenised
+    it whole before cutting it). A row over data.max_row_chars is malformed, found while reading."""
+    import time
+
+    rows = (FIXTURES / "alpaca_tiny.jsonl").read_text().splitlines()
+    huge = tmp_path / "alpaca_huge.jsonl"
+    huge.write_text("\n".join([rows[0], json.dumps({"instruction": "x", "output": "y " * 1_500_000}), *rows[1:]]) + "\n")
+    cfg = write_config(tmp_path, model_dir, **{"data.tasks.help": [{"path": str(huge), "format": "alpaca"}]})
+    capsys.readouterr()
+    t0 = time.time()
+    assert main(["config", "validate", str(cfg)]) == 2
+    line = _one_error(capsys.readouterr().err, "trinityx config validate")
+    assert f"{huge}:2: 3,000,0" in line and "characters, over data.max_row_chars (1,000,000)" in line, line
+    assert time.time() - t0 < 30
+    skip = write_config(tmp_path / "skip", model_dir, **{"data.tasks.help": [{"path": str(huge), "format": "alpaca"}],
+                                                          "data.on_malformed": "skip"})
+    assert main(["config", "validate", str(skip)]) == 0  # skip: the row is left out, the rest trains

@@ -64,10 +64,11 @@ def _read_task(data_cfg, task: str, sources, unsafe: str, with_pairs: bool, firs
     """Records carry `index`, their place in the task's files (from `first`): the example id base."""
     records, pairs = [], []
     for src in sources:
-        recs, _ = read_source(src, task, data_cfg.on_malformed, unsafe)
+        recs, _ = read_source(src, task, data_cfg.on_malformed, unsafe, data_cfg.max_row_chars)
         records += [(prompt_key(r["messages"]), {**r, "index": first + len(records) + i}) for i, r in enumerate(recs)]
         if with_pairs and src.format in PAIR_FORMATS:
-            got, _ = read_pairs(src, task, data_cfg.on_malformed, unsafe, data_cfg.pairs_per_prompt)
+            got, _ = read_pairs(src, task, data_cfg.on_malformed, unsafe, data_cfg.pairs_per_prompt,
+                                data_cfg.max_row_chars)
             pairs += [(prompt_key(p.prompt), p) for p in got]
     return _Task(records, pairs)
 
@@ -187,7 +188,9 @@ def build_task_datasets(data_cfg, tokenizer, expert_names: list[str], seed: int,
         train = _sft_rows(split.train[task], tokenizer, data_cfg, task, task_id, next_id)
         held = _sft_rows(split.heldout[task], tokenizer, data_cfg, task, task_id, next_id)
         if not train:
-            raise DataError([f"data.tasks.{task}: no usable example"])
+            files = ", ".join(s.path for s in data_cfg.tasks.get(task, []))
+            raise DataError([f"data.tasks.{task} ({files}): no usable example (every row too long for "
+                             f"data.max_seq_len {data_cfg.max_seq_len}, or held out)"])
         next_id += len(split.train[task].records) + len(split.heldout[task].records)
         train_set = _to_dataset(train, FEATURES)
         out[task] = (pack(train_set, data_cfg.max_seq_len) if data_cfg.packing else train_set,

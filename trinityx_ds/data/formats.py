@@ -20,7 +20,7 @@ from trinityx_ds.config.schema import PAIR_FORMATS, DataFormat
 from trinityx_ds.data import readers_beavertails, readers_chat, readers_hh, readers_instruct, readers_truthfulqa
 from trinityx_ds.data.readers_beavertails import REFUSAL
 from trinityx_ds.data.readers_hh import parse_hh_dialogue
-from trinityx_ds.data.rows import DataError, Malformed, Options, read_rows
+from trinityx_ds.data.rows import MAX_ROW_CHARS, DataError, Malformed, Options, read_rows
 
 __all__ = ["READERS", "REFUSAL", "DataError", "LoadReport", "MCItem", "Malformed", "PreferencePair", "Reader",
            "hh_rlhf_pairs", "parse_hh_dialogue", "read_pairs", "read_source", "truthfulqa_mc"]
@@ -90,11 +90,13 @@ if set(READERS) != set(get_args(DataFormat)) or \
 
 
 def _load(path: str, split: str, max_rows: int | None, on_malformed: str, hub_config: str | None,
-          convert: Callable[[dict], list], make: Callable[[object, str], object]) -> tuple[list, LoadReport]:
+          convert: Callable[[dict], list], make: Callable[[object, str], object],
+          max_row_chars: int = MAX_ROW_CHARS) -> tuple[list, LoadReport]:
     """Items from every row of one source: `fail` raises DataError with all malformed rows of the
-    file, `skip` leaves them out and logs a summary. `max_rows` caps the items kept."""
+    file, `skip` leaves them out and logs a summary. `max_rows` caps the items kept;
+    `max_row_chars` (data.max_row_chars) makes a longer row malformed."""
     items, report = [], LoadReport(path)
-    for where, row in read_rows(path, split, hub_config):
+    for where, row in read_rows(path, split, hub_config, max_row_chars):
         if max_rows is not None and len(items) >= max_rows:
             break
         try:
@@ -114,10 +116,10 @@ def _load(path: str, split: str, max_rows: int | None, on_malformed: str, hub_co
 
 
 def _pairs(reader: Reader, path: str, split: str, max_rows: int | None, on_malformed: str,
-           opts: Options) -> tuple[list[PreferencePair], LoadReport]:
+           opts: Options, max_row_chars: int = MAX_ROW_CHARS) -> tuple[list[PreferencePair], LoadReport]:
     """`max_rows` caps what the reader's `pairs` gives: pairs, or rows where it has a `gather`."""
     items, report = _load(path, split, max_rows, on_malformed, reader.hub_config,
-                          lambda row: reader.pairs(row, opts), lambda item, where: (*item, where))
+                          lambda row: reader.pairs(row, opts), lambda item, where: (*item, where), max_row_chars)
     if reader.gather is not None:
         items = reader.gather(items, opts)
     pairs = [PreferencePair(*item) for item in items]
@@ -125,8 +127,8 @@ def _pairs(reader: Reader, path: str, split: str, max_rows: int | None, on_malfo
     return pairs, report
 
 
-def read_source(src, task: str, on_malformed: str = "fail",
-                beavertails_unsafe: str = "refuse") -> tuple[list[dict], LoadReport]:
+def read_source(src, task: str, on_malformed: str = "fail", beavertails_unsafe: str = "refuse",
+                max_row_chars: int = MAX_ROW_CHARS) -> tuple[list[dict], LoadReport]:
     """Chat records of one `DataSource` for expert `task`.
 
     `beavertails_unsafe` decides what an unsafe BeaverTails row becomes, since its response must never
@@ -140,11 +142,11 @@ def read_source(src, task: str, on_malformed: str = "fail",
     reader, opts = READERS[src.format], Options(task, beavertails_unsafe)
     return _load(src.path, src.split, src.max_rows, on_malformed, reader.hub_config,
                  lambda row: reader.records(row, opts),
-                 lambda messages, where: {"messages": messages, "task": task, "source": where})
+                 lambda messages, where: {"messages": messages, "task": task, "source": where}, max_row_chars)
 
 
 def read_pairs(src, task: str, on_malformed: str = "fail", beavertails_unsafe: str = "refuse",
-               pairs_per_prompt: int = 4) -> tuple[list[PreferencePair], LoadReport]:
+               pairs_per_prompt: int = 4, max_row_chars: int = MAX_ROW_CHARS) -> tuple[list[PreferencePair], LoadReport]:
     """Preference pairs of one `DataSource` (prompt messages, chosen, rejected, `<file>:<line>`):
 
     - hh_rlhf: the shared dialogue before the last Assistant turn is the prompt, the two last turns
@@ -160,7 +162,7 @@ def read_pairs(src, task: str, on_malformed: str = "fail", beavertails_unsafe: s
     if reader is None or reader.pairs is None:
         raise ValueError(f"format: {src.format!r} has no preference pairs — one of {', '.join(PAIR_FORMATS)}")
     return _pairs(reader, src.path, src.split, src.max_rows, on_malformed,
-                  Options(task, beavertails_unsafe, pairs_per_prompt))
+                  Options(task, beavertails_unsafe, pairs_per_prompt), max_row_chars)
 
 
 def hh_rlhf_pairs(path: str, *, split: str = "test", max_rows: int | None = None,

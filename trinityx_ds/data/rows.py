@@ -47,9 +47,14 @@ def _key(name) -> str:
     return str(name).strip().lstrip("\ufeff").strip().lower().replace(" ", "_")
 
 
-def read_rows(path: str, split: str, hub_config: str | None) -> Iterator[tuple[str, dict | Malformed]]:
-    """(location, row) for every row of `path`; a row that is not an object comes as `Malformed`.
-    `hub_config` is the `datasets` config of a `hub:NAME` source that names none."""
+MAX_ROW_CHARS = 1_000_000  # data.max_row_chars' default
+
+
+def read_rows(path: str, split: str, hub_config: str | None,
+              max_row_chars: int = MAX_ROW_CHARS) -> Iterator[tuple[str, dict | Malformed]]:
+    """(location, row) for every row of `path`; a row that is not an object, or a file's row longer
+    than `max_row_chars` characters (data.max_row_chars: cut here, before a tokeniser reads it),
+    comes as `Malformed`. `hub_config` is the `datasets` config of a `hub:NAME` source that names none."""
     if path.startswith("hub:"):
         import datasets
 
@@ -65,11 +70,15 @@ def read_rows(path: str, split: str, hub_config: str | None) -> Iterator[tuple[s
     except (OSError, UnicodeDecodeError) as e:
         raise DataError([f"{path}: cannot read as UTF-8 text ({e})"]) from None
     if path.removesuffix(".gz").endswith(".csv"):
-        yield from _csv_rows(text, path)
+        yield from _csv_rows(text, path, max_row_chars)
     elif text.lstrip().startswith("["):
-        yield from _json_list_rows(text, path)
+        yield from _json_list_rows(text, path, max_row_chars)
     else:
-        yield from _jsonl_rows(text, path)
+        yield from _jsonl_rows(text, path, max_row_chars)
+
+
+def _too_long(chars: int, cap: int) -> Malformed:
+    return Malformed(f"{chars:,} characters, over data.max_row_chars ({cap:,})")
 
 
 def _as_row(value) -> dict | Malformed:
@@ -78,16 +87,18 @@ def _as_row(value) -> dict | Malformed:
     return Malformed(f"expected a JSON object, got {type(value).__name__}")
 
 
-def _jsonl_rows(text: str, path: str):
+def _jsonl_rows(text: str, path: str, cap: int):
     for line, raw in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
-        if raw.strip():
+        if len(raw) > cap:
+            yield f"{path}:{line}", _too_long(len(raw), cap)
+        elif raw.strip():
             try:
                 yield f"{path}:{line}", _as_row(json.loads(raw))
             except json.JSONDecodeError as e:
                 yield f"{path}:{line}", Malformed(f"invalid JSON ({e.msg} at column {e.colno})")
 
 
-def _json_list_rows(text: str, path: str):
+def _json_list_rows(text: str, path: str, cap: int):
     decoder, space = json.JSONDecoder(), re.compile(r"\s*")
     pos = space.match(text, text.index("[") + 1).end()
     if text.startswith("]", pos):
@@ -99,7 +110,7 @@ def _json_list_rows(text: str, path: str):
         except json.JSONDecodeError as e:
             yield f"{path}:{e.lineno}", Malformed(f"invalid JSON ({e.msg}); the rest of the list is unreadable")
             return
-        yield f"{path}:{line}", _as_row(value)
+        yield f"{path}:{line}", _too_long(end - pos, cap) if end - pos > cap else _as_row(value)
         pos = space.match(text, end).end()
         if not text.startswith(",", pos):
             if not text.startswith("]", pos):
@@ -108,7 +119,7 @@ def _json_list_rows(text: str, path: str):
         pos = space.match(text, pos + 1).end()
 
 
-def _csv_rows(text: str, path: str):
+def _csv_rows(text: str, path: str, cap: int):
     reader, header, end = csv.reader(io.StringIO(text, newline="")), None, 0
     try:
         for cells in reader:
@@ -119,6 +130,8 @@ def _csv_rows(text: str, path: str):
                 header = [_key(c) for c in cells]
             elif len(cells) != len(header):
                 yield f"{path}:{line}", Malformed(f"{len(cells)} fields, the header has {len(header)}")
+            elif sum(map(len, cells)) > cap:
+                yield f"{path}:{line}", _too_long(sum(map(len, cells)), cap)
             else:
                 yield f"{path}:{line}", dict(zip(header, cells))
     except csv.Error as e:

@@ -11,12 +11,15 @@ reads `universal/`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+from pathlib import Path
 
 import torch.distributed as dist
 
+from trinityx_ds.errors import StorageError
 from trinityx_ds.storage import atomic
 from trinityx_ds.storage.layout import CheckpointDir
 
@@ -28,6 +31,13 @@ def fault(point: str, step: int) -> None:
     the real failure a resumed run must survive, not a simulated one."""
     if os.environ.get(FAULT_ENV) == f"{point}:{step}" and dist.get_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nospace(step: int, where: Path) -> None:
+    """TRINITYX_FAULT=nospace_during_save:<step> (tests only): every rank's checkpoint write of
+    `step` fails as a full disk fails it (OSError ENOSPC on its file)."""
+    if os.environ.get(FAULT_ENV) == f"nospace_during_save:{step}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where / f"rank{dist.get_rank()}.pt"))
 
 
 def layout(dims, zero_stage: int) -> dict:
@@ -42,12 +52,28 @@ def same_layout(state: dict, current: dict) -> bool:
 
 
 def save(engine, ckpt: CheckpointDir, step: int, state: dict, keep_last: int, write_more=None) -> str:
-    """Collective: every rank calls it. `state` (JSON) is the run's own position (data, step).
+    """Collective: every rank calls it. `state` (JSON) is the run's own position (data, step). A
+    write that fails (a full disk: 123 lines of traceback per rank, the cause at line 45, before)
+    is a StorageError naming the path and the cause; the tag stays incomplete, so a resume skips it.
 
     `write_more(tag)` (collective) writes what lives outside the engine (per-rank files, the
     layout-free copy, the run config); it lands before COMPLETE.
     """
     tag = ckpt.tag_for(step)
+    try:
+        return _save(engine, ckpt, tag, step, state, keep_last, write_more)
+    except StorageError:
+        raise
+    except OSError as e:
+        failed = StorageError(f"{e.filename or ckpt.tag_dir(tag)}: cannot write checkpoint {tag}: "
+                              f"{e.strerror or e} — make room (or fix the folder) and start the run again: it resumes "
+                              "from its last complete checkpoint")
+        failed.errno = e.errno
+        raise failed from None
+
+
+def _save(engine, ckpt: CheckpointDir, tag: str, step: int, state: dict, keep_last: int, write_more) -> str:
+    nospace(step, ckpt.tag_dir(tag))
     if dist.get_rank() == 0:  # a tag written again (after a damaged or interrupted save) is not complete until
         for stale in (ckpt.marker(tag), ckpt.manifest_file(tag)):  # it is rewritten whole
             stale.unlink(missing_ok=True)

@@ -25,7 +25,10 @@ from trinityx_ds.parallel.device import rank_device
 
 
 class Diverged(ValueError):
-    """Training stopped on a non-finite value, too many skipped steps or a collapse (a one-line error)."""
+    """Training stopped on a non-finite value, too many skipped steps or a collapse (a one-line error,
+    exit code 3)."""
+
+    exit_code = 3
 
 
 class DivergenceGuard:

@@ -34,9 +34,13 @@ def data_problems(cfg) -> list[str]:
             if src.path.startswith("hub:"):
                 continue
             try:
-                read_source(src, task, cfg.data.on_malformed, unsafe)
+                records, _ = read_source(src, task, cfg.data.on_malformed, unsafe, cfg.data.max_row_chars)
+                if not records:  # found after launch before, once per rank and without the file's name
+                    out.append(f"{src.path}: no usable example (expert {task}: an empty file, or every row skipped)")
+                    continue
                 if task in pairs_for:
-                    read_pairs(src, task, cfg.data.on_malformed, unsafe, cfg.data.pairs_per_prompt)
+                    read_pairs(src, task, cfg.data.on_malformed, unsafe, cfg.data.pairs_per_prompt,
+                               cfg.data.max_row_chars)
             except DataError as e:
                 out += e.problems
             except ValueError as e:

@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 from trinityx_ds.config import save_config
 from trinityx_ds.data.dataset import Batches, build_pair_datasets, build_task_datasets, collate, collate_pairs, mixture
 from trinityx_ds.data.tokenizer import load_tokenizer, pad_id
+from trinityx_ds.errors import StorageError
 from trinityx_ds.model.assemble import assemble, expert_sources
 from trinityx_ds.model.experts import lora_init_tensors
 from trinityx_ds.model.mocae_spec import MoCaEConfig, mocae_role
@@ -212,7 +213,11 @@ class StageRun:
                 raise
             stop = preempt.agreed()
             if step % cfg.train.checkpoint_every == 0 or step == sc.steps or stop:
-                state.save(step)
+                try:
+                    state.save(step)
+                except StorageError:
+                    log.close()  # the progress bar ends its line before the error's
+                    raise
                 saved_at = step
             checkpoint.fault("after_step", step)
             if stop:
