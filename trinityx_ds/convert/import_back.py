@@ -19,7 +19,7 @@ from trinityx_ds.convert.formats import _base_config, _dtype
 from trinityx_ds.convert.inputs import ExportSource, open_export_source
 from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.mocae_spec import EXPERTS, expert_tensors, mocae_role
-from trinityx_ds.model.weights import META
+from trinityx_ds.model.weights import DTYPES, META
 from trinityx_ds.storage.atomic import save_safetensors, staged_dir
 from trinityx_ds.storage.layout import RunLayout
 
@@ -30,8 +30,6 @@ def import_trinityx(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, overwr
     """A TrinityX HF folder as a starting point for training: OUT/backbone (import-hf checkpoint at
     `tp`), OUT/stage1/<expert>/expert.safetensors, OUT/stage2/router.safetensors (the layout of a
     training output dir) and OUT/config.yaml, a run config whose data.tasks paths are placeholders."""
-    from trinityx_ds.model.backbone import DTYPES  # megatron: imported only when importing
-
     hf_dir, out = Path(hf_dir), Path(out_dir)
     with staged_dir(out, overwrite) as tmp:
         s = open_export_source(hf_dir)
@@ -58,8 +56,6 @@ def import_trinityx(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, overwr
 def _import_backbone(s: ExportSource, hf_dir: Path, out: Path, tp: int, dtype: str) -> None:
     """import_hf on a view of the folder: a base config.json and an index naming the original shard
     files, so the backbone is re-sliced without copying it first."""
-    from trinityx_ds.model.backbone import DTYPES  # megatron: imported only when importing
-
     with tempfile.TemporaryDirectory(dir=out.parent) as view:
         view = Path(view)
         _base_config(s, dtype=str(DTYPES[dtype]).removeprefix("torch.")).save_pretrained(view)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
@@ -30,6 +31,7 @@ from trinityx_ds.eval.generate import generate_batch
 from trinityx_ds.eval.lm import load_lm
 from trinityx_ds.eval.loglik import score_rows
 from trinityx_ds.eval.shard import dp_map
+from trinityx_ds.parallel.groups import destroy_parallel
 from trinityx_ds.storage.layout import RunLayout
 
 
@@ -141,10 +143,6 @@ class TrinityXLM(TemplateLM):
 
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI with the `trinityx` model registered (what `trinityx lm-eval` and torchrun run)."""
-    from lm_eval.__main__ import cli_evaluate
-
-    from trinityx_ds.parallel.groups import destroy_parallel
-
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     try:
         cli_evaluate()

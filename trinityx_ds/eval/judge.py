@@ -16,6 +16,9 @@ import urllib.error
 import urllib.request
 from typing import Literal, Sequence
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from trinityx_ds.eval.metrics import Judgement
 
 Verdict = Literal["A", "B", "tie"]
@@ -138,9 +141,6 @@ class HFClassifierJudge:
 
     def __init__(self, path: str, label_map: dict | None = None, device: str = "cpu", batch_size: int = 8,
                  max_length: int = 1024):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
         if self.tokenizer.pad_token is None:  # Llama-family classifiers ship without one
@@ -149,7 +149,7 @@ class HFClassifierJudge:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         names = label_map or self.model.config.id2label
         self.labels = [str(names[i] if i in names else names[str(i)]) for i in range(self.model.config.num_labels)]
-        self.device, self.batch_size, self.max_length, self._torch = device, batch_size, max_length, torch
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict]:
         if len(prompts) != len(responses):
@@ -159,7 +159,7 @@ class HFClassifierJudge:
         for i in range(0, len(prompts), self.batch_size):
             batch = self.tokenizer(list(prompts[i:i + self.batch_size]), list(responses[i:i + self.batch_size]),
                                    padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            with self._torch.no_grad():
+            with torch.no_grad():
                 logits_BL = self.model(**batch.to(self.device)).logits.float().cpu()
             if len(self.labels) == 1:
                 out += [{"reward": float(r)} for r in logits_BL[:, 0]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Literal, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 
@@ -122,8 +123,6 @@ def _mean(values: list[float]) -> float:
 
 def bootstrap(stat, n: int, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of stat(index array) over `resamples` resamples of n items."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     draws = np.sort([stat(rng.integers(0, n, n)) for _ in range(resamples)])
     return float(draws[int(0.025 * resamples)]), float(draws[int(0.975 * resamples) - 1])

@@ -14,6 +14,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from transformers import AutoModelForCausalLM
+
+from trinityx_ds.errors import one_line_errors
+from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
+from trinityx_ds.model.backbone import build_backbone, masked_mean_loss
+from trinityx_ds.model.llama_adapter import LlamaAdapter
+from trinityx_ds.model.weights import META, check_model_folders, load_weights, open_source, read_meta
+from trinityx_ds.parallel.groups import init_parallel
 
 TOL = 1e-4
 SEQ_LEN = 24
@@ -36,13 +45,6 @@ def parity_ok(r: dict) -> bool:
 
 def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) -> dict:
     """Max abs differences of logits, loss, input-embedding gradient and re-mapped logits."""
-    from megatron.core import parallel_state
-    from transformers import AutoModelForCausalLM
-
-    from trinityx_ds.model.weights import META, load_weights, open_source, read_meta
-    from trinityx_ds.model.llama_adapter import LlamaAdapter
-    from trinityx_ds.model.backbone import build_backbone, masked_mean_loss
-
     arch, src = open_source(folder)
     model = build_backbone(arch, tp=tp, init_weights=False)
     foreign = load_weights(model, src, arch, tp, tp_rank)
@@ -112,10 +114,6 @@ def backbone_parity(folder: str, tp: int, tp_rank: int, seq_len: int = SEQ_LEN) 
 def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
     """Runs `trinityx_ds.eval.parity` under torchrun on `tp` local processes and prints a table.
     A model it cannot check is refused here, in one line, before torchrun starts."""
-    from trinityx_ds.model.weights import check_model_folders
-
-    from trinityx_ds.launch.torchrun import cpu_env, launch_torchrun
-
     check_model_folders(models, tp, SEQ_LEN, key="parity sequence length")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "parity.json"
@@ -136,15 +134,10 @@ def run_parity(models: list[str], tp: int, timeout: float = 900) -> list[dict]:
 def main(argv: list[str]) -> int:
     """torchrun entry: argv = [tp, result_json_path_or_-, folder...]; rank 0 writes the results.
     A model it cannot check: one line on every rank, exit 2, before the process group."""
-    from trinityx_ds.errors import one_line_errors
-
     return one_line_errors("parity", lambda: _main(argv))
 
 
 def _main(argv: list[str]) -> int:
-    from trinityx_ds.model.weights import check_model_folders
-    from trinityx_ds.parallel.groups import init_parallel
-
     tp, out, folders = int(argv[0]), argv[1], argv[2:]
     check_model_folders(folders, tp, SEQ_LEN, key="parity sequence length")
     dims = init_parallel(tp=tp)

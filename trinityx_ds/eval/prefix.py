@@ -25,6 +25,7 @@ import hashlib
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state as ps
 
 
 class PrefixCache:
@@ -48,8 +49,6 @@ class PrefixCache:
     def attach(self, model: torch.nn.Module, first: int) -> Callable[[], None]:
         """Serve `model`'s layers [0, first) from the cache. `first` must be the same for every
         model attached (the layers below it must be the same function of the ids)."""
-        from megatron.core import parallel_state as ps
-
         if first <= 0:
             return lambda: None  # experts from the first layer on: nothing is shared
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:

@@ -11,7 +11,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
+import yaml
+
+from trinityx_ds.config import load_config
+from trinityx_ds.config.schema import DataFormat
+from trinityx_ds.errors import one_line_errors
+from trinityx_ds.eval.report import compare, compare_markdown, write_report
+from trinityx_ds.launch.torchrun import relaunch
 from trinityx_ds.storage.layout import RunLayout, model_eval_dir
 
 # the suites `--suite` takes (eval/suites.py runs them); spelled here, not imported from there:
@@ -70,10 +78,6 @@ def _named(spec: str) -> tuple[str, str]:
 
 def _check(args) -> list[str]:
     """The suites asked for; fills the default variant. Fails before any process starts."""
-    from typing import get_args
-
-    from trinityx_ds.config.schema import DataFormat
-
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -98,8 +102,7 @@ def _check(args) -> list[str]:
 def _check_model(args) -> None:
     """The model the evaluation builds, refused in one line if the backbone cannot reproduce it
     (a run's config names it; a run config with problems says so itself, ConfigError)."""
-    from trinityx_ds.config import load_config
-    from trinityx_ds.model.weights import check_model_folders
+    from trinityx_ds.model.weights import check_model_folders  # torch
 
     layout = RunLayout(args.checkpoint)
     if layout.is_run():
@@ -122,11 +125,10 @@ def default_out(args) -> Path:
 
 def run_eval(args) -> dict:
     """The evaluation on this rank (every rank of the job calls it); rank 0 writes the report."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # here, not at the top: `trinityx --help` builds this module's parser
 
     from trinityx_ds.eval import suites as S
     from trinityx_ds.eval.lm import load_lm
-    from trinityx_ds.eval.report import write_report
     from trinityx_ds.parallel.groups import destroy_parallel
 
     t0, names = time.time(), _check(args)
@@ -136,8 +138,6 @@ def run_eval(args) -> dict:
                      batch_size=args.batch_size)
         judge = None
         if args.judge:
-            import yaml
-
             judge = yaml.safe_load(Path(args.judge).read_text())
         run = {"truthfulqa_mc": lambda: S.truthfulqa_mc(lm, args.truthfulqa, args.limit),
                "hh_preference": lambda: S.hh_preference(lm, [_named(h) for h in args.hh], args.limit),
@@ -174,8 +174,6 @@ def _write_back(lm, routing: dict, mode: str) -> dict:
 
 def cmd_eval(args) -> int:
     if args.eval_command == "compare":
-        from trinityx_ds.eval.report import compare, compare_markdown
-
         columns, rows = compare(args.folders)
         text = compare_markdown(columns, rows)
         print(text, end="")
@@ -186,8 +184,6 @@ def cmd_eval(args) -> int:
         return 0
     _check(args)
     if args.nproc:
-        from trinityx_ds.launch.torchrun import relaunch
-
         opts = {k: v for k, v in vars(args).items() if k not in ("fn", "nproc")}
         return relaunch(["-m", "trinityx_ds.eval.runner", "--args-json", json.dumps(opts)], args.nproc,
                         tp=args.tp or 1)
@@ -197,8 +193,6 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trinityx_ds.eval.runner [eval options]` (what torchrun starts), or `--args-json`."""
-    from trinityx_ds.errors import one_line_errors
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--args-json"]:
         args = argparse.Namespace(**json.loads(argv[1]), fn=cmd_eval, nproc=0)

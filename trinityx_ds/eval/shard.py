@@ -12,11 +12,11 @@ import math
 from typing import Callable, Sequence
 
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
 
 def _dp() -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
     if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
         return 1, 0
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -25,8 +25,6 @@ def _dp() -> tuple[int, int]:
 def dp_map(items: Sequence, fn: Callable[[list], list], batch_size: int, desc: str = "eval") -> list:
     """[*fn(batch) for every batch of `items`] in item order, on every rank; fn returns one result
     per item. Collective: every rank calls it with the same items. Progress bar on rank 0."""
-    from tqdm import tqdm
-
     dp, rank = _dp()
     batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
     mine = {}

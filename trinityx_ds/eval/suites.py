@@ -8,11 +8,18 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from trinityx_ds.calibration.fit import fit_routing
+from trinityx_ds.calibration.metrics import as_tables, bin_ids, calibration_report
+from trinityx_ds.calibration.plots import reliability_diagram, routing_heatmap
+from trinityx_ds.config.schema import DataSource
 from trinityx_ds.data import formats
+from trinityx_ds.data.dataset import build_task_datasets, heldout_indices
 from trinityx_ds.eval import metrics
+from trinityx_ds.eval.judge import HFClassifierJudge, make_judge
 from trinityx_ds.eval.loglik import Request
 
 SAFE_LABELS = {"safe", "benign", "harmless", "ok", "neutral", "non-toxic", "non_toxic", "not_toxic", "not toxic"}
@@ -77,8 +84,6 @@ def hh_preference(lm, sources: list[tuple[str, str]], limit: int | None = None) 
 def heldout_rows(lm, limit: int | None, calib_fraction: float) -> tuple[list[dict], list[int], list[bool]]:
     """The run's held-out examples (its data config and seed), their task labels, and which ones
     form the validation part that T is fitted on (a seeded split per task, like the held-out one)."""
-    from trinityx_ds.data.dataset import build_task_datasets, heldout_indices
-
     cfg, names = lm.cfg, lm.moe.expert_names
     sets = build_task_datasets(cfg.data, lm.tokenizer, names, cfg.seed)
     rows, labels, val = [], [], []
@@ -105,10 +110,6 @@ def routing(lm, out_dir: Path, limit: int | None = None, calib_fraction: float =
 
 def routing_report(lm, stats: list[dict], labels: list[int], val: list[bool], out_dir: Path) -> tuple[dict, list[dict]]:
     """The routing suite from per-example statistics (`EvalLM.routing`), apart so it is testable alone."""
-    from trinityx_ds.calibration import calibration_report
-    from trinityx_ds.calibration.fit import fit_routing
-    from trinityx_ds.calibration.plots import reliability_diagram, routing_heatmap
-
     names = lm.moe.expert_names
     layers, temps, priors = lm.router_state()
     logits_NLE = torch.tensor([s["logits_LE"] for s in stats], dtype=torch.float64)
@@ -160,11 +161,6 @@ def calibration_intervals(probs_NC, labels_N, resamples: int = 2000, seed: int =
     An example keeps its equal-width bin in every resample (the bin depends on its confidence
     only), so a resample's ECE is sum_b |sum_{i in b} (correct_i - conf_i)| / N: calibration.ece,
     as bincounts, 2000 times in well under a second."""
-    import numpy as np
-
-    from trinityx_ds.calibration.metrics import as_tables, bin_ids
-    from trinityx_ds.eval.metrics import bootstrap
-
     probs_NC, labels_N = as_tables(probs_NC, labels_N)
     conf_N, pred_N = probs_NC.max(1)
     correct_N = (pred_N == labels_N).double().numpy()
@@ -175,8 +171,8 @@ def calibration_intervals(probs_NC, labels_N, resamples: int = 2000, seed: int =
         return float(np.abs(np.bincount(bin_N[i], gap_N[i], minlength=n_bins)).sum() / len(i))
 
     n = len(correct_N)
-    return {"accuracy": list(bootstrap(lambda i: float(correct_N[i].mean()), n, resamples, seed)),
-            "ece": list(bootstrap(ece_of, n, resamples, seed))}
+    return {"accuracy": list(metrics.bootstrap(lambda i: float(correct_N[i].mean()), n, resamples, seed)),
+            "ece": list(metrics.bootstrap(ece_of, n, resamples, seed))}
 
 
 def _split_prompt(messages: list[dict]) -> tuple[list[dict], str]:
@@ -188,12 +184,9 @@ def generate(lm, sources: list[tuple[str, str]], judge_cfg: dict | None = None, 
              max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> tuple[dict, list[dict]]:
     """Answers to the prompts of data files (format, path): alpaca (AlpacaEval-style instruction/output),
     beavertails, truthfulqa, ...; the file's response is the reference. Scored when a judge is set."""
-    from trinityx_ds.config.schema import DataSource
-    from trinityx_ds.data.formats import read_source
-
     records = []
     for fmt, path in sources:
-        recs, _ = read_source(DataSource(path=path, format=fmt, max_rows=limit), "eval", on_malformed="skip")
+        recs, _ = formats.read_source(DataSource(path=path, format=fmt, max_rows=limit), "eval", on_malformed="skip")
         records += [(path, *_split_prompt(r["messages"]), r["source"]) for r in recs]
     if not records:
         raise ValueError("generate: no prompt found (pass --prompts FORMAT=PATH)")
@@ -209,8 +202,6 @@ def generate(lm, sources: list[tuple[str, str]], judge_cfg: dict | None = None, 
 
 def judge(judge_cfg: dict, details: list[dict]) -> dict:
     """HF classifier: safety rate (top label among `safe_labels`) or mean reward; HTTP: win rate vs references."""
-    from trinityx_ds.eval.judge import HFClassifierJudge, make_judge
-
     cfg = dict(judge_cfg)
     safe = cfg.pop("safe_labels", None)
     j = make_judge(cfg)

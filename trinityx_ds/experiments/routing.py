@@ -14,7 +14,7 @@ import torch
 from trinityx_ds.config import load_config
 from trinityx_ds.config.schema import DataSource
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
-from trinityx_ds.convert.route import RequestRouter
+from trinityx_ds.convert.request_router import RequestRouter
 from trinityx_ds.data.formats import read_source
 from trinityx_ds.eval.loglik import Request, encode
 from trinityx_ds.eval.metrics import bootstrap

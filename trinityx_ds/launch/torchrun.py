@@ -136,7 +136,7 @@ def local_job_env(nproc: int, tp: int = 1, cpu_fallback: bool = False, what: str
     megatron needs to overlap its TP communication with the GEMMs); fewer GPUs than processes
     (two ranks on one GPU: NCCL refuses a duplicate GPU) is refused in one line, or, with
     `cpu_fallback` (the demo), runs on CPU with a notice."""
-    import torch
+    import torch  # here: every command's parser imports this module (eval/runner.py), and only GPUs need torch
 
     if not torch.cuda.is_available():
         return cpu_env()

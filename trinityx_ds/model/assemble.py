@@ -14,6 +14,7 @@ import torch
 
 from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, expert_shapes, mocae_role
+from trinityx_ds.model.weights import load_weights
 from trinityx_ds.parallel.device import rank_device
 from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
@@ -90,8 +91,8 @@ def assemble(arch, dims, moe, sources: list, *, where: str | Path, dtype: str = 
              sequence_parallel: bool = False):
     """(model, MoCaE blocks) on this rank: built by `build_model`, every tensor loaded from the
     chained `sources` at this rank's TP slice. `where` names the model source in the error."""
-    from trinityx_ds.model.build import build_model  # megatron: only once a model is built
-    from trinityx_ds.model.weights import load_weights
+    # megatron: only once a model is built (train/preflight checks experts with this module before launching)
+    from trinityx_ds.model.build import build_model
 
     model, blocks = build_model(arch, dims, moe, dtype=dtype, activation_checkpointing=activation_checkpointing,
                                 attention=attention, sequence_parallel=sequence_parallel)

@@ -17,11 +17,13 @@ scores are 0, the softmax uniform over the causal prefix, and the output the mea
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -79,15 +81,11 @@ class SDPAttention(MegatronModule):
 
 def te_available() -> bool:
     """Whether Transformer Engine can be imported (without importing it)."""
-    import importlib.util
-
     return importlib.util.find_spec("transformer_engine") is not None
 
 
 def layer_spec(arch, attention: str = "sdpa"):
     """megatron's local GPT layer spec with the core attention `attention` asks for."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     if attention not in KINDS:
         raise ValueError(f"model.attention: {attention!r} — one of {', '.join(KINDS)}")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
@@ -96,7 +94,7 @@ def layer_spec(arch, attention: str = "sdpa"):
     elif attention == "te":
         if not te_available():
             raise ValueError("model.attention: 'te' — Transformer Engine is not installed (use sdpa)")
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention  # optional: TE
 
         spec.submodules.self_attention.submodules.core_attention = TEDotProductAttention
     return spec

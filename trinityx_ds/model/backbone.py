@@ -21,8 +21,8 @@ from megatron.core.transformer import TransformerConfig
 from trinityx_ds.config.schema import recompute_mode
 from trinityx_ds.model.arch import ModelArch, padded_vocab_size
 from trinityx_ds.model.attention import layer_spec, needs_mask
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from trinityx_ds.model.weights import DTYPES
+from trinityx_ds.parallel.megatron_compat import rope_apply_scaling
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +148,6 @@ class Backbone(GPTModel):
         if arch.embedding_scale and pre_process:
             self.embedding.register_forward_hook(_scale_embeddings)
         if kind == "llama3":
-            from trinityx_ds.parallel.megatron_compat import rope_apply_scaling
-
             rope_apply_scaling(self.rotary_pos_emb, factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
                                high_freq_factor=rope["high_freq_factor"],
                                original_max_position_embeddings=rope["original_max_position_embeddings"])

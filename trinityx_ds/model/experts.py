@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from torch import nn
 
@@ -150,8 +151,6 @@ class FullExperts(nn.Module):
 
     def __init__(self, config, num_experts: int, local_ids: list[int], ep_group=None):
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
         self.num_experts, self.local_ids, self.ep_group = num_experts, list(local_ids), ep_group
         # Under sequence parallelism the block hands the experts the TP group's whole tokens
         # (model/mocae.py): their own linears must not gather them again.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
@@ -22,6 +23,7 @@ from trinityx_ds.model.router import CalibratedRouter
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.router_losses import RoutingEMA, router_losses
 from trinityx_ds.parallel import sequence as seq
+from trinityx_ds.parallel.torch_compat import in_backward
 
 
 @dataclass
@@ -71,13 +73,6 @@ class _AttachLoss(torch.autograd.Function):
 
 def set_router_loss_scale(scale: float) -> None:
     _AttachLoss.scale = scale
-
-
-def _in_backward() -> bool:
-    """True while activation checkpointing recomputes a layer (inside autograd's backward)."""
-    from trinityx_ds.parallel.torch_compat import in_backward
-
-    return in_backward()
 
 
 class MoCaEBlock(nn.Module):
@@ -164,7 +159,7 @@ class MoCaEBlock(nn.Module):
             y_TH = (F.rms_norm(y_TH, (H,), seq.sum_grad_over_tp(self.post_norm.weight), self.post_norm.eps) if sp
                     else self.post_norm(y_TH))
         if ctx.force_expert is None and self.ctx is not None:
-            recompute = _in_backward()
+            recompute = in_backward()
             local = seq.local_tokens if sp else (lambda t: t)  # noqa: E731
             mask_T = local(ctx.mask_T)
             losses = {}
@@ -203,8 +198,6 @@ def attach_mocae(model, cfg: MoCaEConfig, ep_group=None) -> list[MoCaEBlock]:
     E = cfg.num_experts
     local_ids = None
     if cfg.kind == "full" and ep_group is not None:
-        import torch.distributed as dist
-
         ep, r = dist.get_world_size(ep_group), dist.get_rank(ep_group)
         if E % ep:
             raise ValueError(f"parallel.ep: {ep} — must divide the number of experts ({E})")

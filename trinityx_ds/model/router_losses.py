@@ -18,6 +18,7 @@ from typing import Callable
 
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trinityx_ds.config.schema import RouterLossConfig  # the coefficients (paper defaults); 0 = logged only
@@ -195,8 +196,6 @@ class RoutingEMA(nn.Module):
         all-masked one (pbar = 0, on every rank of the group) is skipped."""
         pbar_E = pbar_E.detach().to(self.ema_LE)
         if self.group is not None:
-            import torch.distributed as dist
-
             n = (tokens if tokens is not None else torch.ones(())).to(pbar_E).reshape(1)
             sums = torch.cat([pbar_E * n, n])
             dist.all_reduce(sums, group=self.group)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from trinityx_ds.model.arch import ModelArch
 from trinityx_ds.storage.resources import fixtures_dir
@@ -27,8 +29,6 @@ def make_tiny_model(out: str | Path, model_type: str = "llama", seed: int = 0, t
                     **overrides) -> Path:
     """Writes config.json + model.safetensors of a tiny random model (GQA, odd vocab by default)
     and, unless asked not to, a tokenizer that fits its vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     out = Path(out)
     cfg = AutoConfig.for_model(model_type, **{**TINY, **overrides})
     torch.manual_seed(seed)
@@ -53,9 +53,6 @@ TOKENIZER_TEXTS = ("README.md", "alpaca_3_malformed.jsonl", "alpaca_tiny.json", 
 def make_tiny_tokenizer(out: str | Path, vocab_size: int = 1000) -> Path:
     """A byte-level BPE trained on the project's fixture texts (deterministic, offline), with
     bos/eos/pad tokens and no chat template (the data room's default template applies)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     fixtures = [fixtures_dir() / name for name in TOKENIZER_TEXTS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

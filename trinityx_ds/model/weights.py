@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from trinityx_ds.config.families import sliding_window_problem
 from trinityx_ds.errors import CheckpointError
-from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.arch import ArchError, ModelArch
 from trinityx_ds.model.llama_adapter import LlamaAdapter
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, mocae_role
@@ -25,6 +26,7 @@ from trinityx_ds.storage.layout import IMPORT_META as META
 from trinityx_ds.storage.sources import ChainSource, DictSource, MissingTensor, SafetensorsSource, UnshardedSource
 
 FORMAT = "trinityx-backbone"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # a checkpoint's, a model's
 # the HF tensors the adapter's fold changes (Gemma's (1 + w) norms), as the HF folder held them
 ORIGINALS = "hf_originals.safetensors"
 
@@ -117,9 +119,6 @@ def check_model_folders(folders, tp: int, seq_len: int | None = None, key: str =
     checkpoint) the backbone would not reproduce (config/families.py), a TP it cannot split, or a
     sliding window shorter than `seq_len`. What `parity` and `eval` run before any process starts,
     so no rank dies with a traceback."""
-    from trinityx_ds.config.families import sliding_window_problem
-    from trinityx_ds.model.arch import ArchError
-
     for folder in folders:
         path = Path(folder)
         try:

@@ -19,7 +19,16 @@ naming the construct and the function here to fix.
 
 from __future__ import annotations
 
+import pickle
+
 import torch
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import groups
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from trinityx_ds.errors import CheckpointError
 
 
 def set_mpu(mpu) -> None:
@@ -27,8 +36,6 @@ def set_mpu(mpu) -> None:
     derives its data- and expert-parallel groups from (`deepspeed.utils.groups.mpu`).
 
     Call it before `ensure_expert_groups`: DeepSpeed reads the data-parallel size from it."""
-    from deepspeed.utils import groups
-
     groups.mpu = mpu
 
 
@@ -38,8 +45,6 @@ def ensure_expert_groups(ep: int, mpu) -> None:
 
     `groups._create_expert_data_and_model_parallel` leaves that check to its caller; repeating it
     would make new torch process groups each time."""
-    from deepspeed.utils import groups
-
     if f"ep_size_{ep}" not in groups._get_expert_parallel_group_dict():
         groups._create_expert_data_and_model_parallel(ep, mpu=mpu)
 
@@ -47,16 +52,12 @@ def ensure_expert_groups(ep: int, mpu) -> None:
 def expert_parallel_group(name: str):
     """This rank's expert-parallel group `name` ("ep_size_{ep}"): the ranks its tokens go to
     (`groups._get_expert_parallel_group`; an AssertionError if not created)."""
-    from deepspeed.utils import groups
-
     return groups._get_expert_parallel_group(name)
 
 
 def expert_data_parallel_group(name: str):
     """This rank's expert-data-parallel group `name`: the ranks holding replicas of its experts
     (`groups._get_expert_data_parallel_group`; an AssertionError if not created)."""
-    from deepspeed.utils import groups
-
     return groups._get_expert_data_parallel_group(name)
 
 
@@ -109,8 +110,6 @@ def backward_loss_scale(engine) -> float:
     number it would apply, whichever of its branches is taken. Read it before every backward: the
     dynamic scaler changes it at each step that overflows or that ends a clean window.
     """
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
     opt = engine.optimizer
     if isinstance(opt, ZeROOptimizer):
         probe = torch.ones((), device=engine.device, requires_grad=True) * 1.0  # one element, a grad_fn: a "loss"
@@ -135,10 +134,6 @@ def safe_checkpoint_globals() -> list:
     """The non-tensor types DeepSpeed 0.19's checkpoints hold (found by reading this project's
     ZeRO 1/2/3 checkpoints with weights_only=True): the ZeRO stage enum, the loss scalers and the
     fragment addresses of ZeRO-1/2's parameter slice mappings."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
@@ -149,10 +144,6 @@ def load_weights_only(engine) -> None:
     checkpoints are copied between clusters and users. Every file DeepSpeed's native load reads
     (model states, ZeRO optimizer states) goes through `engine.checkpoint_engine.load`; a file that
     holds anything else is refused as a CheckpointError naming it."""
-    import pickle
-
-    from trinityx_ds.errors import CheckpointError
-
     def load(path, map_location=None):
         try:
             with torch.serialization.safe_globals(safe_checkpoint_globals()):

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from trinityx_ds.parallel import deepspeed_compat
+from trinityx_ds.parallel.env import init_distributed
+from trinityx_ds.parallel.megatron_compat import apply_cpu_patches
 
 
 @dataclass(frozen=True)
@@ -31,12 +37,6 @@ class ParallelDims:
 
 def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> ParallelDims:
     """Initialises every group this rank takes part in; callable once per process."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from trinityx_ds.parallel.env import init_distributed
-    from trinityx_ds.parallel.megatron_compat import apply_cpu_patches
-
     apply_cpu_patches()
     if not dist.is_initialized():
         init_distributed()
@@ -49,10 +49,8 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> Pa
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if ep > 1:
-        from trinityx_ds.parallel.deepspeed_compat import ensure_expert_groups, set_mpu
-
-        set_mpu(parallel_state)  # DeepSpeed derives its DP and EP groups from megatron's
-        ensure_expert_groups(ep, parallel_state)
+        deepspeed_compat.set_mpu(parallel_state)  # DeepSpeed derives its DP and EP groups from megatron's
+        deepspeed_compat.ensure_expert_groups(ep, parallel_state)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ParallelDims(world_size=world, tp=tp, pp=pp, dp=dp, ep=ep, rank=dist.get_rank(),
@@ -64,14 +62,10 @@ def expert_parallel_group(dims: ParallelDims):
     """This rank's EP group (None without expert parallelism)."""
     if dims.ep == 1:
         return None
-    from trinityx_ds.parallel import deepspeed_compat
-
     return deepspeed_compat.expert_parallel_group(dims.ep_group_name)
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -85,15 +79,13 @@ class DeepSpeedMPU:
     """
 
     def __getattr__(self, name):
-        from megatron.core import parallel_state as ps
-
         aliases = {
-            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
-            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
-            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
-            "get_pipe_parallel_group": ps.get_pipeline_model_parallel_group,
-            "get_pipe_parallel_world_size": ps.get_pipeline_model_parallel_world_size,
+            "get_model_parallel_group": parallel_state.get_tensor_model_parallel_group,
+            "get_model_parallel_rank": parallel_state.get_tensor_model_parallel_rank,
+            "get_model_parallel_world_size": parallel_state.get_tensor_model_parallel_world_size,
+            "get_pipe_parallel_group": parallel_state.get_pipeline_model_parallel_group,
+            "get_pipe_parallel_world_size": parallel_state.get_pipeline_model_parallel_world_size,
         }
         if name in aliases:
             return aliases[name]
-        return getattr(ps, name)
+        return getattr(parallel_state, name)

@@ -14,6 +14,8 @@ import json
 import sys
 from dataclasses import asdict, replace
 
+from trinityx_ds.config import load_config
+from trinityx_ds.config.schema import ConfigError
 from trinityx_ds.model.arch import ArchError
 from trinityx_ds.plan.layout import GIB, Cluster, Layout, layout_problems
 from trinityx_ds.plan.params import MoCaEPlan, backbone_params, per_rank_params, stage_moe
@@ -84,9 +86,6 @@ def _fixed(args) -> dict:
 
 def _apply_run_config(args, stages: tuple[int, ...], world: int) -> None:
     """Fills the layout and MoCaE arguments from `--config`, as that run would use them."""
-    from trinityx_ds.config import load_config
-    from trinityx_ds.config.schema import ConfigError
-
     given = [f"--{k.replace('_', '-')}" for k, default in RUN_FLAGS.items() if getattr(args, k) not in (None, default)]
     if given:
         raise ValueError(f"--config sets the layout and the MoCaE blocks: drop {', '.join(given)}")
@@ -158,7 +157,7 @@ def _report(args, plan: Plan, others: list[Plan], mode: str, considered: int | N
     refused = None if plan.fits else plan.refusal()
     checked = None
     if args.verify:
-        from trinityx_ds.plan.verify import verify_layout
+        from trinityx_ds.plan.verify import verify_layout  # torch, megatron: only for --verify
 
         lay = plan.layout
         checked = verify_layout(plan.arch, plan.moe, lay.tp, lay.pp, lay.ep, [s.stage for s in plan.stages])

@@ -15,8 +15,15 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable
 
+import deepspeed
+import torch.distributed as dist
+from deepspeed import comm
+from megatron.core import parallel_state
+
 from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.build import build_model
 from trinityx_ds.model.mocae_spec import EXPERTS, POST_NORM, ROUTER, MoCaEConfig, mocae_role
+from trinityx_ds.parallel.groups import expert_parallel_group, init_parallel
 from trinityx_ds.plan.params import MoCaEPlan, per_rank_params, stage_moe
 
 GROUPS = ("embedding", "layers", "final_norm", "output", "router", "experts")
@@ -82,11 +89,6 @@ def mocae_config(moe: MoCaEPlan, stage: int):
 def fake_rank(rank: int, tp: int, pp: int, ep: int):
     """This process as global rank `rank` of a tp x pp x ep world on torch's fake process group;
     yields its ParallelDims and tears every group down afterwards."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from trinityx_ds.parallel.groups import init_parallel
-
     if dist.is_initialized():
         raise RuntimeError("plan verification builds ranks on a fake process group: run it in a process "
                            "without torch.distributed set up")
@@ -94,8 +96,6 @@ def fake_rank(rank: int, tp: int, pp: int, ep: int):
     dist.init_process_group("fake", rank=rank, world_size=tp * pp * ep)
     try:
         if ep > 1:  # DeepSpeed's expert groups are made through deepspeed.comm
-            import deepspeed
-
             deepspeed.init_distributed(dist_backend="fake")
         # megatron's gloo side groups need a real store; the fake one has none
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -104,8 +104,6 @@ def fake_rank(rank: int, tp: int, pp: int, ep: int):
     finally:
         parallel_state.destroy_model_parallel()
         if ep > 1:
-            from deepspeed import comm
-
             comm.destroy_process_group()  # also forgets DeepSpeed's expert groups
         else:
             dist.destroy_process_group()
@@ -121,12 +119,6 @@ def verify_layout(arch: ModelArch, moe: MoCaEPlan, tp: int, pp: int = 1, ep: int
     if arch.tie_word_embeddings and pp > 1:
         raise ValueError("tied embeddings with pp > 1: megatron moves the last stage's output weight to the GPU "
                          "while building it, so it cannot be built on the meta device")
-    import torch
-    from megatron.core import parallel_state
-
-    from trinityx_ds.model.build import build_model
-    from trinityx_ds.parallel.groups import expert_parallel_group
-
     out = []
     for stage in stages:
         moe_s, ep_s = stage_moe(moe, stage, ep)
@@ -140,7 +132,7 @@ def verify_layout(arch: ModelArch, moe: MoCaEPlan, tp: int, pp: int = 1, ep: int
                                        "default device)")
                 pp_rank = parallel_state.get_pipeline_model_parallel_rank()
                 group = expert_parallel_group(dims)
-                ep_rank = 0 if group is None else torch.distributed.get_rank(group)
+                ep_rank = 0 if group is None else dist.get_rank(group)
                 out.append(RankCount(stage, rank, dims.tp_rank, pp_rank, ep_rank,
                                      per_rank_params(arch, tp, pp, pp_rank, moe_s, ep_s), count_params(model)))
     return out

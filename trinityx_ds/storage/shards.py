@@ -12,15 +12,6 @@ from safetensors.torch import save_file
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
-def parse_bytes(text: str) -> int:
-    """'5GB', '500MB', '64KB' or a plain number of bytes."""
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
-    for u, k in units.items():
-        if text.upper().endswith(u):
-            return int(float(text[: -len(u)]) * k)
-    return int(text)
-
-
 class ShardWriter:
     """Safetensors shards of at most `max_bytes` (a larger tensor goes alone), one in memory."""
 

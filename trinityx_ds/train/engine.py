@@ -6,9 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import deepspeed
 import torch
 
 from trinityx_ds.parallel.deepspeed_compat import load_weights_only
+from trinityx_ds.parallel.groups import DeepSpeedMPU
 from trinityx_ds.storage.resources import data_file
 
 
@@ -72,10 +74,6 @@ def lr_lambda(stage):
 
 def initialize(model: torch.nn.Module, trainable: list[torch.nn.Parameter], run, stage, dp: int):
     """deepspeed.initialize with megatron's groups as DeepSpeed's mpu (TP-aware ZeRO)."""
-    import deepspeed
-
-    from trinityx_ds.parallel.groups import DeepSpeedMPU
-
     config = deepspeed_config(run, stage, dp)
     optimizer = None if "optimizer" in config else make_optimizer(trainable, stage)
     engine, optimizer, _, _ = deepspeed.initialize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from trinityx_ds.parallel import deepspeed_compat
 from trinityx_ds.parallel.device import rank_device
@@ -71,8 +72,6 @@ class ExternalExperts:
         does for the router. Clipping uses the global norm: shards are summed over the TP group
         and, with EP, over the distinct experts of the EP group.
         """
-        from megatron.core import parallel_state as ps
-
         params = [p for p in self.parameters() if p.grad is not None]
         ep = self.dims.ep > 1
         replicas = (deepspeed_compat.expert_data_parallel_group(self.dims.ep_group_name) if ep

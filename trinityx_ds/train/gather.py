@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -67,8 +68,6 @@ def _shard(parts: list[tuple[int, dict]], tp_rank: int, name: str) -> torch.Tens
 def gather_mocae_tensors(model, moe_cfg, arch, dims, include) -> dict[str, torch.Tensor]:
     """HF-named full tensors (on global rank 0; {} elsewhere) of the MoCaE tensors whose megatron
     name passes `include(name)`, as the model holds them (ZeRO-3 partitions gathered). Collective."""
-    import deepspeed
-
     def value(name, tensor):
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):  # a no-op unless ZeRO-3's
             return {"": tensor.detach().clone()}

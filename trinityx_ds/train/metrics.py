@@ -7,6 +7,10 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
 from trinityx_ds.plan.params import MoCaEPlan
 from trinityx_ds.plan.throughput import flops_per_token, gpu_peak_tflops
 from trinityx_ds.storage.atomic import write_text
@@ -21,8 +25,6 @@ def peak_tflops(configured: float | None) -> float | None:
     (and, with a warning, for a GPU the table does not know)."""
     if configured is not None:
         return configured
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -74,16 +76,12 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        from tqdm import tqdm
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         keep_until(out_dir / METRICS, start_step)
         self.jsonl = open(out_dir / METRICS, "a")
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # events after the step resumed from are the lost attempt's: TensorBoard drops them
             self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)

@@ -17,7 +17,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
 
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, mocae_role
@@ -45,8 +48,6 @@ def optimizer_summary(opt) -> dict:
 def full(p: torch.Tensor, opt, key: str = "") -> torch.Tensor:
     """This rank's TP shard of parameter `p` (key "") or of its optimizer moment `key`, whole over
     the data-parallel ranks, fp32. Collective over the data-parallel group for ZeRO's parameters."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     if dsc.zero_managed(p):
         value = safe_get_full_optimizer_state(p, key) if key else safe_get_full_fp32_param(p)
     else:
@@ -63,8 +64,6 @@ def stepped(p: torch.Tensor, opt) -> torch.Tensor:
 
 def set_full(p: torch.Tensor, opt, value: torch.Tensor, key: str = "") -> None:
     """The inverse of `full`, after `materialise`: each rank keeps its own partition of `value`."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     if dsc.zero_managed(p):
         value = value.float()
         safe_set_full_optimizer_state(p, value, key) if key else safe_set_full_fp32_param(p, value)
@@ -121,8 +120,6 @@ def meta(opts: dict, engine) -> dict:
 def write_copy(tag_dir: Path, model, moe, arch, dims, opts: dict, owner_of: OwnerOf, include) -> None:
     """Collective: the MoCaE tensors passing `include` (trainable ones as DeepSpeed's fp32 masters)
     and their optimizer moments, gathered layer by layer to rank 0 and written as TAG/universal."""
-    import deepspeed
-
     moments = {k: (o, optimizer_summary(o)["moments"]) for k, (o, _) in opts.items()}
 
     def values(name, t):
