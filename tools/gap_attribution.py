@@ -42,7 +42,7 @@ import torch
 from transformers import AutoTokenizer
 
 from trinityx_ds.config import load_config
-from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.write import export_hf
 from trinityx_ds.eval.loglik import Request, encode
 from trinityx_ds.experiments.gaps import Backbone, Scorer, help_report, honest_report, requests, score
 from trinityx_ds.storage.layout import RunLayout

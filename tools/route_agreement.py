@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.write import export_hf
 from trinityx_ds.experiments.routing import figures, held_out_requests, measure
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

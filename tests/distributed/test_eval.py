@@ -131,7 +131,7 @@ def _local_tasks(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def lm_eval_runs(trained, tmp_path_factory):
     """The trained run through lm-eval at TP=2 with our backend, and its HF export with lm-eval's `hf`."""
-    from trinityx_ds.convert.export import export_hf
+    from trinityx_ds.convert.write import export_hf
 
     root = tmp_path_factory.mktemp("lmeval")
     tasks = ",".join(_local_tasks(root / "tasks"))

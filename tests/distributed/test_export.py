@@ -12,7 +12,7 @@ import torch
 
 from tests import dist
 from tests.dist import ROOT
-from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.write import export_hf
 from trinityx_ds.model.tiny import make_tiny_model
 from trinityx_ds.storage.sources import SafetensorsSource
 

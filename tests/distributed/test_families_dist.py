@@ -5,12 +5,11 @@ Backbone parity of both families (TP=1 and TP=2, against transformers) is in
 test_backbone_parity.py, in the same two launches as the other families.
 """
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.distributed.test_export import TOL, WORKER, check_trinityx, hf_eval
-from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.write import export_hf
 from trinityx_ds.model.tiny import TINY_GEMMA, TINY_QWEN3, make_tiny_model
 
 pytestmark = pytest.mark.distributed

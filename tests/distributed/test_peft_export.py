@@ -10,7 +10,7 @@ import torch
 
 from tests.dist import run_dist
 from trinityx_ds.cli import main
-from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.write import export_hf
 from trinityx_ds.model.tiny import make_tiny_model
 from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
@@ -68,7 +68,7 @@ def test_route_picks_the_argmax_of_the_mean_calibrated_probability(exported, cap
     """The reference: the exported TrinityX model's own router (layer 1, whose input is the
     backbone's: layer 0 has no experts), its probabilities recomputed from its tensors."""
     from trinityx_ds.convert.hf_model import TrinityXForCausalLM
-    from trinityx_ds.convert.route import RequestRouter
+    from trinityx_ds.convert.request_router import RequestRouter
 
     peft_dir, trinityx = exported
     model = TrinityXForCausalLM.from_pretrained(trinityx).eval()

@@ -12,7 +12,7 @@ import torch
 
 from trinityx_ds.config import DataConfig, DataSource
 from trinityx_ds.data import (IGNORE, REFUSAL, Batches, DataError, build_task_datasets, collate, heldout_indices,
-                              hh_rlhf_pairs, mixture, pack, parse_hh_dialogue, read_source, render_example,
+                              hh_rlhf_pairs, mixture, parse_hh_dialogue, read_source, render_example,
                               render_text, shift_labels, truthfulqa_mc)
 from trinityx_ds.data.formats import Malformed
 

@@ -16,8 +16,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.dist import ROOT
-from trinityx_ds.convert import export
-from trinityx_ds.convert.export import ExportRefused, export_hf
+from trinityx_ds.convert import write
+from trinityx_ds.convert.export_spec import AUTO_MAP, ExportRefused
+from trinityx_ds.convert.write import export_hf
 from trinityx_ds.convert.hf_model import TrinityXForCausalLM
 from trinityx_ds.convert.import_back import import_trinityx
 from trinityx_ds.errors import CheckpointError
@@ -85,7 +86,7 @@ def test_trinityx_export_holds_every_expert_tensor(tiny, tmp_path):
         assert torch.equal(exported.read(name), t), name
     assert sum(".mlp.experts." in k for k in index["weight_map"]) == sum(".experts." in k for k in source)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "trinityx" and cfg["auto_map"] == export.AUTO_MAP and cfg["base_model_type"] == "llama"
+    assert cfg["model_type"] == "trinityx" and cfg["auto_map"] == AUTO_MAP and cfg["base_model_type"] == "llama"
     assert {"modeling_trinityx.py", "configuration_trinityx.py", "tokenizer.json", "generation_config.json",
             "validation.json"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
@@ -290,7 +291,7 @@ def test_writer_holds_at_most_two_shards(tmp_path, tiny, monkeypatch):
     """Every tensor the exporter hands the writer is tracked until freed: at no point are more
     than two shards' worth alive (the shard being filled and the tensors being produced)."""
     run = make_run(tmp_path, tiny, kind="full")
-    live, peak, add = {}, [0], export.ShardWriter.add
+    live, peak, add = {}, [0], write.ShardWriter.add
 
     def tracked(self, name, tensor):
         live[name] = tensor.numel() * tensor.element_size()
@@ -298,7 +299,7 @@ def test_writer_holds_at_most_two_shards(tmp_path, tiny, monkeypatch):
         peak[0] = max(peak[0], sum(live.values()))
         add(self, name, tensor)
 
-    monkeypatch.setattr(export.ShardWriter, "add", tracked)
+    monkeypatch.setattr(write.ShardWriter, "add", tracked)
     shard = 300_000  # >= the largest tensor (embeddings, 256 KB)
     out = export_hf(run, tmp_path / "hf", max_shard_bytes=shard)
     total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
@@ -323,7 +324,7 @@ print(type(AutoModelForCausalLM.from_config(config)).__name__)
 
 RSS_PROBE = """
 import json, sys, threading, time
-from trinityx_ds.convert.export import export_hf
+from trinityx_ds.convert.write import export_hf
 export_hf(sys.argv[3], sys.argv[4])  # imports and lazy set-up, outside the measurement
 
 def resident():  # anonymous + file-backed: mapped safetensors pages count too
@@ -401,7 +402,7 @@ def test_peft_adapters_on_every_layer_equal_the_forced_experts_and_route_reads_l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trinityx_ds.convert.route import RequestRouter
+    from trinityx_ds.convert.request_router import RequestRouter
 
     run = make_run(tmp_path, tiny)
     out = export_hf(run, tmp_path / "peft", fmt="peft")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trinityx_ds.config import config_from_dict, load_config, validate_file
+from trinityx_ds.config import load_config, validate_file
 from trinityx_ds.launch.slurm import load_slurm_config, render
 from trinityx_ds.plan import PRESETS, add_plan_arguments, cmd_plan, recommend
 

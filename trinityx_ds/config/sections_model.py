@@ -5,6 +5,7 @@ Each states its own invariants in `problems(at)` (see schema.py); a rule that sp
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,9 +58,7 @@ class ModelConfig:
              f"{at}.activation_checkpointing", "selective",
              f"recomputes only the attention scores, which {at}.attention: {self.attention} (a fused kernel) "
              f"never keeps, so it would save nothing; use none or full, or {at}.attention: eager")
-        if self.attention == "te":
-            import importlib.util  # not transformer_engine itself: a config check starts no CUDA
-
+        if self.attention == "te":  # find_spec, not transformer_engine itself: a config check starts no CUDA
             need(out, importlib.util.find_spec("transformer_engine") is not None, f"{at}.attention", self.attention,
                  "Transformer Engine is not installed here; use sdpa (the default) or eager")
         if self.hf_path is None and self.checkpoint is None:

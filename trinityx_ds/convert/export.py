@@ -15,30 +15,16 @@ safetensors shards of at most `max_shard_bytes`, one shard in memory at a time, 
 folder renamed into place at the end (storage/atomic.staged_dir): a failed export leaves nothing.
 
 This module is the command: every `trinityx` invocation (`--help` included) builds its parser, so it
-imports nothing heavy. The export, `export_hf`, is convert/write.py's (torch, safetensors,
-transformers): named here as ever, imported when first used.
+imports nothing heavy. The export itself, `export_hf`, is convert/write.py's (torch, safetensors,
+transformers), imported when the command runs.
 """
 from __future__ import annotations
 
 import json
 
 from trinityx_ds.convert.adapters import ADAPTERS
-from trinityx_ds.convert.export_spec import AUTO_MAP, FORMATS, ExportRefused
+from trinityx_ds.convert.export_spec import FORMATS
 from trinityx_ds.storage.layout import CHECKPOINTS
-
-__all__ = ["AUTO_MAP", "FORMATS", "ExportRefused", "export_hf", "add_export_arguments", "cmd_export"]  # noqa: F822
-# what this module held before the command and the export were split; convert/write.py's now
-_WRITE = ("export_hf", "ShardWriter", "HF_MODEL_DIR", "MODEL_FILES")
-
-
-def __getattr__(name: str):
-    """`export_hf` (and the rest of _WRITE) from convert/write.py, imported on first use."""
-    if name not in _WRITE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from trinityx_ds.convert import write
-
-    return getattr(write, name)
-
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_export_arguments(p) -> None:

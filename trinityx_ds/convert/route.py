@@ -32,15 +32,6 @@ import sys
 from pathlib import Path
 
 
-def __getattr__(name: str):
-    """`RequestRouter` from convert/request_router.py, imported on first use."""
-    if name != "RequestRouter":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from trinityx_ds.convert.request_router import RequestRouter
-
-    return RequestRouter
-
-
 # ---------------------------------------------------------------------------------------- CLI
 def add_route_arguments(p) -> None:
     p.add_argument("--export", required=True, help="folder written by `trinityx export-hf RUN OUT --format peft`")

@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import datasets
+
 
 class DataError(ValueError):
     """Data that cannot be used; `problems` holds one `<file>:<line>: <what is wrong>` per entry."""
@@ -56,8 +58,6 @@ def read_rows(path: str, split: str, hub_config: str | None,
     than `max_row_chars` characters (data.max_row_chars: cut here, before a tokeniser reads it),
     comes as `Malformed`. `hub_config` is the `datasets` config of a `hub:NAME` source that names none."""
     if path.startswith("hub:"):
-        import datasets
-
         name, _, config = path[4:].partition(":")
         data = datasets.load_dataset(name, config or hub_config, split=split)
         for i, row in enumerate(data):

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
+from trinityx_ds.config import load_config
+from trinityx_ds.errors import one_line_errors
+from trinityx_ds.launch.torchrun import CPU_ENV
 from trinityx_ds.storage.layout import RunLayout, SlurmDir
+from trinityx_ds.storage.resources import data_dir
 
 JOBS = ("experts", "router", "export", "eval")  # pipeline order; each depends on the one it needs
 NEEDS = {"router": "experts", "export": "router", "eval": "router"}
@@ -82,8 +88,6 @@ class SlurmConfig:
 
 def load_slurm_config(path: str | None = None, **overrides) -> SlurmConfig:
     """SlurmConfig from a YAML file (optional), then non-None `overrides` (CLI flags)."""
-    import yaml
-
     data = {}
     if path:
         with open(path, encoding="utf-8") as f:
@@ -141,8 +145,6 @@ def _paths(run: RunLayout, experts: list[str], slurm: SlurmConfig) -> dict[str, 
 
 
 def _values(run_cfg, run_config: Path, slurm: SlurmConfig, render_dir: Path, log_dir: Path) -> dict[str, str]:
-    from trinityx_ds.launch.torchrun import CPU_ENV
-
     run_dir = Path(run_cfg.output.dir).resolve()
     gpus = str(slurm.gpus_per_node) if slurm.gpus_per_node else ""
     tp = run_cfg.parallel.tp  # the eval job: one process (and GPU) per TP rank of the run
@@ -185,9 +187,6 @@ def render(run_config: str | Path, slurm: SlurmConfig, out_dir: str | Path | Non
     RunLayout.slurm_dir); the jobs log into that folder's SlurmDir.log_dir unless `slurm.log_dir`
     says otherwise. Checks the run config against each job's world size first, so a layout that
     cannot tile the job fails here, not on the cluster."""
-    from trinityx_ds.config import load_config
-    from trinityx_ds.storage.resources import data_dir
-
     templates = Path(templates) if templates is not None else data_dir("slurm")  # shipped with the package
     if not (templates / "launch.sh").is_file():
         raise FileNotFoundError(f"{templates}: no launch.sh — not a folder of sbatch templates")
@@ -319,8 +318,6 @@ def cmd_slurm(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trinityx_ds.launch.slurm render|submit ...` (the same as `trinityx slurm`)."""
-    from trinityx_ds.errors import one_line_errors
-
     parser = argparse.ArgumentParser(prog="trinityx")
     add_slurm_arguments(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["slurm", *(sys.argv[1:] if argv is None else argv)])

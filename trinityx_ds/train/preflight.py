@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from trinityx_ds.config.schema import PREFERENCE_OBJECTIVES
 from trinityx_ds.data.dataset import split_tasks
 from trinityx_ds.data.formats import DataError, read_pairs, read_source
@@ -17,6 +19,7 @@ from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import MoCaEConfig
 from trinityx_ds.model.weights import open_source
+from trinityx_ds.parallel import torch_compat
 from trinityx_ds.storage.fingerprint import model_fingerprint
 from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.train.drift import input_drift, inputs_of
@@ -90,10 +93,6 @@ def device_problems(cfg) -> list[str]:
     """The run's precision against the device it will train on: fp16 where the job runs on a CPU
     without fp16 units (AMD EPYC with AVX-512 and bf16, ...), which DeepSpeed's engine would
     refuse in a traceback per rank ("Type fp16 is not supported on your device")."""
-    import torch
-
-    from trinityx_ds.parallel import torch_compat
-
     if cfg.model.dtype == "fp16" and not torch.cuda.is_available() and not torch_compat.mkldnn_fp16_supported():
         return ["model.dtype: 'fp16' — this CPU has no fp16 units (torch.ops.mkldnn._is_mkldnn_fp16_supported() "
                 "is False) and DeepSpeed's CPU engine refuses fp16 here; use bf16 or fp32, or train on GPUs"]

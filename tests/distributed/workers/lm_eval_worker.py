@@ -5,7 +5,6 @@ ours RUN_DIR ... : lm-eval's evaluator with our backend (`--model trinityx`, TP 
 hf HF_DIR ... : lm-eval's stock `hf` model on an exported folder (trust_remote_code), one process.
 Both return each task's per-request responses (doc order) as lm-eval logged them.
 """
-import json
 import os
 import sys
 
