@@ -98,6 +98,19 @@ def _train(args) -> int:
     return 0
 
 
+def _model_args(argv: list[str]) -> dict[str, str]:
+    """lm-eval's `--model_args k=v,k=v` (or `--model_args=...`) as a dict; {} if absent."""
+    for i, a in enumerate(argv):
+        if a.startswith("--model_args="):
+            text = a.partition("=")[2]
+        elif a == "--model_args" and i + 1 < len(argv):
+            text = argv[i + 1]
+        else:
+            continue
+        return dict(kv.partition("=")[::2] for kv in text.split(",") if "=" in kv)
+    return {}
+
+
 def _lm_eval(argv: list[str]) -> int:
     """`trinityx lm-eval [--nproc N] LM_EVAL_ARGS`: lm-eval's own CLI with our `trinityx` model registered
     (eval/harness.py), in place or as N local torchrun processes. Parsed by hand: argparse would take
@@ -107,6 +120,13 @@ def _lm_eval(argv: list[str]) -> int:
         if len(argv) < 2 or not argv[1].isdigit():
             raise ValueError("--nproc: a number of processes")
         nproc, argv = int(argv[1]), argv[2:]
+    settings = _model_args(argv)
+    if settings.get("run"):  # what the model would refuse on every rank, refused here, once
+        from trinityx_ds.eval.variants import checkpoint_problem
+
+        problem = checkpoint_problem(settings["run"], settings.get("variant"))
+        if problem:
+            raise ValueError(problem)
     if nproc:
         from trinityx_ds.launch.torchrun import relaunch
 

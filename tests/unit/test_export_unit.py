@@ -205,12 +205,12 @@ def test_bad_inputs_fail_in_one_line_naming_file_and_tensor(tmp_path, tiny):
     save_file({k: v for k, v in tensors.items() if k != name}, str(harm))
     with pytest.raises(CheckpointError) as e:
         export_hf(run, tmp_path / "hf")
-    assert _one_line(e) == f"{harm}: tensor {name!r} is missing"
+    assert _one_line(e).startswith(f"{harm}: no tensor {name!r} (1 of 12 missing; the run config has experts.kind ")
 
     save_file({**tensors, name: torch.zeros(5, 64)}, str(harm))
     with pytest.raises(CheckpointError) as e:
         export_hf(run, tmp_path / "hf")
-    assert _one_line(e) == f"{harm}: tensor {name!r} has shape (5, 64), the model needs (4, 64)"
+    assert _one_line(e).startswith(f"{harm}: tensor {name!r} has shape (5, 64), the run config needs (4, 64)")
 
     for cut in (len(good) // 2, 40):  # data, then header, cut short
         harm.write_bytes(good[:cut])
@@ -456,3 +456,35 @@ def test_route_refuses_a_folder_without_router_in_one_line(tmp_path, tiny, capsy
     err = capsys.readouterr().err
     assert err.strip() == f"trinityx route: {dense / 'adapters' / 'router.json'}: missing (not an `export-hf " \
                           "--format peft` folder)"
+
+
+def test_export_and_import_check_expert_files_first(tiny, tmp_path):
+    """Issue 28: a NaN or an int64 tensor in an expert file reached the HF export (and the way back,
+    import-hf); both are refused before anything is written, naming the file and the tensor."""
+    from trinityx_ds.convert.import_back import import_trinityx
+    from trinityx_ds.errors import CheckpointError
+    from trinityx_ds.storage.layout import RunLayout
+
+    run = make_run(tmp_path, tiny)
+    cfg = run / "config.yaml"
+    harm = RunLayout(run).expert_file("harm")
+    good = load_file(harm)
+    key = sorted(k for k in good if k.endswith("lora_B.weight"))[0]
+    hf = export_hf(run, tmp_path / "hf", config=cfg)  # the good run exports
+    for bad, fragment in (({**good, key: good[key].long()}, f"tensor {key!r} is I64"),
+                          ({**good, key: torch.full_like(good[key], float("nan"))}, f"tensor {key!r} holds ")):
+        save_file(bad, harm)
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{harm}: {fragment}")):
+            export_hf(run, tmp_path / "hf_bad", config=cfg)
+        assert not (tmp_path / "hf_bad").exists()
+    save_file(good, harm)
+
+    shards = sorted(hf.glob("model*.safetensors"))
+    for shard in shards:  # the exported folder with one NaN expert tensor: import-hf refuses it
+        tensors = load_file(shard)
+        if key in tensors:
+            tensors[key] = torch.full_like(tensors[key], float("nan"))
+            save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor {key!r} holds")):
+        import_trinityx(hf, tmp_path / "back")
+    assert not (tmp_path / "back").exists()

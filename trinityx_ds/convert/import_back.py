@@ -13,6 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
+
 from trinityx_ds.config import config_from_dict, save_config
 from trinityx_ds.convert.backbone_ckpt import copy_tokenizer, import_hf
 from trinityx_ds.convert.formats import _base_config, _dtype
@@ -21,6 +23,7 @@ from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.mocae_spec import EXPERTS, expert_tensors, mocae_role
 from trinityx_ds.model.weights import DTYPES, META
 from trinityx_ds.storage.atomic import save_safetensors, staged_dir
+from trinityx_ds.storage.fingerprint import model_fingerprint
 from trinityx_ds.storage.layout import RunLayout
 
 BACKBONE = "backbone"  # OUT/backbone: the run config's model.checkpoint
@@ -38,10 +41,15 @@ def import_trinityx(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, overwr
         dtype = {v: k for k, v in DTYPES.items()}[_dtype(s)]
         run = RunLayout(tmp)
         _import_backbone(s, hf_dir, tmp / BACKBONE, tp, dtype)
+        # what the imported files are: the backbone they now sit on (its fingerprint, as a trained
+        # expert records it: stage 2 and export check it), and where they came from
+        meta = {"backbone": model_fingerprint(tmp / BACKBONE), "kind": s.moe.kind, "imported_from": str(hf_dir)}
         for n in s.moe.expert_names:  # one expert in memory at a time
-            save_safetensors({k: s.read(k) for k in expert_tensors(s.mocae_files, n)}, run.expert_file(n))
+            tensors = _checked({k: s.read(k) for k in expert_tensors(s.mocae_files, n)}, s)
+            save_safetensors(tensors, run.expert_file(n), {**meta, "trinityx": "expert", "expert": n})
             s.release()
-        save_safetensors({k: s.read(k) for k in s.mocae_files if mocae_role(k) != EXPERTS}, run.router_file)
+        save_safetensors(_checked({k: s.read(k) for k in s.mocae_files if mocae_role(k) != EXPERTS}, s),
+                         run.router_file, {**meta, "trinityx": "stage2", "experts": json.dumps(s.moe.expert_names)})
         if s.validation:
             run.validation_file.write_text(json.dumps(s.validation, indent=2))
         cfg = {"name": hf_dir.name or "trinityx",
@@ -51,6 +59,18 @@ def import_trinityx(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, overwr
                "output": {"dir": str(out.resolve())}}
         save_config(config_from_dict(cfg, check_paths=False), str(run.config_file))
     return out
+
+
+def _checked(tensors: dict, s: ExportSource) -> dict:
+    """`tensors` once each is a floating-point tensor of finite values; else CheckpointError naming
+    the file and the tensor (an int64 or NaN expert reached the HF export before, issue 28)."""
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{s.where(k)}: tensor {k!r} is {t.dtype}, not a floating-point tensor")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(f"{s.where(k)}: tensor {k!r} holds {bad} NaN or inf value(s)")
+    return tensors
 
 
 def _import_backbone(s: ExportSource, hf_dir: Path, out: Path, tp: int, dtype: str) -> None:

@@ -24,8 +24,10 @@ from trinityx_ds.convert.formats import TRINITYX_KEYS, model_layout
 from trinityx_ds.convert.source import MODEL_ROLES, ExportSource
 from trinityx_ds.errors import CheckpointError
 from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.assemble import open_expert
 from trinityx_ds.model.mocae_spec import ROUTING_EMA, MoCaEConfig, expert_of, mocae_role
 from trinityx_ds.model.weights import META, open_source
+from trinityx_ds.storage.fingerprint import model_fingerprint
 from trinityx_ds.storage.layout import VALIDATION, CheckpointDir, RunLayout, import_origin
 from trinityx_ds.storage.sources import ChainSource, SafetensorsSource
 from trinityx_ds.storage.universal_copy import OPTIMIZER_PREFIX, open_universal
@@ -65,6 +67,19 @@ def _assemble(cfg, cfg_path: Path, moe: MoCaEConfig, sources: list, where: dict[
                         {k: str(v) for k, v in homes.items()})
 
 
+def check_experts(cfg, moe: MoCaEConfig, files: dict[str, Path]) -> None:
+    """Each expert file against the run, before anything is written (CheckpointError naming the
+    file and the tensor): the tensors and shapes the run's config asks for, in fp32 or its dtype,
+    every value finite, trained on its backbone where the file records one (model/assemble.open_expert:
+    what stage 2 checks before launch, issue 28)."""
+    model_path = cfg.model.checkpoint or cfg.model.hf_path
+    arch, _ = open_source(model_path)
+    backbone = model_fingerprint(model_path)
+    for name, path in files.items():
+        open_expert(Path(path), arch, moe, name, dtype=cfg.model.dtype, backbone=backbone,
+                    values=True)
+
+
 def _from_run(run: Path, config: str | Path | None) -> ExportSource:
     """A run's stage outputs: stage 2's router (and experts, when it trains them), else stage 1's."""
     cfg_path = _run_config_path(run, config)
@@ -73,6 +88,7 @@ def _from_run(run: Path, config: str | Path | None) -> ExportSource:
     moe = MoCaEConfig.from_run_config(cfg)
     homes = {"router": layout.router_file,
              **{n: layout.final_expert_file(n, cfg.train.train_experts_in_stage2) for n in moe.expert_names}}
+    check_experts(cfg, moe, {n: homes[n] for n in moe.expert_names if Path(homes[n]).is_file()})
     sources, where = _files(list(homes.values()))  # stage 2's router first, as StageRun has no router source
     val = layout.validation_file
     return _assemble(cfg, cfg_path, moe, sources, where, homes, json.loads(val.read_text()) if val.is_file() else None)
@@ -98,6 +114,7 @@ def _from_checkpoint(tag_dir: Path, config: str | Path | None) -> ExportSource:
     frozen = [n for n in moe.expert_names if n not in trained]
     homes = {"router": held.folder,
              **{n: layout.expert_file(n) if n in frozen else held.folder for n in moe.expert_names}}
+    check_experts(cfg, moe, {n: layout.expert_file(n) for n in frozen if layout.expert_file(n).is_file()})
     sources, files = _files([layout.expert_file(n) for n in frozen])
     return _assemble(cfg, cfg_path, moe, [held] + sources, {**where, **files}, homes, None)
 

@@ -29,6 +29,7 @@ from trinityx_ds.data.render import render_text
 from trinityx_ds.data.tokenizer import pad_id
 from trinityx_ds.eval.generate import generate_batch
 from trinityx_ds.eval.lm import load_lm
+from trinityx_ds.eval.variants import checkpoint_problem
 from trinityx_ds.eval.loglik import score_rows
 from trinityx_ds.eval.shard import dp_map
 from trinityx_ds.parallel.groups import destroy_parallel
@@ -49,6 +50,9 @@ class TrinityXLM(TemplateLM):
             raise ValueError("--model_args: run=RUN_DIR is required (a run output folder or a model folder)")
         if not str(batch_size).isdigit():
             raise ValueError(f"--batch_size {batch_size}: a number of sequences (no 'auto' with --model trinityx)")
+        problem = checkpoint_problem(run, variant)
+        if problem:
+            raise ValueError(problem)
         variant = variant or ("trinityx" if RunLayout(run).is_run() else "backbone")
         self.lm = load_lm(run, variant, config=config, tp=int(tp) if tp else None,
                           max_len=int(max_length) if max_length else None, batch_size=int(batch_size))

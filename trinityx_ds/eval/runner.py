@@ -102,8 +102,12 @@ def _check(args) -> list[str]:
 def _check_model(args) -> None:
     """The model the evaluation builds, refused in one line if the backbone cannot reproduce it
     (a run's config names it; a run config with problems says so itself, ConfigError)."""
-    from trinityx_ds.model.weights import check_model_folders  # torch
+    from trinityx_ds.eval.variants import checkpoint_problem  # torch
+    from trinityx_ds.model.weights import check_model_folders
 
+    problem = checkpoint_problem(args.checkpoint, args.variant)
+    if problem:
+        raise ValueError(problem)
     layout = RunLayout(args.checkpoint)
     if layout.is_run():
         cfg = load_config(str(args.config or layout.run_config_file()), check_paths=False)

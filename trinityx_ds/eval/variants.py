@@ -13,9 +13,36 @@ Overrides are HF-named tensors placed first in the ChainSource, so they win over
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
+
 import torch
 
+from trinityx_ds.storage.layout import RunLayout
+
 VARIANTS = ("backbone", "expert:<name>", "uniform", "h3fusion", "trinityx")
+
+
+def checkpoint_problem(checkpoint: str, variant: str | None) -> str | None:
+    """Why `variant` of `checkpoint` cannot be evaluated, found from its files before any process
+    starts (`trinityx eval`, `trinityx lm-eval`, both at --nproc N), or None. `variant` None: the
+    default (trinityx for a run, backbone otherwise). A plain model has only the backbone (it used
+    to be scored as the backbone under the label asked for); a run's router or expert must exist."""
+    layout = RunLayout(checkpoint)
+    if layout.is_run():
+        variant = variant or "trinityx"
+        if variant in ("trinityx", "h3fusion") and not layout.router_file.is_file():
+            return f"{layout.router_file}: no trained router for --variant {variant} (run `trinityx train router` first)"
+        name = variant.partition(":")[2]
+        if variant.startswith("expert:") and name and not layout.expert_file(name).is_file():
+            return f"{layout.expert_file(name)}: expert {name!r} not trained yet (`trinityx train experts --only {name}`)"
+        return None
+    config = Path(checkpoint) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "trinityx":
+        return None  # an exported TrinityX folder: its own variants, checked when it is opened
+    if variant not in (None, "backbone"):
+        return f"--variant {variant}: {checkpoint} is a plain model (no run, no experts): use --variant backbone"
+    return None
 
 
 def variant_config(moe, variant: str):

@@ -57,8 +57,9 @@ def open_expert(path: Path, arch, moe, name: str, dtype: str | None = None, back
         if allowed and src.dtype(key) not in allowed:
             raise CheckpointError(f"{path}: tensor {key!r} is {src.dtype(key)}; the run (model.dtype {dtype}) reads "
                                   f"{' or '.join(sorted(allowed))} expert tensors")
-        if values:
+        if values:  # one tensor mapped at a time: a 70B run's full experts are tens of GB
             bad = int((~torch.isfinite(src.read(key))).sum())
+            src.close()
             if bad:
                 raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or inf value(s): a diverged or "
                                       "damaged expert; retrain it (a lower learning rate) or restore the file")
