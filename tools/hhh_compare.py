@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from trinityx_ds.experiments.efficacy import step
 from trinityx_ds.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,14 +87,6 @@ def write_config(out: Path, hf_dir: Path, data: Path, split: dict[str, Path], ar
     return path
 
 
-def _step(title: str, fn) -> None:
-    t0 = time.time()
-    print(f"\n=== {title}", flush=True)
-    if fn() != 0:
-        sys.exit(f"failed: {title}")
-    print(f"=== {title}: {time.time() - t0:.0f} s", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/hhh_compare")
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     config = write_config(out, hf_dir, data, split, args)
     run = out / "run"
     for stage in ("experts", "router"):
-        _step(f"train {stage}", lambda: trinityx(["train", stage, "--config", str(config), "--nproc", str(args.nproc)]))
+        step(f"train {stage}", lambda: trinityx(["train", stage, "--config", str(config), "--nproc", str(args.nproc)]))
     common = ["--checkpoint", str(run), "--truthfulqa", str(split["truthfulqa_eval"]), "--hh", str(split["hh_eval"]),
               "--limit", str(args.limit), "--nproc", str(args.nproc), "--max-seq-len", str(args.max_seq_len)]
     evals = [(v, ["--variant", v]) for v in VARIANTS]
@@ -133,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = RunLayout(run).eval_dir(name)
         folders.append(str(folder))
         if not (folder / "report.json").is_file():
-            _step(f"eval {name}", lambda: trinityx_eval([*common, *opts, "--out", str(folder)]))
+            step(f"eval {name}", lambda: trinityx_eval([*common, *opts, "--out", str(folder)]))
     print()
     trinityx_eval(["compare", *folders, "--out", str(out / "compare")])
     print(f"\nall in {time.time() - t0:.0f} s; reports under {RunLayout(run).eval_dir()}")

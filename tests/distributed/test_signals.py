@@ -88,6 +88,19 @@ def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 240) ->
     return psutil.Process(proc.pid).children(recursive=True)
 
 
+def _sigterm_when(proc: subprocess.Popen, ready, what: str, settle: float = 0) -> tuple[str, list]:
+    """SIGTERM to the launcher once ready() holds (and `settle` s more); (its output once it ends,
+    the processes it had started). Nothing of it is left behind, whatever the test finds."""
+    try:
+        started = _wait_for(proc, ready, what)
+        time.sleep(settle)
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=240)[0], started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _lock_is_free(folder: Path) -> bool:
     import fcntl
 
@@ -158,13 +171,7 @@ def test_preemption_stops_the_whole_job_and_the_resumed_job_equals_an_uninterrup
     out_dir = tmp_path / "run/out"
     harm = out_dir / "stage1/harm/metrics.jsonl"
     proc = _launch(cfg)
-    try:
-        _wait_for(proc, lambda: harm.is_file() and len(harm.read_text().splitlines()) >= 2, "harm's steps")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = _sigterm_when(proc, lambda: harm.is_file() and len(harm.read_text().splitlines()) >= 2, "harm's steps")
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     latest = CheckpointDir(out_dir / "stage1/harm/checkpoints").latest()[1]
     saved = latest["step"]
@@ -202,15 +209,9 @@ def test_a_signal_before_the_first_step_ends_every_rank_in_one_line(tmp_path):
     printed a gloo traceback (144 lines). Now every rank stops cleanly and says so once."""
     cfg = write_config(tmp_path, **{"train.stage1": {"steps": 100000}})
     proc = _launch(cfg, "--only", "help")
-    try:
-        started = _wait_for(proc, lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 3, "workers")
-        time.sleep(2)  # the workers are importing torch and DeepSpeed: their handler is in place
-        assert not (tmp_path / "out/stage1/help/metrics.jsonl").exists()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out, started = _sigterm_when(proc, lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 3, "workers",
+                                 settle=2)  # the workers are importing torch and DeepSpeed: their handler is in place
+    assert not (tmp_path / "out/stage1/help/metrics.jsonl").exists()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
     assert out.count("preempted before its first step") == 1, out[-3000:]
