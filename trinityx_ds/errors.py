@@ -6,6 +6,7 @@ raises CheckpointError: errors sits below storage in tests/unit/test_imports.py'
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -21,6 +22,11 @@ class CheckpointError(ValueError):
     other user errors, because every room raises or catches it (storage reads the folders, model
     and convert the tensors, train checks a resume before it starts); a ValueError, so every entry
     point reports it in one line."""
+
+
+# where a rank of a local job records its exit code for the `--nproc` launcher, which would otherwise
+# return torchrun's 1 for every kind of failure (launch/torchrun.relaunch sets it)
+EXIT_FILE_ENV = "TRINITYX_EXIT_FILE"
 
 
 class StorageError(OSError):
@@ -39,4 +45,8 @@ def one_line_errors(command: str, fn: Callable[[], int],
         return fn()
     except (*errors, StorageError) as e:  # one line, no traceback
         print(f"trinityx {command}: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_USER_ERROR)
+        code = getattr(e, "exit_code", EXIT_USER_ERROR)
+        if os.environ.get(EXIT_FILE_ENV):
+            with open(os.environ[EXIT_FILE_ENV], "a") as f:
+                f.write(f"{code}\n")
+        return code

@@ -257,3 +257,12 @@ def test_damaged_latest_resumes_from_the_previous_tag_and_divergence_stops(tmp_p
     assert lines[0].startswith(str(tmp_path / "full/out/stage1/harm/checkpoints/step00000003")), lines[0]
     assert ": cannot write checkpoint step00000003: No space left on device — make room" in lines[0], lines[0]
     assert CheckpointDir(tmp_path / "full/out/stage1/harm/checkpoints").latest_tag() is None
+
+
+def test_the_launcher_returns_the_kind_of_failure(tmp_path, model_dir):
+    """Issue 28: the `--nproc` launcher returned torchrun's 1 for every failure; it returns the ranks'
+    own code: 3 for a run its guard stopped (here a collapse), as a scheduler's retry logic needs."""
+    from trinityx_ds.cli import main
+
+    cfg = write_config(tmp_path, model_dir, **{"train.stage1": {"steps": 12, "lr": 1e4}, "output.tensorboard": False})
+    assert main(["train", "experts", "--only", "help", "--config", str(cfg), "--nproc", "2"]) == 3

@@ -12,10 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil  # a DeepSpeed dependency
 
+from trinityx_ds.errors import EXIT_FILE_ENV
 from trinityx_ds.parallel.env import die_with_parent, free_port
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the terminal closing is SIGHUP
@@ -158,10 +160,16 @@ def local_job_env(nproc: int, tp: int = 1, cpu_fallback: bool = False, what: str
 def relaunch(argv: list[str], nproc: int, tp: int = 1, cpu_fallback: bool = False) -> int:
     """Become `nproc` local processes running `argv` (e.g. `["-m", "trinityx_ds.cli", "train", ...]`)
     under torchrun, their output on this terminal, in `local_job_env`'s environment. Returns the
-    job's exit code."""
+    job's exit code: 128 + the signal when interrupted; when it failed, the ranks' own code (2 bad
+    input, 3 stopped by its guard, 4 storage: errors.one_line_errors records it) where one said,
+    else torchrun's."""
     env = local_job_env(nproc, tp, cpu_fallback)
-    return launch_torchrun(argv, nproc, timeout=RELAUNCH_TIMEOUT, env=env, capture=False,
-                           forward_signals=True).returncode
+    with tempfile.NamedTemporaryFile(prefix="trinityx-exit-", mode="r") as codes:
+        env[EXIT_FILE_ENV] = codes.name
+        rc = launch_torchrun(argv, nproc, timeout=RELAUNCH_TIMEOUT, env=env, capture=False,
+                             forward_signals=True).returncode
+        said = [int(c) for c in codes.read().split() if c.isdigit()]
+    return max(said) if rc and rc < 128 and said else rc
 
 
 def kill_tree(pid: int) -> None:
