@@ -441,7 +441,7 @@ def piece_train(p: Piece, stage: int) -> list[dict]:
            f"max|dloss| {m['max_loss']:.1e}, other metrics {m['max_other']:.1e}"
            + (f" ({m['worst']})" if m["worst"] else "")
            + (f", routing shares {m['max_discrete']:.2g}" if stage == 2 else "")
-           + f"; {weights} {t['n']} tensors max|d|/max|w| {t['max_rel']:.1e}, |d|/|w| {t['norm_rel']:.1e}; "
+           + f"; {weights['cpu'].name} {t['n']} tensors max|d|/max|w| {t['max_rel']:.1e}, |d|/|w| {t['norm_rel']:.1e}; "
            f"{p.label('gpu')}{_gpu_peak(rows['gpu']) if p.cuda else ''} vs cpu"
            + (" (bit-identical)" if m["identical"] and t["identical"] else ""))
     return [{"check": check, "ok": not why, "figures": fig}]
