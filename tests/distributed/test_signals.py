@@ -210,7 +210,7 @@ def test_a_signal_before_the_first_step_ends_every_rank_in_one_line(tmp_path):
     cfg = write_config(tmp_path, **{"train.stage1": {"steps": 100000}})
     proc = _launch(cfg, "--only", "help")
     out, started = _sigterm_when(proc, lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 3, "workers",
-                                 settle=2)  # the workers are importing torch and DeepSpeed: their handler is in place
+                                 settle=4)  # the workers are importing torch and DeepSpeed: their handler is in place
     assert not (tmp_path / "out/stage1/help/metrics.jsonl").exists()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
