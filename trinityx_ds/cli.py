@@ -98,17 +98,21 @@ def _train(args) -> int:
     return 0
 
 
-def _model_args(argv: list[str]) -> dict[str, str]:
-    """lm-eval's `--model_args k=v,k=v` (or `--model_args=...`) as a dict; {} if absent."""
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of option `name` (`--name VALUE` or `--name=VALUE`) in argv read by hand, or None:
+    for what is needed before (or instead of) the parser."""
     for i, a in enumerate(argv):
-        if a.startswith("--model_args="):
-            text = a.partition("=")[2]
-        elif a == "--model_args" and i + 1 < len(argv):
-            text = argv[i + 1]
-        else:
-            continue
-        return dict(kv.partition("=")[::2] for kv in text.split(",") if "=" in kv)
-    return {}
+        if a.startswith(name + "="):
+            return a.partition("=")[2]
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _model_args(argv: list[str]) -> dict[str, str]:
+    """lm-eval's `--model_args k=v,k=v` as a dict; {} if absent."""
+    text = _option(argv, "--model_args") or ""
+    return dict(kv.partition("=")[::2] for kv in text.split(",") if "=" in kv)
 
 
 def _lm_eval(argv: list[str]) -> int:
@@ -225,12 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _launches(argv: list[str]) -> bool:
     """Whether `trinityx train ...` is the `--nproc N` launcher (else it is a rank of a job)."""
-    for i, a in enumerate(argv):
-        value = a.partition("=")[2] if a.startswith("--nproc=") else argv[i + 1] if a == "--nproc" and i + 1 < len(argv) \
-            else None
-        if value is not None:
-            return value.strip() not in ("", "0")
-    return False
+    return (_option(argv, "--nproc") or "").strip() not in ("", "0")
 
 
 def _training_rank_starts() -> None:

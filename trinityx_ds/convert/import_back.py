@@ -13,13 +13,12 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-
 from trinityx_ds.config import config_from_dict, save_config
 from trinityx_ds.convert.backbone_ckpt import copy_tokenizer, import_hf
 from trinityx_ds.convert.formats import _base_config, _dtype
 from trinityx_ds.convert.inputs import ExportSource, open_export_source
 from trinityx_ds.errors import CheckpointError
+from trinityx_ds.model.assemble import nonfinite
 from trinityx_ds.model.mocae_spec import EXPERTS, expert_tensors, mocae_role
 from trinityx_ds.model.weights import DTYPES, META
 from trinityx_ds.storage.atomic import save_safetensors, staged_dir
@@ -67,9 +66,9 @@ def _checked(tensors: dict, s: ExportSource) -> dict:
     for k, t in tensors.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{s.where(k)}: tensor {k!r} is {t.dtype}, not a floating-point tensor")
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise CheckpointError(f"{s.where(k)}: tensor {k!r} holds {bad} NaN or inf value(s)")
+        problem = nonfinite(s.where(k), k, t)
+        if problem:
+            raise CheckpointError(problem)
     return tensors
 
 

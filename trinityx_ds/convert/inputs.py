@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from trinityx_ds.config import load_config
 from trinityx_ds.convert.formats import TRINITYX_KEYS, model_layout
 from trinityx_ds.convert.source import MODEL_ROLES, ExportSource

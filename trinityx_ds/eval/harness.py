@@ -29,9 +29,9 @@ from trinityx_ds.data.render import render_text
 from trinityx_ds.data.tokenizer import pad_id
 from trinityx_ds.eval.generate import generate_batch
 from trinityx_ds.eval.lm import load_lm
-from trinityx_ds.eval.variants import checkpoint_problem
 from trinityx_ds.eval.loglik import score_rows
 from trinityx_ds.eval.shard import dp_map
+from trinityx_ds.eval.variants import checkpoint_problem
 from trinityx_ds.parallel.groups import destroy_parallel
 from trinityx_ds.storage.layout import RunLayout
 

@@ -32,6 +32,12 @@ def may_be_absent(name: str, upcycled_experts: bool = False) -> bool:
 DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # model.dtype -> safetensors' name
 
 
+def nonfinite(where, key: str, tensor: torch.Tensor) -> str | None:
+    """Why tensor `key` of file `where` cannot be used for its values (NaN or inf), or None."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    return f"{where}: tensor {key!r} holds {bad} NaN or inf value(s)" if bad else None
+
+
 def open_expert(path: Path, arch, moe, name: str, dtype: str | None = None, backbone: str | None = None,
                 values: bool = False) -> SafetensorsSource:
     """Expert `name`'s file at `path` as a tensor source, once it is known to serve MoCaE config
@@ -58,11 +64,11 @@ def open_expert(path: Path, arch, moe, name: str, dtype: str | None = None, back
             raise CheckpointError(f"{path}: tensor {key!r} is {src.dtype(key)}; the run (model.dtype {dtype}) reads "
                                   f"{' or '.join(sorted(allowed))} expert tensors")
         if values:  # one tensor mapped at a time: a 70B run's full experts are tens of GB
-            bad = int((~torch.isfinite(src.read(key))).sum())
+            problem = nonfinite(path, key, src.read(key))
             src.close()
-            if bad:
-                raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or inf value(s): a diverged or "
-                                      "damaged expert; retrain it (a lower learning rate) or restore the file")
+            if problem:
+                raise CheckpointError(f"{problem}: a diverged or damaged expert; retrain it (a lower learning rate) "
+                                      "or restore the file")
     recorded = src.metadata().get("backbone")
     if backbone and recorded and recorded != backbone:
         raise CheckpointError(f"{path}: expert {name!r} was trained on another backbone (fingerprint {recorded[:12]}, "

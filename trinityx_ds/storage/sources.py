@@ -85,10 +85,8 @@ class SafetensorsSource:
 
     def metadata(self) -> dict[str, str]:
         """The header metadata of the file(s) (a single file's, or the first shard's), {} if none."""
-        first = next(iter(self.weight_map.values()), None)
-        if first is None:
-            return {}
-        return dict(self._file(next(k for k, v in self.weight_map.items() if v == first)).metadata() or {})
+        first = next(iter(self.weight_map), None)
+        return dict(self._file(first).metadata() or {}) if first is not None else {}
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         sl = self._file(name).get_slice(name)

@@ -14,6 +14,11 @@ from pathlib import Path
 LOCK = ".trinityx.lock"
 
 
+def _owner(fd: int) -> str:
+    """The owner line a lock file holds ("" when none)."""
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+
+
 class FolderLocked(ValueError):
     """Another live job owns the folder (a one-line user error)."""
 
@@ -31,10 +36,10 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+            owner = _owner(fd) or "an unknown process"
             os.close(fd)
             raise FolderLocked(self.refusal(self.path.parent, owner)) from None
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        previous = _owner(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                       .encode(), 0)
@@ -51,7 +56,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+            return _owner(fd) or "an unknown process"
         finally:
             os.close(fd)  # closing the descriptor drops the shared lock, if it was taken
         return None

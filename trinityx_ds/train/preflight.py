@@ -130,24 +130,25 @@ def resume_problems(cfg, stage: str, only: str | None = None, locks: bool = True
         if owner is not None:
             out.append(RunLock.refusal(folder, owner))
             continue
-        latest = layout.checkpoints(st, expert).latest()
-        saved = (latest[1].get("data") or {}).get("world") if latest else None
+        ckpt = layout.checkpoints(st, expert)
+        latest = ckpt.latest()
+        if latest is None:
+            continue
+        tag, state = ckpt.tag_dir(latest[0]), latest[1]
+        saved = (state.get("data") or {}).get("world")
         if saved is not None and cfg.parallel.dp is not None and saved != cfg.parallel.dp:
-            tag = layout.checkpoints(st, expert).tag_dir(latest[0])
             mp = cfg.parallel.tp * cfg.parallel.pp
             out.append(f"{tag}: resume refused: trained data-parallel over {saved} rank(s), this launch gives "
                        f"{cfg.parallel.dp} (world {cfg.parallel.world_size} / tp {cfg.parallel.tp} x pp "
                        f"{cfg.parallel.pp}); a run resumes at the same DP size (TP, EP and ZeRO may change): "
                        f"launch {saved * mp} processes, or train into another output.dir")
-        recorded = latest[1].get("inputs") if latest else None
-        changed = input_drift(recorded, inputs_of(cfg, st, expert)) if recorded else []
+        changed = input_drift(state["inputs"], inputs_of(cfg, st, expert)) if state.get("inputs") else []
         if changed and allow_data_change:
             if notes is not None:
-                notes += [f"{layout.checkpoints(st, expert).tag_dir(latest[0])}: resuming anyway "
-                          f"(--allow-data-change): {c}" for c in changed]
+                notes += [f"{tag}: resuming anyway (--allow-data-change): {c}" for c in changed]
         elif changed:
-            out.append(f"{layout.checkpoints(st, expert).tag_dir(latest[0])}: resume refused: {'; '.join(changed)} — "
-                       "train on the inputs it was trained on, or pass --allow-data-change to resume anyway")
+            out.append(f"{tag}: resume refused: {'; '.join(changed)} — train on the inputs it was trained on, or "
+                       "pass --allow-data-change to resume anyway")
     return out
 
 

@@ -28,7 +28,6 @@ from trinityx_ds.model.mocae_spec import MoCaEConfig, mocae_role
 from trinityx_ds.model.weights import open_source
 from trinityx_ds.parallel.deepspeed_compat import engine_counters
 from trinityx_ds.parallel.groups import init_parallel
-from trinityx_ds.storage.fingerprint import model_fingerprint
 from trinityx_ds.storage.layout import RunLayout
 from trinityx_ds.storage.sources import DictSource
 from trinityx_ds.train import checkpoint, outputs, preemption
@@ -165,10 +164,12 @@ class StageRun:
         batches = Batches(train, sc.micro_batch * sc.grad_accum, cfg.seed, pad_id(self.tokenizer),
                           rank=dims.dp_rank, world=dims.dp, pad_to_multiple=self.pad_to_multiple,
                           collate_fn=collate_pairs if pairs else collate)
+        # what this stage reads, by content: rank 0 writes it into each checkpoint and, its backbone
+        # fingerprint, into the stage's output files
+        self.inputs = inputs_of(cfg, self.stage, self.expert) if dims.rank == 0 else None
         state = TrainState(self.ckpt, self.resume, engine, self.external, batches, self.model, self.moe, self.arch,
                            dims, self.stage, self.expert, cfg.train.train_experts_in_stage2, cfg.train.keep_last,
-                           self._write_run_files,
-                           inputs_of(cfg, self.stage, self.expert) if dims.rank == 0 else None)
+                           self._write_run_files, self.inputs)
         start = state.restore()
         log = MetricsLogger(self.dir, sc.steps, start, enabled=dims.rank == 0, tensorboard=cfg.output.tensorboard,
                             desc=f"stage {self.stage}{' ' + self.expert if self.expert else ''}")
@@ -233,7 +234,7 @@ class StageRun:
         return summary
 
     def _finish(self, log, step: int) -> dict:
-        backbone = model_fingerprint(self.cfg.model.checkpoint or self.cfg.model.hf_path) if self.dims.rank == 0 else ""
+        backbone = self.inputs["backbone"] if self.inputs else ""  # rank 0 writes the files
         meta = outputs.file_metadata(self.cfg, self.moe, self.arch, step, backbone, self.expert)
         if self.stage == 1:
             return outputs.write_stage1(self.layout, self.expert, self.model, self.moe, self.arch, self.dims, meta)
