@@ -11,6 +11,8 @@ embedding scale is the one thing megatron has no setting for: a forward hook on 
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,12 @@ class Backbone(GPTModel):
         self.arch, self.attention = arch, attention
         if arch.embedding_scale and pre_process:
             self.embedding.register_forward_hook(_scale_embeddings)
+        # token_losses: which [S*B] rows reach the output layer, and the labels they are scored on
+        self._loss_rows: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        if post_process:
+            # by weak reference: the output layer's hook must not keep its model alive
+            self.output_layer.register_forward_pre_hook(functools.partial(_keep_loss_rows, weakref.ref(self)),
+                                                        with_kwargs=True)
         if kind == "llama3":
             rope_apply_scaling(self.rotary_pos_emb, factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
                                high_freq_factor=rope["high_freq_factor"],
@@ -182,9 +190,57 @@ class Backbone(GPTModel):
         return full_SBV[..., : self.arch.vocab_size].transpose(0, 1)
 
     def token_losses(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy [B, S] (labels already shifted; -100 = ignored, loss 0)."""
-        local_SBV = self.local_logits(input_ids_BS).float().contiguous()
-        return vocab_parallel_token_losses(local_SBV, labels_BS.transpose(0, 1).contiguous()).transpose(0, 1)
+        """Per-token cross-entropy [B, S] (labels already shifted; -100 = ignored, loss 0).
+
+        Only the positions with a label reach the output layer (a prompt's positions, padding and
+        each row's last position are never scored), and the logits stay in megatron's [S, B, V]
+        order: megatron's own loss path (`GPTModel.forward` with labels, which calls
+        `compute_language_model_loss` below) instead of the [B, S, V] logits `local_logits` copies
+        out twice. On SmolLM2-135M the output layer is a sixth of a step's matmuls, so a batch whose
+        prompts are half its tokens saves about a twelfth of the step (docs/DESIGN.md, "Step
+        speed"). Under sequence parallelism the output layer gathers the sequence itself: every
+        position goes through it there.
+        """
+        labels_SB = labels_BS.transpose(0, 1)
+        keep_N = None
+        if not getattr(self.output_layer, "sequence_parallel", False):
+            valid_T = (labels_SB >= 0).reshape(-1)
+            keep_N = valid_T.nonzero().squeeze(1)
+            if keep_N.numel() == valid_T.numel():
+                keep_N = None  # every position is scored: nothing to select
+        mask = causal_mask(input_ids_BS.shape[1], input_ids_BS.device) if needs_mask(self.attention) else None
+        self._loss_rows = (keep_N, labels_SB)
+        try:
+            # megatron only hands `labels` to compute_language_model_loss, which reads _loss_rows instead
+            return GPTModel.forward(self, input_ids_BS, position_ids=None, attention_mask=mask, labels=labels_BS)
+        finally:
+            self._loss_rows = None
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """megatron's loss hook: [B, S] losses from the output layer's [S, B, V/tp] logits, or from its
+        [N, 1, V/tp] logits of the kept rows (`_keep_loss_rows`), scattered back to [B, S]."""
+        if self._loss_rows is None:
+            raise RuntimeError("Backbone: losses are computed by token_losses(ids, labels)")
+        keep_N, labels_SB = self._loss_rows
+        local = self._mask_padded_vocab(logits).float().contiguous()
+        if keep_N is None:
+            return vocab_parallel_token_losses(local, labels_SB.contiguous()).transpose(0, 1)
+        S, B = labels_SB.shape
+        loss_N1 = vocab_parallel_token_losses(local, labels_SB.reshape(-1)[keep_N].unsqueeze(1))
+        loss_T = loss_N1.new_zeros(S * B).index_put((keep_N,), loss_N1.squeeze(1))
+        return loss_T.view(S, B).transpose(0, 1)
+
+
+def _keep_loss_rows(backbone: weakref.ref, output_layer, args: tuple, kwargs: dict):
+    """Forward pre-hook of the output layer: under `Backbone.token_losses` with rows to keep, its
+    input [S, B, H] becomes the kept rows [N, 1, H] (the rows megatron's [S, B] order numbers)."""
+    model = backbone()
+    rows = model._loss_rows if model is not None else None
+    if rows is None or rows[0] is None:
+        return None
+    hidden_SBH = args[0]
+    kept_N1H = hidden_SBH.reshape(-1, hidden_SBH.shape[-1]).index_select(0, rows[0]).unsqueeze(1)
+    return (kept_N1H, *args[1:]), kwargs
 
 
 def vocab_parallel_token_losses(local_SBV: torch.Tensor, labels_SB: torch.Tensor) -> torch.Tensor:

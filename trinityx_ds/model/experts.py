@@ -72,18 +72,31 @@ class LoRAExperts(nn.Module):
     def _stacked_B(self, target: str) -> torch.Tensor:
         """[E*r, out]: every expert's B^T stacked to match `_stacked_A`'s rows."""
         b = getattr(self, f"{target}_B")
-        return b.transpose(1, 2).reshape(-1, b.shape[1])
+        return b[0].t() if b.shape[0] == 1 else b.transpose(1, 2).reshape(-1, b.shape[1])
+
+    def _fc1_B(self, gate_up: tuple[str, ...]) -> torch.Tensor:
+        """[n*E*r, 2*F]: the gate and up B^T as one block-diagonal matrix over fc1's [gate | up]
+        columns (a zero block for a target not adapted), so both low-rank updates are one addmm
+        into fc1's whole output rather than two into its non-contiguous halves (each of which
+        torch copies first)."""
+        if len(gate_up) == 2:
+            return torch.block_diag(self._stacked_B("gate_proj"), self._stacked_B("up_proj"))
+        b = self._stacked_B(gate_up[0])
+        pad = b.new_zeros(b.shape)
+        return torch.cat([b, pad] if gate_up[0] == "gate_proj" else [pad, b], dim=1)
 
     def forward(self, x_TH: torch.Tensor, mlp: nn.Module, topk_idx_TK: torch.Tensor,
-                topk_weight_TK: torch.Tensor) -> torch.Tensor:
+                topk_weight_TK: torch.Tensor | None) -> torch.Tensor:
         """Fused output [T, H] (already reduced across TP) of the routed experts; `mlp` holds the
-        frozen base FFN's `linear_fc1` / `linear_fc2`.
+        frozen base FFN's `linear_fc1` / `linear_fc2`. `topk_weight_TK` None: every weight is 1
+        (one expert forced on every token, stage 1), and nothing is multiplied by it.
 
         Slot by slot (each token has exactly one expert per top-k slot), everything is a dense
         matmul: the low-rank activations of all experts are computed once ([T, E*r]) and masked to
-        the slot's expert, so no gather/scatter of [T, F] activations is needed. The [T, F] work
-        beyond the base FFN is kept to the low-rank updates, each fused into one addmm; with one
-        slot, the routing weight scales the [T, H] output instead of the [T, F] activations.
+        the slot's expert (no mask with one expert), so no gather/scatter of [T, F] activations is
+        needed. The [T, F] work beyond the base FFN is kept to the low-rank updates: gate and up
+        together one addmm into fc1's output (`_fc1_B`), down one addmm into fc2's; with one slot,
+        the routing weight scales the [T, H] output instead of the [T, F] activations.
 
         Sequence parallelism (the base linears built for it): x_TH, the routing and the output are
         this rank's tokens only; fc1 all-gathers the tokens and fc2 reduce-scatters, as in
@@ -99,34 +112,40 @@ class LoRAExperts(nn.Module):
         T, K = topk_idx_TK.shape
         E, r = self.num_experts, self.rank
         fc1_TF2, _ = mlp.linear_fc1(x_TH.unsqueeze(1))
-        gate_TF, up_TF = fc1_TF2.squeeze(1).chunk(2, dim=-1)
+        fc1_TF2 = fc1_TF2.squeeze(1)
         x_low = self.dropout(x_TH)
-        if sp:  # this rank's tokens through the replicated A; gathered, their gradient reduce-scattered
-            low = {t: seq.gather_tokens(x_low @ seq.sum_grad_over_tp(self._stacked_A(t)).t())
-                   for t in ("gate_proj", "up_proj") if t in self.targets}
-        else:  # gate/up low-rank activations are replicated across TP: their gradient is all-reduced
-            low = {t: seq.sum_grad_over_tp(x_low @ self._stacked_A(t).t())
-                   for t in ("gate_proj", "up_proj") if t in self.targets}
-        B = {t: self._stacked_B(t) for t in self.targets}
+        gate_up = tuple(t for t in ("gate_proj", "up_proj") if t in self.targets)
+        low_TN = None  # [T, n*E*r]: the gate and up low-rank activations of every expert
+        if gate_up:
+            a_NH = torch.cat([self._stacked_A(t) for t in gate_up]) if len(gate_up) == 2 else self._stacked_A(gate_up[0])
+            if sp:  # this rank's tokens through the replicated A; gathered, their gradient reduce-scattered
+                low_TN = seq.gather_tokens(x_low @ seq.sum_grad_over_tp(a_NH).t())
+            else:  # replicated across TP, meeting TP-sharded B: their gradient is all-reduced
+                low_TN = seq.sum_grad_over_tp(x_low @ a_NH.t())
+            b_fc1 = self._fc1_B(gate_up)
         # One slot: the weight multiplies the reduced [T, H] output, replicated across TP (its
         # gradient is whole on every rank; under SP both are this rank's tokens). Several: it meets
         # TP-sharded activations (and the down path's pre-reduce partial sums), so its gradient is
         # partial per rank, summed by the copy region's backward (under SP, the gather's
         # reduce-scatter).
-        weight_TK = topk_weight_TK.to(x_TH.dtype)
-        weight_mix_TK = (None if K == 1 else seq.gather_tokens(weight_TK) if sp
+        weight_TK = None if topk_weight_TK is None else topk_weight_TK.to(x_TH.dtype)
+        weight_mix_TK = (None if K == 1 or weight_TK is None else seq.gather_tokens(weight_TK) if sp
                          else seq.sum_grad_over_tp(weight_TK))
         mix_TF = down_low = None
         for k in range(K):
-            onehot_TEr = F.one_hot(topk_idx_TK[:, k], E).to(x_TH.dtype).repeat_interleave(r, dim=1)
-            g, u = gate_TF, up_TF
-            if "gate_proj" in low:
-                g = torch.addmm(g, low["gate_proj"] * onehot_TEr, B["gate_proj"], alpha=self.scale)
-            if "up_proj" in low:
-                u = torch.addmm(u, low["up_proj"] * onehot_TEr, B["up_proj"], alpha=self.scale)
+            # the slot's expert's r columns of every [T, E*r] block (one expert: all of them)
+            onehot_TEr = None if E == 1 else \
+                F.one_hot(topk_idx_TK[:, k], E).to(x_TH.dtype).repeat_interleave(r, dim=1)
+            h_TF2 = fc1_TF2
+            if low_TN is not None:
+                masked = low_TN if onehot_TEr is None else low_TN * onehot_TEr.repeat(1, len(gate_up))
+                h_TF2 = torch.addmm(fc1_TF2, masked, b_fc1, alpha=self.scale)
+            g, u = h_TF2.chunk(2, dim=-1)
             a_TF = self.activation(g) * u
             if "down_proj" in self.targets:
-                partial = (self.dropout(a_TF) @ self._stacked_A("down_proj").t()) * onehot_TEr
+                partial = self.dropout(a_TF) @ self._stacked_A("down_proj").t()
+                if onehot_TEr is not None:
+                    partial = partial * onehot_TEr
                 if weight_mix_TK is not None:
                     partial = weight_mix_TK[:, k, None] * partial
                 down_low = partial if down_low is None else down_low + partial
@@ -136,13 +155,14 @@ class LoRAExperts(nn.Module):
         y_TH, _ = mlp.linear_fc2(mix_TF.unsqueeze(1))
         y_TH = y_TH.squeeze(1)
         if down_low is not None:
+            b_down = self._stacked_B("down_proj")
             if sp:
                 down_low = seq.reduce_scatter_tokens(down_low)
-                y_TH = torch.addmm(y_TH, down_low, seq.sum_grad_over_tp(B["down_proj"]), alpha=self.scale)
+                y_TH = torch.addmm(y_TH, down_low, seq.sum_grad_over_tp(b_down), alpha=self.scale)
             else:
                 down_low = tensor_parallel.reduce_from_tensor_model_parallel_region(down_low)
-                y_TH = torch.addmm(y_TH, down_low, B["down_proj"], alpha=self.scale)
-        return y_TH * weight_TK if K == 1 else y_TH
+                y_TH = torch.addmm(y_TH, down_low, b_down, alpha=self.scale)
+        return y_TH * weight_TK if K == 1 and weight_TK is not None else y_TH
 
 
 class FullExperts(nn.Module):

@@ -138,11 +138,14 @@ class MoCaEBlock(nn.Module):
                 raise ValueError("a reference forward (experts off) needs experts.kind: lora")
             return self._base[0](hidden_SBH)
         sp = self.sequence_parallel
-        out = self.router(x_TH, shared=seq.sum_grad_over_tp if sp else None)
         if ctx.force_expert is not None:
+            # one expert on every token (stage 1, one expert's evaluation): the router is not asked,
+            # and LoRA experts are told their weight is 1 rather than multiplied by ones
+            out = None
             idx_TK = torch.full((S * B, 1), ctx.force_expert, dtype=torch.long, device=x_TH.device)
-            w_TK = torch.ones(S * B, 1, dtype=torch.float32, device=x_TH.device)
+            w_TK = None if self.cfg.kind == "lora" else torch.ones(S * B, 1, dtype=torch.float32, device=x_TH.device)
         else:
+            out = self.router(x_TH, shared=seq.sum_grad_over_tp if sp else None)
             idx_TK, w_TK = out.topk_idx_TK, out.topk_weight_TK
         if self.cfg.kind == "lora":
             y_TH = self.expert_module(x_TH, self, idx_TK, w_TK)  # gathers what it needs under SP itself

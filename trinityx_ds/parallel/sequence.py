@@ -49,7 +49,10 @@ class _SumGradOverTP(torch.autograd.Function):
 def sum_grad_over_tp(t: torch.Tensor) -> torch.Tensor:
     """Identity forward, gradient all-reduced over TP: megatron's copy-to-TP-region, safe for any
     gradient. A replicated parameter used on this rank's tokens (SP), or an activation replicated
-    across TP that meets TP-sharded weights (LoRA's low-rank activations, mixing weights)."""
+    across TP that meets TP-sharded weights (LoRA's low-rank activations, mixing weights). At TP = 1
+    there is nothing to sum: `t` itself, no autograd node and no copy of its gradient."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return t
     return _SumGradOverTP.apply(t)
 
 
