@@ -115,9 +115,12 @@ def timed(step, warmup: int, steps: int, profile: Path | None = None) -> dict:
     if profile is not None:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step()
-        profile.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=60,
+                                                                      max_shapes_column_width=120)
+        profile.write_text(f"{by_op}\n\nBy input shapes:\n{by_shape}")
         out["profile"] = str(profile)
     return out
 
