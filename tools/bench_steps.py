@@ -46,11 +46,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def layer_list(spec: str) -> list[int] | None:
+    """--layers: all, or first-last, or a comma list."""
+    if spec == "all":
+        return None
+    if "-" in spec:
+        lo, hi = spec.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(x) for x in spec.split(",")]
+
+
 def worker(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
     kw = dict(micro_batch=args.micro_batch, seq=args.seq, warmup=args.warmup, steps=args.steps, prompt=args.prompt,
+              layers=layer_list(args.layers),
               profile=Path(args.profile) / f"{args.worker}.txt" if args.profile else None)
     model = Path(args.model)
     if args.worker in ("peft_sft", "trl_dpo"):
@@ -73,7 +84,8 @@ def run_one(variant: str, args, work: Path, rnd: int) -> dict:
     root = work / f"{variant}-{rnd}"
     argv = [__file__, "--worker", variant, "--model", str(work / "model"), "--root", str(root),
             "--micro-batch", str(args.micro_batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
-            "--steps", str(args.steps), "--threads", str(2 // nproc), "--prompt", str(args.prompt)]
+            "--steps", str(args.steps), "--threads", str(2 // nproc), "--prompt", str(args.prompt),
+            "--layers", args.layers]
     if args.profile and rnd == 0:
         argv += ["--profile", args.profile]
     env = cpu_env({"OMP_NUM_THREADS": str(2 // nproc)})
@@ -92,7 +104,7 @@ def report(results: dict[str, list[dict]], args) -> str:
     lines = [f"bench_steps: {cpu_model()}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed steps); "
              f"SmolLM2-135M shape, fp32, micro-batch {args.micro_batch} x {args.seq} tokens (DPO: "
              f"{args.micro_batch} pairs = {2 * args.micro_batch} rows), prompt {args.prompt:.0%} of each row (unlabelled), "
-             f"LoRA r{S.LORA['rank']} on gate/up/down",
+             f"LoRA r{S.LORA['rank']} on gate/up/down of layers {args.layers}",
              f"{'variant':<10}{'what':<50}{'step s':>8}{'range over rounds':>20}{'peak RSS MiB':>14}"]
     for v, rows in results.items():
         med = [r["step_s"] for r in rows]
@@ -120,6 +132,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=float, default=0.5,
                     help="the prompt's share of each row, unlabelled as the data pipeline leaves it [0.5; 0: "
                          "every token a target]")
+    ap.add_argument("--layers", default="all", help="the adapted layers, e.g. 20-29 (the efficacy runs') [all]")
     ap.add_argument("--shape", default="smollm2-135m", help="a `trinityx plan` preset [smollm2-135m]")
     ap.add_argument("--profile", default=None, help="folder for one profiled step per variant (first round)")
     ap.add_argument("--json", default=None, help="also write every figure to this file")

@@ -24,6 +24,14 @@ def test_zero_delta_experts_equal_backbone(run_dist, tiny, tp):
         assert diff <= 1e-6, (case, diff)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_losses_of_the_labelled_positions_only_equal_the_full_logits(run_dist, tiny, tp):
+    res = run_dist(WORKER, tp, "loss_rows", tiny, json.dumps({"tp": tp}))
+    assert res["masked_zero"] and res["names_equal"] and res["n_grads"] > 0, res
+    assert res["loss_mean"] > 1.0  # real losses, not zeros
+    assert res["loss_diff"] <= 1e-6 and res["grad_diff"] <= 1e-6, res
+
+
 def test_routing_equals_hand_written_mixtures(run_dist, tiny):
     res = run_dist(WORKER, 1, "math", tiny)
     for case, diff in res.items():

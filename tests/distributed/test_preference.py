@@ -64,8 +64,9 @@ def _trl_reference(cfg_path: Path, expert: str, objective: str = "dpo") -> dict:
     sc, lora = cfg.train.stage1, cfg.experts.lora
     tok = load_tokenizer(cfg.model.hf_path, None)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, dtype=torch.float32)
+    layers = None if cfg.experts.layers == "all" else list(cfg.experts.layers)
     model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
-                                             target_modules=list(lora.targets)))
+                                             target_modules=list(lora.targets), layers_to_transform=layers))
     arch = ModelArch.from_hf_dir(cfg.model.hf_path)
     init = lora_init_tensors(arch, MoCaEConfig.from_run_config(cfg).one_expert(expert), cfg.seed)
 
@@ -169,6 +170,29 @@ def test_dpo_tp2_zero3_equals_trl_dpo_on_a_peft_adapter(run_dist, tmp_path, mode
     sp_ckpt = CheckpointDir(tmp_path / "sp/out/stage1/harm/checkpoints")
     for step in range(3):
         src = open_universal(sp_ckpt.tag_dir(f"step{step + 1:08d}"))
+        for n, w in ref["weights"][step].items():
+            assert torch.allclose(src.read(n), w, atol=1e-5, rtol=0), (step, n)
+
+
+def test_dpo_above_layer_0_shares_the_reference_prefix_and_still_equals_trl(run_dist, tmp_path, model_dir):
+    """Experts on layer 1 only: each micro-batch's policy forward starts from the hidden state its
+    reference forward reached at layer 1 (train/step.ReferencePrefix), at TP=2 with ZeRO-3, and the
+    losses and every step's weights still equal TRL's DPO on a PEFT adapter on layer 1."""
+    from trinityx_ds.storage.layout import CheckpointDir
+    from trinityx_ds.storage.universal_copy import open_universal
+
+    cfg = write_config(tmp_path, model_dir, **DPO_RUN, **{"experts.layers": [1]})
+    got = run_dist(WORKER, 2, str(cfg), "harm", timeout=240)
+    assert got["summary"]["step"] == 3 and got["zero_stage"] == 3
+    assert got["prefix"] == {"first": 1, "shared": 3 * DPO_RUN["train.stage1"]["grad_accum"]}, got["prefix"]
+    assert got["ref_equals_backbone"] and got["expert_moved"] > 1e-4, got
+    ref = _trl_reference(cfg, "harm")
+    losses = [m["dpo/loss"] for m in metrics(tmp_path / "out/stage1/harm/metrics.jsonl")]
+    assert max(abs(a - b) for a, b in zip(losses, ref["losses"])) <= 1e-5, (losses, ref["losses"])
+    assert ref["losses"][-1] < ref["losses"][0]
+    ckpt = CheckpointDir(tmp_path / "out/stage1/harm/checkpoints")
+    for step in range(3):
+        src = open_universal(ckpt.tag_dir(f"step{step + 1:08d}"))
         for n, w in ref["weights"][step].items():
             assert torch.allclose(src.read(n), w, atol=1e-5, rtol=0), (step, n)
 

@@ -15,9 +15,10 @@ compares every per-item figure of five variants, cache on and off, for equality)
 
 Memory: one [S, B, H] tensor per batch on this rank, in the model's dtype (the efficacy
 benchmark: about 0.5 GB per rank). The hooks are torch's (a pre-hook on the embedding to read the
-ids, a pre-hook on the first expert layer to keep its input, the layers below wrapped), so no
-megatron internals are touched; pipeline parallelism is refused (the layers below may live on
-another stage), as is a model in training mode (the cache holds no graph).
+ids, a pre-hook on the first expert layer to keep its input, the layers below wrapped: model/prefix.py,
+shared with DPO's reference prefix in training), so no megatron internals are touched; pipeline
+parallelism is refused (the layers below may live on another stage), as is a model in training
+mode (the cache holds no graph).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from typing import Callable
 
 import torch
 from megatron.core import parallel_state as ps
+
+from trinityx_ds.model.prefix import feed_from, keep_input
 
 
 class PrefixCache:
@@ -67,37 +70,23 @@ class PrefixCache:
             data = ids.detach().cpu().contiguous()
             self._key = (tuple(data.shape), hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest())
 
-        def keep(_module, args, kwargs):
+        def keep(hidden):
             if self._key is None:
                 raise RuntimeError("eval prefix cache: a decoder pass without an embedding pass")
             if self._key not in self.store:
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 self.store[self._key] = hidden.detach().clone()
                 self.misses += 1
             else:
                 self.hits += 1
             self._key = None
 
-        def skip(index: int, forward):
-            def wrapped(*args, **kwargs):
-                kept = self.store.get(self._key)
-                if kept is None:
-                    return forward(*args, **kwargs)
-                # the first layer hands on a copy of the kept tensor (a layer above that wrote into
-                # its input would otherwise change the cache), the others pass it through
-                return (kept.clone() if index == 0 else kwargs["hidden_states"]), kwargs.get("context")
-            return wrapped
-
         handles = [model.embedding.register_forward_pre_hook(read_ids, with_kwargs=True),
-                   layers[first].register_forward_pre_hook(keep, with_kwargs=True)]
-        originals = [layer.forward for layer in layers[:first]]
-        for i, layer in enumerate(layers[:first]):
-            layer.forward = skip(i, originals[i])
+                   keep_input(layers[first], keep)]
+        restore = feed_from(layers, first, lambda: self.store.get(self._key))
 
         def detach():
             for h in handles:
                 h.remove()
-            for layer in layers[:first]:
-                del layer.forward  # the instance attribute: the class's forward again
+            restore()
 
         return detach

@@ -63,12 +63,13 @@ def write_model(folder: Path, shape: str = "smollm2-135m", seed: int = 0) -> Pat
 
 
 def write_run(root: Path, model_dir: Path, *, zero: int, tp: int, objective: str, micro_batch: int,
-              seq: int) -> Path:
-    """The run config of our variants (fixture data: its rows are never read, the batch is given)."""
+              seq: int, layers: list[int] | None = None) -> Path:
+    """The run config of our variants (fixture data: its rows are never read, the batch is given);
+    experts on `layers` (None: every layer)."""
     from trinityx_ds.train.tiny_run import write_config
 
     return write_config(
-        root, model_dir, experts={"kind": "lora", "lora": dict(LORA)},
+        root, model_dir, experts={"kind": "lora", "lora": dict(LORA), "layers": layers or "all"},
         parallel={"tp": tp, "zero_stage": zero},
         **{"experts.objective": {"help": "sft", "harm": objective, "honest": "sft"},
            "data.max_seq_len": seq, "output.tensorboard": False,
@@ -125,7 +126,7 @@ def timed(step, warmup: int, steps: int, profile: Path | None = None) -> dict:
     return out
 
 
-def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str):
+def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str, layers: list[int] | None = None):
     """transformers' model with a PEFT LoRA adapter on our targets, its A and B set to `init`."""
     import re
 
@@ -134,7 +135,8 @@ def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                             target_modules=["gate_proj", "up_proj", "down_proj"]))
+                                             target_modules=["gate_proj", "up_proj", "down_proj"],
+                                             layers_to_transform=layers))
     pattern = re.compile(r".*layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])\.default\.weight")
     params = {}
     for name, p in model.named_parameters():
@@ -150,20 +152,21 @@ def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str):
     return model, list(params.values())
 
 
-def _lora_init(model_dir: Path, expert: str, seed: int = 7) -> dict[str, torch.Tensor]:
+def _lora_init(model_dir: Path, expert: str, layers: list[int] | None = None, seed: int = 7) -> dict[str, torch.Tensor]:
     from trinityx_ds.model.arch import ModelArch
     from trinityx_ds.model.experts import lora_init_tensors
     from trinityx_ds.model.mocae_spec import MoCaEConfig
 
-    moe = MoCaEConfig(expert_names=list(EXPERTS), lora_rank=LORA["rank"], lora_alpha=LORA["alpha"])
+    moe = MoCaEConfig(expert_names=list(EXPERTS), lora_rank=LORA["rank"], lora_alpha=LORA["alpha"],
+                      layers=layers or "all")
     return lora_init_tensors(ModelArch.from_hf_dir(model_dir), moe.one_expert(expert), seed)
 
 
 def run_peer(variant: str, model_dir: Path, *, micro_batch: int, seq: int, warmup: int, steps: int,
-             profile: Path | None = None, prompt: float = 0.5) -> dict:
+             profile: Path | None = None, prompt: float = 0.5, layers: list[int] | None = None) -> dict:
     """`peft_sft` or `trl_dpo` in this process."""
     expert = "harm" if variant == "trl_dpo" else "help"
-    model, lora_params = _peft_model(model_dir, _lora_init(model_dir, expert), expert)
+    model, lora_params = _peft_model(model_dir, _lora_init(model_dir, expert, layers), expert, layers)
     model.train()
     opt = torch.optim.AdamW(lora_params, lr=1e-4)
     vocab = model.config.vocab_size
@@ -210,7 +213,7 @@ def run_peer(variant: str, model_dir: Path, *, micro_batch: int, seq: int, warmu
 
 
 def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq: int, warmup: int, steps: int,
-             profile: Path | None = None, prompt: float = 0.5) -> dict:
+             profile: Path | None = None, prompt: float = 0.5, layers: list[int] | None = None) -> dict:
     """`sft_*`, `dpo_z1` or `router` in this process (a rank of a torchrun job for `sft_tp2`): the
     stage as `StageRun` assembles it, one `train_step` per step."""
     from megatron.core import parallel_state as ps
@@ -226,7 +229,8 @@ def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq
     expert = None if stage == 2 else ("harm" if variant == "dpo_z1" else "help")
     tp = VARIANTS[variant][1]
     cfg_path = write_run(root, model_dir, zero=3 if variant == "sft_z3" else 1, tp=tp,
-                         objective="dpo" if variant == "dpo_z1" else "sft", micro_batch=micro_batch, seq=seq)
+                         objective="dpo" if variant == "dpo_z1" else "sft", micro_batch=micro_batch, seq=seq,
+                         layers=layers)
     if stage == 2 and int(os.environ.get("RANK", "0")) == 0:
         write_random_experts(cfg_path, std=0.02)
     cfg = load_config(cfg_path)
@@ -243,7 +247,7 @@ def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq
         def step():
             result.update(train_step(engine, run.blocks, b, stage=stage, micro_batch=micro_batch, grad_accum=1,
                                      names=cfg.experts.names, dp_group=ps.get_data_parallel_group(), dp=run.dims.dp,
-                                     external=run.external, objective=run.objective))
+                                     external=run.external, objective=run.objective, prefix=run.prefix))
 
         if profile is not None and run.dims.rank:  # every rank profiles the same steps (collectives)
             profile = profile.with_suffix(f".rank{run.dims.rank}.txt")
@@ -256,9 +260,9 @@ def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq
 
 
 def run_backbone(model_dir: Path, *, micro_batch: int, seq: int, warmup: int, steps: int,
-                 profile: Path | None = None, prompt: float = 0.5) -> dict:
-    """The floor under any frozen-backbone adapter: our backbone's forward and its backward through
-    the activations only (every weight frozen), no optimizer."""
+                 profile: Path | None = None, prompt: float = 0.5, layers: list[int] | None = None) -> dict:
+    """The floor under any frozen-backbone adapter on `layers`: our backbone's forward and its
+    backward through the activations from the lowest of them up (every weight frozen), no optimizer."""
     from trinityx_ds.model.backbone import masked_mean_loss
     from trinityx_ds.model.assemble import assemble
     from trinityx_ds.model.weights import open_source
@@ -270,8 +274,12 @@ def run_backbone(model_dir: Path, *, micro_batch: int, seq: int, warmup: int, st
         model, _ = assemble(arch, dims, None, [source], where=str(model_dir))
         for p in model.parameters():
             p.requires_grad_(False)
-        # the embedding's output carries the gradient, as a trainable parameter in layer 0 would
-        model.embedding.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+        def needs_grad(_layer, args, kwargs):  # as a trainable parameter in that layer would make it
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+
+        model.decoder.layers[min(layers) if layers else 0].register_forward_pre_hook(needs_grad, with_kwargs=True)
         model.train()
         b = batch(micro_batch, seq, arch.vocab_size, pairs=False, prompt=prompt)
 

@@ -39,7 +39,7 @@ from trinityx_ds.train.lock import FolderLocked, RunLock
 from trinityx_ds.train.metrics import MetricsLogger, step_flops
 from trinityx_ds.train.objectives import Objective
 from trinityx_ds.train.state import ResumePoint, TrainState
-from trinityx_ds.train.step import train_step
+from trinityx_ds.train.step import ReferencePrefix, train_step
 from trinityx_ds.train.validate import routing_report
 
 
@@ -115,6 +115,9 @@ class StageRun:
         self.tokenizer = load_tokenizer(model_path, cfg.model.tokenizer)
         # stage 1's loss (experts.objective); stage 2 trains the router on SFT rows whatever it is
         self.objective = Objective(cfg.experts.objective_of(expert), self.stage_cfg) if stage == 1 else None
+        # DPO: the reference forward's frozen layers below the first expert layer serve the policy's
+        self.prefix = (ReferencePrefix(self.model, self.blocks)
+                       if self.objective is not None and self.objective.needs_reference() else None)
         self.engine = None  # run() starts it
         self.task_sets: dict | None = None  # {task: (train rows, held-out rows)}, read by run()
 
@@ -192,7 +195,7 @@ class StageRun:
             stats = train_step(engine, self.blocks, batch, stage=self.stage, micro_batch=sc.micro_batch,
                                grad_accum=sc.grad_accum, names=cfg.experts.names,
                                dp_group=ps.get_data_parallel_group(), dp=dims.dp, external=self.external,
-                               objective=self.objective)
+                               objective=self.objective, prefix=self.prefix)
             step += 1
             stats["time/step_s"] = time.time() - t0
             stats["train/tokens_per_s"] = stats.pop("_tokens") * dims.dp / max(stats["time/step_s"], 1e-9)

@@ -2,6 +2,8 @@
 
 zero_delta : experts at zero delta (LoRA B = 0, full = copies of the FFN) -> logits == backbone.
 math       : one block (TP=1) against hand-written p-weighted sums of forced single experts.
+loss_rows  : token_losses (the labelled positions only through the output layer) against the full
+             logits scored everywhere: losses and router/expert gradients.
 parallel   : logits, loss and HF-space gradients of router and experts at this run's TP/EP on
              the global batch split over data-parallel ranks; rank 0 writes them (or compares
              with a reference file) so TP x EP can be checked against TP=1 x EP=1.
@@ -19,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
 from trinityx_ds.model.arch import ModelArch  # noqa: E402
+from trinityx_ds.model.backbone import masked_mean_loss, vocab_parallel_token_losses  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context  # noqa: E402
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter  # noqa: E402
@@ -91,6 +94,31 @@ elif mode == "math":
                                                          / want.abs().max()).item()
             out[f"{kind}/experts_differ"] = (E_TEH[:, 0] - E_TEH[:, 1]).abs().max().item()
     write_result(out)
+
+elif mode == "loss_rows":
+    # token_losses sends only the labelled positions through the output layer: the same losses and
+    # router/expert gradients as the full [S, B, V] logits scored everywhere and masked
+    cfg = MoCaEConfig(kind="lora", top_k=2)
+    model, blocks = make(cfg, mocae_source(folder, cfg, seed=1))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".mlp.router." in n or ".mlp.experts." in n)
+    ids, labels = global_batch(1)
+    labels[:, :5] = -100  # a prompt
+    labels[0, 8:] = -100  # a shorter row
+
+    def losses_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss_BS = fn()
+        masked_mean_loss(loss_BS, labels).backward()
+        return loss_BS.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got, got_g = losses_and_grads(lambda: model.token_losses(ids, labels))
+    want, want_g = losses_and_grads(lambda: vocab_parallel_token_losses(
+        model.local_logits(ids).float().contiguous(), labels.t().contiguous()).t())
+    write_result({"loss_diff": (got - want).abs().max().item(), "masked_zero": bool((got[labels < 0] == 0).all()),
+                  "names_equal": got_g.keys() == want_g.keys(), "n_grads": len(got_g),
+                  "grad_diff": max((got_g[n] - want_g[n]).abs().max().item() for n in got_g),
+                  "loss_mean": got[labels >= 0].mean().item()})
 
 elif mode in ("parallel", "starved"):
     cfg = MoCaEConfig(kind=opt.get("kind", "full"), top_k=opt.get("top_k", 2),

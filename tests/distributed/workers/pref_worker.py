@@ -45,6 +45,7 @@ result = {"summary": {k: v for k, v in summary.items() if isinstance(v, (int, st
           "ref_vs_backbone_max": float((ref_BS - plain_BS)[mask].abs().max()),
           "expert_moved": float((policy_BS - plain_BS)[mask].abs().max()),
           "zero_stage": run.engine.zero_optimization_stage(),
+          "prefix": None if run.prefix is None else {"first": run.prefix.first, "shared": run.prefix.shared},
           "sequence_parallel": [b.sequence_parallel for b in run.blocks]}
 destroy_parallel()
 write_result(result)
