@@ -13,17 +13,20 @@ the same tokens, fp32, LoRA r8 alpha 16 on gate/up/down of every layer:
   peft_sft  transformers + PEFT, torch AdamW           sft_z1 / sft_z3  ours, stage 1, ZeRO-1 / ZeRO-3
   sft_tp2   ours, ZeRO-1, TP=2 on 2 ranks (1 thread each: the same 2 cores)
   trl_dpo   TRL DPOTrainer.compute_loss on PEFT        dpo_z1  ours, stage 1 DPO, ZeRO-1
+  dpo_noshare  dpo_z1 with the policy forward computing every layer (the reference prefix not shared)
   router    ours, stage 2: the router over 3 LoRA experts, top-1, router losses on
   backbone  our backbone's forward + backward with every weight frozen (the floor)
 
 Targets (issue 30): sft_z1 <= 0.9x peft_sft, sft_z3 <= 1.0x peft_sft, dpo_z1 <= 0.9x trl_dpo,
 router <= 1.1x sft_z1. `--profile DIR` adds one profiled step per variant (torch profiler, CPU ops by
-self time) written to DIR/<variant>.txt.
+self time and by input shape) written to DIR/<variant>.txt; the profiled step adds to that round's peak
+RSS, so figures to quote come from a run without it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -35,8 +38,8 @@ from pathlib import Path
 from trinityx_ds.experiments import steps as S
 
 TARGETS = [("sft_z1", "peft_sft", 0.9), ("sft_z3", "peft_sft", 1.0), ("sft_tp2", "peft_sft", None),
-           ("dpo_z1", "trl_dpo", 0.9), ("router", "sft_z1", 1.1), ("router", "backbone", None),
-           ("sft_z1", "backbone", None)]
+           ("dpo_z1", "trl_dpo", 0.9), ("dpo_z1", "dpo_noshare", None), ("router", "sft_z1", 1.1),
+           ("router", "backbone", None), ("sft_z1", "backbone", None)]
 
 
 def cpu_model() -> str:
@@ -60,9 +63,9 @@ def worker(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    kw = dict(micro_batch=args.micro_batch, seq=args.seq, warmup=args.warmup, steps=args.steps, prompt=args.prompt,
-              layers=layer_list(args.layers),
-              profile=Path(args.profile) / f"{args.worker}.txt" if args.profile else None)
+    kw = {"micro_batch": args.micro_batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
+          "prompt": args.prompt, "layers": layer_list(args.layers),
+          "profile": Path(args.profile) / f"{args.worker}.txt" if args.profile else None}
     model = Path(args.model)
     if args.worker in ("peft_sft", "trl_dpo"):
         out = S.run_peer(args.worker, model, **kw)
@@ -70,8 +73,6 @@ def worker(args) -> int:
         out = S.run_backbone(model, **kw)
     else:
         out = S.run_ours(args.worker, Path(args.root), model, **kw)
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         print("BENCH " + json.dumps(out), flush=True)
     return 0
@@ -101,29 +102,29 @@ def run_one(variant: str, args, work: Path, rnd: int) -> dict:
 
 
 def report(results: dict[str, list[dict]], args) -> str:
-    lines = [f"bench_steps: {cpu_model()}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed steps); "
-             f"SmolLM2-135M shape, fp32, micro-batch {args.micro_batch} x {args.seq} tokens (DPO: "
-             f"{args.micro_batch} pairs = {2 * args.micro_batch} rows), prompt {args.prompt:.0%} of each row (unlabelled), "
-             f"LoRA r{S.LORA['rank']} on gate/up/down of layers {args.layers}",
-             f"{'variant':<10}{'what':<50}{'step s':>8}{'range over rounds':>20}{'peak RSS MiB':>14}"]
+    lines = [(f"bench_steps: {cpu_model()}, {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed "
+              f"steps); {args.shape} shape, fp32, micro-batch {args.micro_batch} x {args.seq} tokens (DPO: "
+              f"{args.micro_batch} pairs = {2 * args.micro_batch} rows), prompt {args.prompt:.0%} of each row "
+              f"(unlabelled), LoRA r{S.LORA['rank']} on gate/up/down of layers {args.layers}"),
+             f"{'variant':<12}{'what':<50}{'step s':>8}{'range over rounds':>20}{'peak RSS MiB':>14}"]
     for v, rows in results.items():
         med = [r["step_s"] for r in rows]
-        lines.append(f"{v:<10}{S.VARIANTS[v][0]:<50}{statistics.median(med):>8.3f}"
+        lines.append(f"{v:<12}{S.VARIANTS[v][0]:<50}{statistics.median(med):>8.3f}"
                      f"{f'{min(med):.3f}-{max(med):.3f}':>20}{max(r['peak_rss_mib'] for r in rows):>14,.0f}")
-    lines += ["", f"{'ratio':<24}{'median':>8}{'range':>14}  target"]
+    lines += ["", f"{'ratio':<26}{'median':>8}{'range':>14}  target"]
     for a, b, target in TARGETS:
         if a not in results or b not in results:
             continue
         ratios = [x["step_s"] / y["step_s"] for x, y in zip(results[a], results[b])]
         med = statistics.median(ratios)
         verdict = "" if target is None else f"<= {target:.2f}: {'met' if med <= target else 'MISSED'}"
-        lines.append(f"{a + ' / ' + b:<24}{med:>8.2f}{f'{min(ratios):.2f}-{max(ratios):.2f}':>14}  {verdict}")
+        lines.append(f"{a + ' / ' + b:<26}{med:>8.2f}{f'{min(ratios):.2f}-{max(ratios):.2f}':>14}  {verdict}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default=",".join(S.VARIANTS), help=f"comma-separated, among {','.join(S.VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(v for v in S.VARIANTS if v != "dpo_noshare"), help=f"comma-separated, among {','.join(S.VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)

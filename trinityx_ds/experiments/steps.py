@@ -33,6 +33,7 @@ VARIANTS = {
     "sft_tp2": ("ours stage 1 SFT, ZeRO-1, TP=2 (2 ranks)", 2),
     "trl_dpo": ("TRL DPOTrainer on PEFT (adapter-off reference)", 1),
     "dpo_z1": ("ours stage 1 DPO, ZeRO-1, TP=1", 1),
+    "dpo_noshare": ("ours DPO, reference prefix not shared (ablation)", 1),
     "router": ("ours stage 2 router, top-1 of 3 LoRA experts", 1),
     "backbone": ("backbone forward + backward, frozen (floor)", 1),
 }
@@ -103,16 +104,20 @@ def hf_inputs(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def timed(step, warmup: int, steps: int, profile: Path | None = None) -> dict:
-    """Runs `step` (which must wait for its own result) warmup + steps times; the timed steps' seconds,
-    and with `profile` one more step under torch's profiler, its table written there."""
+    """Runs `step` (which returns its loss, waiting for it) warmup + steps times; the timed steps'
+    seconds, the first step's loss (before any update: the variants compute the same function, so
+    theirs agree), and with `profile` one more step under torch's profiler, its table written there."""
+    first = None
     for _ in range(warmup):
-        step()
+        loss = step()
+        first = loss if first is None else first
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        loss = step()
         times.append(time.perf_counter() - t0)
-    out = {"step_s": statistics.median(times), "steps_s": times}
+        first = loss if first is None else first
+    out = {"step_s": statistics.median(times), "steps_s": times, "first_loss": float(first)}
     if profile is not None:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -214,7 +219,7 @@ def run_peer(variant: str, model_dir: Path, *, micro_batch: int, seq: int, warmu
 
 def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq: int, warmup: int, steps: int,
              profile: Path | None = None, prompt: float = 0.5, layers: list[int] | None = None) -> dict:
-    """`sft_*`, `dpo_z1` or `router` in this process (a rank of a torchrun job for `sft_tp2`): the
+    """`sft_*`, `dpo_*` or `router` in this process (a rank of a torchrun job for `sft_tp2`): the
     stage as `StageRun` assembles it, one `train_step` per step."""
     from megatron.core import parallel_state as ps
 
@@ -226,10 +231,11 @@ def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq
     from trinityx_ds.train.tiny_run import write_random_experts
 
     stage = 2 if variant == "router" else 1
-    expert = None if stage == 2 else ("harm" if variant == "dpo_z1" else "help")
+    dpo = variant.startswith("dpo")
+    expert = None if stage == 2 else ("harm" if dpo else "help")
     tp = VARIANTS[variant][1]
     cfg_path = write_run(root, model_dir, zero=3 if variant == "sft_z3" else 1, tp=tp,
-                         objective="dpo" if variant == "dpo_z1" else "sft", micro_batch=micro_batch, seq=seq,
+                         objective="dpo" if dpo else "sft", micro_batch=micro_batch, seq=seq,
                          layers=layers)
     if stage == 2 and int(os.environ.get("RANK", "0")) == 0:
         write_random_experts(cfg_path, std=0.02)
@@ -242,18 +248,17 @@ def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq
         b = batch(micro_batch * (2 if pairs else 1), seq, run.arch.vocab_size, pairs=pairs, prompt=prompt)
         if stage == 2:  # a mixture: every task's rows
             b["task_label"] = torch.arange(micro_batch) % len(EXPERTS)
-        result = {}
+        prefix = None if variant == "dpo_noshare" else run.prefix
 
         def step():
-            result.update(train_step(engine, run.blocks, b, stage=stage, micro_batch=micro_batch, grad_accum=1,
-                                     names=cfg.experts.names, dp_group=ps.get_data_parallel_group(), dp=run.dims.dp,
-                                     external=run.external, objective=run.objective, prefix=run.prefix))
+            return train_step(engine, run.blocks, b, stage=stage, micro_batch=micro_batch, grad_accum=1,
+                              names=cfg.experts.names, dp_group=ps.get_data_parallel_group(), dp=run.dims.dp,
+                              external=run.external, objective=run.objective, prefix=prefix)["train/loss"]
 
         if profile is not None and run.dims.rank:  # every rank profiles the same steps (collectives)
             profile = profile.with_suffix(f".rank{run.dims.rank}.txt")
         out = timed(step, warmup, steps, profile)
-        step()
-        return {**out, "peak_rss_mib": rss_mib(), "loss": result["train/loss"]}
+        return {**out, "peak_rss_mib": rss_mib(), "loss": step()}
     finally:
         run.lock.release()
         destroy_parallel()

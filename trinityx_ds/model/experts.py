@@ -109,7 +109,7 @@ class LoRAExperts(nn.Module):
         sp = seq.active(mlp)
         if sp:
             topk_idx_TK = seq.gather_tokens(topk_idx_TK)  # every token's experts, for the TP-sharded [T, F] side
-        T, K = topk_idx_TK.shape
+        K = topk_idx_TK.shape[1]
         E, r = self.num_experts, self.rank
         fc1_TF2, _ = mlp.linear_fc1(x_TH.unsqueeze(1))
         fc1_TF2 = fc1_TF2.squeeze(1)
