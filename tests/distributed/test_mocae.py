@@ -25,6 +25,16 @@ def test_zero_delta_experts_equal_backbone(run_dist, tiny, tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
+def test_kv_cached_generation_equals_rerunning_every_sequence(run_dist, tiny, tp):
+    res = run_dist(WORKER, tp, "generate", tiny, json.dumps({"tp": tp}))
+    assert len(res) == 6
+    for case, got in res.items():
+        assert got["cached"] == got["uncached"], case
+        lengths = [len(r) for r in got["cached"]]
+        assert lengths == [12, 12, 12] if case.endswith("free") else lengths[0] <= 3, (case, lengths)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
 def test_losses_of_the_labelled_positions_only_equal_the_full_logits(run_dist, tiny, tp):
     res = run_dist(WORKER, tp, "loss_rows", tiny, json.dumps({"tp": tp}))
     assert res["masked_zero"] and res["names_equal"] and res["n_grads"] > 0, res

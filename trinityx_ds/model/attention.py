@@ -70,10 +70,16 @@ class SDPAttention(MegatronModule):
             raise ValueError("model.attention: 'sdpa' — causal attention without a mask, bias or packed "
                              "sequences (use model.attention: eager for those)")
         sq, b = query.shape[0], query.shape[1]
+        # megatron's KV-cached decoding (eval/generate.py) asks for no mask once the prompt is cached:
+        # one new position attends to every cached key, which is what causal means for it
+        causal = attn_mask_type in (None, AttnMaskType.causal)
+        if not causal and not (attn_mask_type == AttnMaskType.no_mask and sq == 1):
+            raise ValueError(f"model.attention: 'sdpa' — causal attention, or one cached decoding position; "
+                             f"asked for {attn_mask_type} over {sq} queries")
         # [s, b, n, hn] -> [b, n, s, hn]: views; the kernel reads the strides
         q_BNSD, k_BGSD, v_BGSD = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out_BNSD = F.scaled_dot_product_attention(
-            q_BNSD, k_BGSD, v_BGSD, is_causal=True, scale=self.softmax_scale,
+            q_BNSD, k_BGSD, v_BGSD, is_causal=causal, scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             enable_gqa=self.heads_per_partition != self.groups_per_partition)
         return out_BNSD.permute(2, 0, 1, 3).reshape(sq, b, -1)

@@ -269,3 +269,19 @@ def rope_apply_scaling(rot, *, factor: float, low_freq_factor: float, high_freq_
     rot.inv_freq = rot._apply_scaling(
         rot.inv_freq, factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
         original_max_position_embeddings=original_max_position_embeddings)
+
+
+def preallocate_static_kv_cache(decoder, context, device, dtype) -> None:
+    """Fill a `StaticInferenceContext`'s per-layer KV buffers on `device`.
+
+    megatron-core's `Attention._allocate_memory` allocates them on `torch.cuda.current_device()`,
+    which fails on a CPU-only torch; it only allocates for a layer whose `layer_number` has no
+    entry in `key_value_memory_dict`, so buffers put there first, of the shape it would make
+    ([max_seq, max_batch, query groups per partition, head dim]), are the ones it uses."""
+    for layer in decoder.layers:
+        attn = layer.self_attention
+        shape = (context.max_sequence_length, context.max_batch_size, attn.num_query_groups_per_partition,
+                 attn.hidden_size_per_attention_head)
+        context.key_value_memory_dict[attn.layer_number] = (torch.empty(shape, device=device, dtype=dtype),
+                                                           torch.empty(shape, device=device, dtype=dtype))
+

@@ -2,6 +2,7 @@
 
 zero_delta : experts at zero delta (LoRA B = 0, full = copies of the FFN) -> logits == backbone.
 math       : one block (TP=1) against hand-written p-weighted sums of forced single experts.
+generate   : KV-cached greedy generation against the uncached loop (the same tokens).
 loss_rows  : token_losses (the labelled positions only through the output layer) against the full
              logits scored everywhere: losses and router/expert gradients.
 parallel   : logits, loss and HF-space gradients of router and experts at this run's TP/EP on
@@ -22,6 +23,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from trinityx_ds.model.arch import ModelArch  # noqa: E402
 from trinityx_ds.model.backbone import masked_mean_loss, vocab_parallel_token_losses  # noqa: E402
+from trinityx_ds.eval.generate import generate_batch, generate_batch_uncached  # noqa: E402
 from trinityx_ds.model.build import build_model  # noqa: E402
 from trinityx_ds.model.mocae import MoCaEConfig, RoutingContext, set_routing_context  # noqa: E402
 from trinityx_ds.model.mocae_adapter import MoCaEAdapter  # noqa: E402
@@ -93,6 +95,27 @@ elif mode == "math":
             out[f"{kind}/top{top_k}/renorm={renorm}"] = ((got.reshape(S * B, -1) - want).abs().max()
                                                          / want.abs().max()).item()
             out[f"{kind}/experts_differ"] = (E_TEH[:, 0] - E_TEH[:, 1]).abs().max().item()
+    write_result(out)
+
+elif mode == "generate":
+    # KV-cached generation (megatron's static inference context) against re-running every sequence:
+    # the same greedy tokens for prompts of different lengths, routed LoRA and full experts, both
+    # core attentions, and an EOS that ends one row early
+    out = {}
+    prompts = [[int(t) for t in torch.randint(3, arch.vocab_size, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (3, 9, 5)]
+    for kind, top_k, attention in (("lora", 2, "sdpa"), ("lora", 1, "eager"), ("full", 2, "sdpa")):
+        cfg = MoCaEConfig(kind=kind, top_k=top_k, layers=[1])
+        model, blocks = build_model(arch, dims, cfg, attention=attention)
+        assert load_weights(model, mocae_source(folder, cfg, seed=1), arch, dims.tp, dims.tp_rank, moe_cfg=cfg) == []
+        model.eval()
+        free = generate_batch_uncached(model, prompts, max_new_tokens=12, eos_ids=set(), pad=0)
+        eos = {free[0][3]}  # row 0 ends at its 4th token; the others where (if) they draw it
+        case = f"{kind}/top{top_k}/{attention}"
+        for name, ids in (("free", set()), ("eos", eos)):
+            out[f"{case}/{name}"] = {
+                "cached": generate_batch(model, prompts, max_new_tokens=12, eos_ids=ids, pad=0),
+                "uncached": generate_batch_uncached(model, prompts, max_new_tokens=12, eos_ids=ids, pad=0)}
     write_result(out)
 
 elif mode == "loss_rows":
