@@ -117,7 +117,7 @@ class LoRAExperts(nn.Module):
         gate_up = tuple(t for t in ("gate_proj", "up_proj") if t in self.targets)
         low_TN = None  # [T, n*E*r]: the gate and up low-rank activations of every expert
         if gate_up:
-            a_NH = torch.cat([self._stacked_A(t) for t in gate_up]) if len(gate_up) == 2 else self._stacked_A(gate_up[0])
+            a_NH = torch.cat([self._stacked_A(t) for t in gate_up])  # [n*E*r, H]
             if sp:  # this rank's tokens through the replicated A; gathered, their gradient reduce-scattered
                 low_TN = seq.gather_tokens(x_low @ seq.sum_grad_over_tp(a_NH).t())
             else:  # replicated across TP, meeting TP-sharded B: their gradient is all-reduced
