@@ -16,14 +16,32 @@ the backbone's real shape (nothing is downloaded): `write_model`.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state as ps
+from torch.profiler import ProfilerActivity, profile as torch_profile
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from trinityx_ds.config import load_config
+from trinityx_ds.data.tokenizer import load_tokenizer
+from trinityx_ds.model.arch import ModelArch
+from trinityx_ds.model.assemble import assemble
+from trinityx_ds.model.backbone import masked_mean_loss
+from trinityx_ds.model.experts import lora_init_tensors
+from trinityx_ds.model.mocae_spec import MoCaEConfig
+from trinityx_ds.model.tiny import make_tiny_tokenizer
+from trinityx_ds.model.weights import open_source
+from trinityx_ds.parallel.groups import destroy_parallel, init_parallel
 from trinityx_ds.plan import PRESETS
+from trinityx_ds.train.engine import initialize
+from trinityx_ds.train.stages import StageRun
+from trinityx_ds.train.step import train_step
+from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
 # name: (what it is, processes, group in the report)
 VARIANTS = {
@@ -49,10 +67,6 @@ def rss_mib() -> float:
 def write_model(folder: Path, shape: str = "smollm2-135m", seed: int = 0) -> Path:
     """An HF folder with random weights of `shape` (a `trinityx plan` preset) and the tiny tokenizer
     (its ids are never used: the batches are random ids below the model's vocabulary)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from trinityx_ds.model.tiny import make_tiny_tokenizer
-
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     preset = dict(PRESETS[shape])
@@ -67,7 +81,6 @@ def write_run(root: Path, model_dir: Path, *, zero: int, tp: int, objective: str
               seq: int, layers: list[int] | None = None) -> Path:
     """The run config of our variants (fixture data: its rows are never read, the batch is given);
     experts on `layers` (None: every layer)."""
-    from trinityx_ds.train.tiny_run import write_config
 
     return write_config(
         root, model_dir, experts={"kind": "lora", "lora": dict(LORA), "layers": layers or "all"},
@@ -119,8 +132,6 @@ def timed(step, warmup: int, steps: int, profile: Path | None = None) -> dict:
         first = loss if first is None else first
     out = {"step_s": statistics.median(times), "steps_s": times, "first_loss": float(first)}
     if profile is not None:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step()
         by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
@@ -133,10 +144,7 @@ def timed(step, warmup: int, steps: int, profile: Path | None = None) -> dict:
 
 def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str, layers: list[int] | None = None):
     """transformers' model with a PEFT LoRA adapter on our targets, its A and B set to `init`."""
-    import re
-
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, get_peft_model  # the peers' libraries: the `test` extra, imported when run
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
@@ -158,9 +166,6 @@ def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str, lay
 
 
 def _lora_init(model_dir: Path, expert: str, layers: list[int] | None = None, seed: int = 7) -> dict[str, torch.Tensor]:
-    from trinityx_ds.model.arch import ModelArch
-    from trinityx_ds.model.experts import lora_init_tensors
-    from trinityx_ds.model.mocae_spec import MoCaEConfig
 
     moe = MoCaEConfig(expert_names=list(EXPERTS), lora_rank=LORA["rank"], lora_alpha=LORA["alpha"],
                       layers=layers or "all")
@@ -188,8 +193,6 @@ def run_peer(variant: str, model_dir: Path, *, micro_batch: int, seq: int, warmu
     else:
         import datasets
         from trl import DPOConfig, DPOTrainer
-
-        from trinityx_ds.data.tokenizer import load_tokenizer
 
         args = DPOConfig(output_dir=str(model_dir.parent / "trl"), beta=BETA,
                          loss_type=["sigmoid"], report_to=[], use_cpu=True, precompute_ref_log_probs=False,
@@ -221,15 +224,6 @@ def run_ours(variant: str, root: Path, model_dir: Path, *, micro_batch: int, seq
              profile: Path | None = None, prompt: float = 0.5, layers: list[int] | None = None) -> dict:
     """`sft_*`, `dpo_*` or `router` in this process (a rank of a torchrun job for `sft_tp2`): the
     stage as `StageRun` assembles it, one `train_step` per step."""
-    from megatron.core import parallel_state as ps
-
-    from trinityx_ds.config import load_config
-    from trinityx_ds.parallel.groups import destroy_parallel
-    from trinityx_ds.train.engine import initialize
-    from trinityx_ds.train.stages import StageRun
-    from trinityx_ds.train.step import train_step
-    from trinityx_ds.train.tiny_run import write_random_experts
-
     stage = 2 if variant == "router" else 1
     dpo = variant.startswith("dpo")
     expert = None if stage == 2 else ("harm" if dpo else "help")
@@ -268,10 +262,6 @@ def run_backbone(model_dir: Path, *, micro_batch: int, seq: int, warmup: int, st
                  profile: Path | None = None, prompt: float = 0.5, layers: list[int] | None = None) -> dict:
     """The floor under any frozen-backbone adapter on `layers`: our backbone's forward and its
     backward through the activations from the lowest of them up (every weight frozen), no optimizer."""
-    from trinityx_ds.model.backbone import masked_mean_loss
-    from trinityx_ds.model.assemble import assemble
-    from trinityx_ds.model.weights import open_source
-    from trinityx_ds.parallel.groups import destroy_parallel, init_parallel
 
     dims = init_parallel(tp=1)
     try:
