@@ -43,7 +43,7 @@ from trinityx_ds.train.stages import StageRun
 from trinityx_ds.train.step import train_step
 from trinityx_ds.train.tiny_run import write_config, write_random_experts
 
-# name: (what it is, processes, group in the report)
+# name: (what it is, processes)
 VARIANTS = {
     "peft_sft": ("transformers + PEFT LoRA, torch AdamW", 1),
     "sft_z1": ("ours stage 1 SFT, ZeRO-1, TP=1", 1),
@@ -120,17 +120,13 @@ def timed(step, warmup: int, steps: int, profile: Path | None = None) -> dict:
     """Runs `step` (which returns its loss, waiting for it) warmup + steps times; the timed steps'
     seconds, the first step's loss (before any update: the variants compute the same function, so
     theirs agree), and with `profile` one more step under torch's profiler, its table written there."""
-    first = None
-    for _ in range(warmup):
-        loss = step()
-        first = loss if first is None else first
-    times = []
-    for _ in range(steps):
+    losses, times = [], []
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-        first = loss if first is None else first
-    out = {"step_s": statistics.median(times), "steps_s": times, "first_loss": float(first)}
+        losses.append(step())
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    out = {"step_s": statistics.median(times), "steps_s": times, "first_loss": float(losses[0])}
     if profile is not None:
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step()
@@ -166,7 +162,6 @@ def _peft_model(model_dir: Path, init: dict[str, torch.Tensor], expert: str, lay
 
 
 def _lora_init(model_dir: Path, expert: str, layers: list[int] | None = None, seed: int = 7) -> dict[str, torch.Tensor]:
-
     moe = MoCaEConfig(expert_names=list(EXPERTS), lora_rank=LORA["rank"], lora_alpha=LORA["alpha"],
                       layers=layers or "all")
     return lora_init_tensors(ModelArch.from_hf_dir(model_dir), moe.one_expert(expert), seed)
@@ -201,8 +196,9 @@ def run_peer(variant: str, model_dir: Path, *, micro_batch: int, seq: int, warmu
         trainer = DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=load_tokenizer(model_dir))
         model = trainer.model
         model.train()
-        b = batch(2 * micro_batch, seq, vocab, pairs=True, prompt=prompt)
-        order = torch.cat([torch.arange(0, 2 * micro_batch, 2), torch.arange(1, 2 * micro_batch, 2)])  # [chosen; rejected]
+        rows = 2 * micro_batch
+        b = batch(rows, seq, vocab, pairs=True, prompt=prompt)
+        order = torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)])  # TRL's [chosen; rejected]
         ids, labels = b["input_ids"][order], b["labels"][order]
         completion = torch.zeros_like(ids)
         completion[:, 1:] = (labels[:, :-1] >= 0).long()

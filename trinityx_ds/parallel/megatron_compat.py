@@ -284,4 +284,3 @@ def preallocate_static_kv_cache(decoder, context, device, dtype) -> None:
                  attn.hidden_size_per_attention_head)
         context.key_value_memory_dict[attn.layer_number] = (torch.empty(shape, device=device, dtype=dtype),
                                                            torch.empty(shape, device=device, dtype=dtype))
-

@@ -140,7 +140,7 @@ def train_step(engine, blocks, big_batch: dict, *, stage: int, micro_batch: int,
         ctx = RoutingContext.from_batch(labels, batch["_local_ex"], batch["_task_N"],
                                         force_expert=0 if stage == 1 else None, compute_losses=stage == 2)
         set_routing_context(blocks, ctx)
-        with prefix.policy() if prefix and needs_reference else contextlib.nullcontext():
+        with prefix.policy() if prefix else contextlib.nullcontext():  # nothing kept: the whole forward
             token_loss_BS = engine(ids, labels)
         if pairs:
             loss, micro = objective.loss(token_loss_BS, labels, ref_BS)
